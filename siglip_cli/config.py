@@ -1,0 +1,66 @@
+"""Frozen run configuration and the defaults, in one place. Imports nothing heavy."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif")
+DEFAULT_TEMPLATE = "This is a photo of {}."
+# SigLIP 2 was trained on text padded (right) to exactly this many tokens.
+TEXT_LENGTH = 64
+# Rows buffered before a Parquet row group is written.
+ROW_GROUP_SIZE = 1024
+
+
+def default_model() -> str:
+    """The model used when --model is not given: $SIGLIP_MODEL, else the so400m/384 checkpoint."""
+    return os.environ.get("SIGLIP_MODEL") or DEFAULT_MODEL
+
+
+def default_workers() -> int:
+    """Decode worker processes: one per core, leaving one to feed the device, at most 16."""
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to load and where to run it."""
+
+    name: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_patches: int | None = None  # NaFlex checkpoints only
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Which files to read."""
+
+    paths: tuple[str, ...] = ()
+    files_from: str | None = None
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and how results are written."""
+
+    path: str = "-"
+    float16: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run of the pipeline needs."""
+
+    model: ModelConfig
+    sources: SourceConfig
+    output: OutputConfig
+    head: object = None  # a heads spec (EmbedSpec, TagSpec, ...): what to compute per image
+    batch_size: int | None = None  # None: chosen from the device
+    workers: int = field(default_factory=default_workers)
+    strict: bool = False
+    quiet: bool = False

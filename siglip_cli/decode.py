@@ -1,0 +1,131 @@
+"""One file -> RGB pixels ready for the model, or an error record. Never raises, never returns None.
+
+Runs in worker processes: imports only PIL and numpy so that workers start fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .sources import FileRecord
+
+# We enforce our own, clearer pixel limit (ImageSpec.max_pixels) before decoding.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How the checkpoint wants its pixels: a fixed size, or NaFlex patches. Read from its processor config."""
+
+    naflex: bool = False
+    height: int = 224  # fixed resolution
+    width: int = 224
+    resample: int = Image.Resampling.BILINEAR
+    patch_size: int = 16  # NaFlex
+    max_patches: int = 256
+    max_pixels: int = 100_000_000
+
+
+@dataclass
+class Decoded:
+    """A decoded image (uint8 pixels: HxWx3, or patches x (p*p*3) for NaFlex) or an error message."""
+
+    path: str
+    width: int = -1
+    height: int = -1
+    pixels: np.ndarray | None = None
+    grid: tuple[int, int] = (0, 0)  # NaFlex patch rows and columns
+    error: str | None = None
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_patches: int, eps: float = 1e-5) -> tuple[int, int]:
+    """Target (height, width), multiples of patch_size, with at most max_patches patches.
+
+    The same binary search as transformers' Siglip2 image processor, so the sizes agree exactly.
+    """
+
+    def scaled(scale: float, size: int) -> int:
+        return max(patch_size, int(math.ceil(size * scale / patch_size) * patch_size))
+
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        mid = (lo + hi) / 2
+        if (scaled(mid, height) / patch_size) * (scaled(mid, width) / patch_size) <= max_patches:
+            lo = mid
+        else:
+            hi = mid
+    return scaled(lo, height), scaled(lo, width)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency is composited onto white, as the Hugging Face processor does."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _patchify(pixels: np.ndarray, p: int) -> np.ndarray:
+    """HxWx3 -> (rows*cols) x (p*p*3), patches in row-major order, each patch (y, x, channel)."""
+    h, w, c = pixels.shape
+    grid = pixels.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(grid.reshape((h // p) * (w // p), p * p * c))
+
+
+def _load(path: str, spec: ImageSpec) -> Decoded:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return Decoded(path, error="not a regular file")
+    if st.st_size == 0:
+        return Decoded(path, error="empty file (0 bytes)")
+    with Image.open(path) as im:
+        width, height = im.size
+        if width * height > spec.max_pixels:
+            return Decoded(
+                path, width, height,
+                error=f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{spec.max_pixels:,}; raise --max-pixels to read it",
+            )
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        width, height = im.size
+        rgb = to_rgb(im)
+    if spec.naflex:
+        th, tw = naflex_size(height, width, spec.patch_size, spec.max_patches)
+        pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
+        p = spec.patch_size
+        return Decoded(path, width, height, _patchify(pixels, p), grid=(th // p, tw // p))
+    pixels = np.asarray(rgb.resize((spec.width, spec.height), resample=spec.resample))
+    return Decoded(path, width, height, pixels)
+
+
+def decode(record: FileRecord, spec: ImageSpec) -> Decoded:
+    """Read, orient, convert and resize one file; any failure becomes an error with a readable message."""
+    if record.error:
+        return Decoded(record.path, error=record.error)
+    try:
+        return _load(record.path, spec)
+    except UnidentifiedImageError:
+        return Decoded(record.path, error="not an image, or a format Pillow cannot read")
+    except FileNotFoundError:
+        return Decoded(record.path, error="file disappeared before it could be read")
+    except PermissionError:
+        return Decoded(record.path, error="permission denied: make the file readable")
+    except (OSError, SyntaxError, ValueError) as e:
+        return Decoded(record.path, error=f"corrupt or truncated image: {e}")
+    except MemoryError:
+        return Decoded(record.path, error="out of memory while decoding; lower --max-pixels or --workers")
+    except Exception as e:  # a decoder bug must cost one row, not the run
+        return Decoded(record.path, error=f"cannot decode: {type(e).__name__}: {e}")
+
+
+def decode_chunk(records: list[FileRecord], spec: ImageSpec) -> list[Decoded]:
+    """Decode several files in one worker task (fewer round trips than one task per file)."""
+    return [decode(r, spec) for r in records]

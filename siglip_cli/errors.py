@@ -1,0 +1,17 @@
+"""The few exception types the CLI maps to exit codes."""
+
+
+class SiglipError(Exception):
+    """An expected failure: the CLI prints its message (no traceback) and exits with exit_code."""
+
+    exit_code = 1
+
+
+class RunError(SiglipError):
+    """The run could not be done: model missing, output not writable, output locked. Exit 1."""
+
+
+class UsageError(SiglipError):
+    """Bad options or input files named by options (an empty vocabulary, say). Exit 2."""
+
+    exit_code = 2

@@ -1,0 +1,146 @@
+"""Load a SigLIP / SigLIP 2 checkpoint (Hub id or local folder) and encode images and texts with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import TEXT_LENGTH, ModelConfig
+from .decode import ImageSpec
+from .errors import RunError
+from .loader import Batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the output's metadata records about the model, so that a file explains itself later."""
+
+    name: str
+    revision: str | None  # as asked for
+    commit: str | None  # as resolved on the Hub (None for a local folder)
+    architecture: str
+    dim: int
+    text_length: int
+    preprocessing: str
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then the CPU; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for, but CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError("--device mps was asked for, but MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 elsewhere (bfloat16 is several times slower on a CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
+    resample = Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BILINEAR)))
+    if naflex:
+        return ImageSpec(
+            naflex=True, resample=resample, patch_size=int(processor.patch_size),
+            max_patches=int(max_patches or processor.max_num_patches),
+        )
+    size = processor.size
+    return ImageSpec(height=int(size["height"]), width=int(size["width"]), resample=resample)
+
+
+class Encoder:
+    """A loaded checkpoint on its device: L2-normalized image and text embeddings, and the logit scale and bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # keep stderr for our own messages and progress
+        hf_logging.disable_progress_bar()
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        try:
+            model = AutoModel.from_pretrained(
+                cfg.name, revision=cfg.revision, dtype=self.dtype, attn_implementation="sdpa"
+            )
+            processor = AutoImageProcessor.from_pretrained(cfg.name, revision=cfg.revision)
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+        except (OSError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RunError(
+                f"cannot load model {cfg.name!r}: {first} "
+                "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
+            ) from None
+        if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
+            raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
+        self.model = model.to(self.device).eval()
+        self.naflex = model.config.model_type == "siglip2"
+        self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
+        scale = float(getattr(processor, "rescale_factor", 1 / 255))
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device)
+        std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device)
+        # (x * scale - mean) / std == x * a + b, folded once
+        self._a, self._b = scale / std, -mean / std
+        self.logit_scale = model.logit_scale.detach().float().exp().item()  # stored as a log
+        self.logit_bias = model.logit_bias.detach().float().item()
+        text_length = int(getattr(model.config.text_config, "max_position_embeddings", TEXT_LENGTH))
+        self.info = ModelInfo(
+            name=cfg.name, revision=cfg.revision, commit=getattr(model.config, "_commit_hash", None),
+            architecture=type(model).__name__, dim=int(model.config.vision_config.hidden_size), text_length=text_length,
+            preprocessing=(
+                f"naflex patch={self.spec.patch_size} max_patches={self.spec.max_patches}" if self.naflex
+                else f"resize {self.spec.width}x{self.spec.height}"
+            ) + f" resample={self.spec.resample.name.lower()} mean={processor.image_mean} std={processor.image_std}",
+        )
+
+    @torch.inference_mode()
+    def encode_images(self, batch: Batch) -> torch.Tensor:
+        """Embeddings (n, D) float32 on the device for the decoded images of a batch."""
+        x = batch.pixels.to(self.device, non_blocking=True)
+        if self.naflex:
+            n, patches, width = x.shape
+            x = x.view(n, patches, width // 3, 3).float() * self._a + self._b
+            mask = batch.patch_mask.to(self.device, non_blocking=True)
+            x = (x.view(n, patches, width) * mask[..., None]).to(self.dtype)  # padding patches are zeros, as in HF
+            out = self.model.get_image_features(
+                pixel_values=x, pixel_attention_mask=mask, spatial_shapes=batch.grids
+            )
+        else:
+            x = x.permute(0, 3, 1, 2).float()
+            x = (x * self._a[:, None, None] + self._b[:, None, None]).to(self.dtype)
+            out = self.model.get_image_features(pixel_values=x)
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Embeddings (n, D) float32 on the device: lowercased, right-padded to the trained length, no mask."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(
+                [t.lower() for t in texts[i : i + batch_size]],
+                padding="max_length", max_length=self.info.text_length, truncation=True,
+                padding_side="right", return_tensors="pt",
+            )
+            # No attention mask: the text tower was trained without one, and passing it changes the embedding.
+            feats = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device))
+            out.append(F.normalize(feats.pooler_output.float(), dim=-1))
+        if not out:
+            return torch.empty((0, self.info.dim), device=self.device)
+        return torch.cat(out)

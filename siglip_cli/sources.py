@@ -1,0 +1,91 @@
+"""Turn paths, folders and --files-from lists into a sorted stream of file records."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One input: its path as reached from the user's argument, its size and mtime, or why it can't be read."""
+
+    path: str
+    size: int = -1
+    mtime_ns: int = -1
+    error: str | None = None
+
+
+def _record(path: str) -> FileRecord:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return FileRecord(path, error="no such file")
+    except OSError as e:
+        return FileRecord(path, error=f"cannot stat: {e.strerror or e}")
+    return FileRecord(path, st.st_size, st.st_mtime_ns)
+
+
+def _walk(folder: str, extensions: tuple[str, ...], seen: set[tuple[int, int]]) -> Iterator[FileRecord]:
+    """Depth-first, entries sorted by name, hidden entries skipped, each real folder visited once."""
+    try:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:  # a symlink loop, or a second link to a folder already walked
+            return
+        seen.add(key)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        yield FileRecord(folder, error=f"cannot read folder: {e.strerror or e}")
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = os.path.join(folder, entry.name)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk(path, extensions, seen)
+        elif entry.name.lower().endswith(extensions):
+            yield _record(path)
+
+
+def read_list(source: str) -> Iterator[str]:
+    """Paths from a --files-from file, one a line ('-' is stdin); blank lines are skipped."""
+    stream = sys.stdin if source == "-" else open(source, encoding="utf-8", errors="surrogateescape")
+    try:
+        for line in stream:
+            line = line.rstrip("\r\n")
+            if line:
+                yield line
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def iter_files(paths: Iterable[str], files_from: str | None, extensions: tuple[str, ...]) -> Iterator[FileRecord]:
+    """Every input, in a deterministic order: each argument in turn (folders walked), then the listed files.
+
+    A file named directly or listed in --files-from is attempted whatever its extension; a path that
+    does not exist still yields a record, with an error, so that it gets a row.
+    """
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    seen: set[tuple[int, int]] = set()
+    for path in paths:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk(path, exts, seen)
+        else:
+            yield _record(path)
+    if files_from is not None:
+        for path in read_list(files_from):
+            yield _record(path)

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random-weight checkpoints built offline, the shared photos, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+IMAGES = SHARED / "images"
+RAM_TAGS = SHARED / "ram_tag_list.txt"
+
+# Never reach the network from a test.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def _tokenizer():
+    """A character-level Gemma tokenizer with byte fallback, configured like the SigLIP 2 checkpoints'."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for i in range(256):
+        vocab[f"<0x{i:02X}>"] = len(vocab)
+    for ch in "▁" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(ch, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True, padding_side="right")
+
+
+def _text_config(vocab_size: int) -> dict:
+    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, projection_size=32,
+                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def build_fixed(folder: Path) -> Path:
+    """SiglipModel + GemmaTokenizer + a 64x64 bilinear processor: the layout of the fixed-resolution SigLIP 2s."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    config = SiglipConfig(
+        text_config=_text_config(len(tok)),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16),
+    )
+    model = SiglipModel(config).eval()
+    with torch.no_grad():  # a realistic scale and bias, so that scores are not all ~0 or ~1
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-2.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=2, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(folder)
+    return folder
+
+
+def build_naflex(folder: Path) -> Path:
+    """Siglip2Model + Siglip2 processor (patches, max 64 of 16 px): the layout of the NaFlex checkpoints."""
+    import torch
+    from transformers import Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    torch.manual_seed(1)
+    tok = _tokenizer()
+    config = Siglip2Config(
+        text_config=_text_config(len(tok)),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_patches=16, patch_size=16),
+    )
+    model = Siglip2Model(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-2.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=64).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fixed_ckpt(tmp_path_factory) -> Path:
+    return build_fixed(tmp_path_factory.mktemp("siglip-fixed"))
+
+
+@pytest.fixture(scope="session")
+def naflex_ckpt(tmp_path_factory) -> Path:
+    return build_naflex(tmp_path_factory.mktemp("siglip-naflex"))
+
+
+@pytest.fixture(params=["fixed", "naflex"])
+def ckpt(request, fixed_ckpt, naflex_ckpt) -> Path:
+    """Each test that takes it runs on both checkpoint layouts."""
+    return fixed_ckpt if request.param == "fixed" else naflex_ckpt
+
+
+@pytest.fixture(scope="session")
+def photos() -> Path:
+    if not IMAGES.is_dir():
+        pytest.skip(f"the shared photos are not at {IMAGES}")
+    return IMAGES
+
+
+@pytest.fixture(scope="session")
+def ram_tags() -> Path:
+    if not RAM_TAGS.is_file():
+        pytest.skip(f"the RAM tag list is not at {RAM_TAGS}")
+    return RAM_TAGS
+
+
+@pytest.fixture
+def cli():
+    """Run `siglip ARGS...` in-process like a user would; returns the click Result (stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from siglip_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input=None):
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke
+
+
+def run_siglip(*args, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m siglip_cli ARGS...` in a subprocess, as a shell script would."""
+    return subprocess.run([sys.executable, "-m", "siglip_cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=kw.pop("cwd", None), env={**os.environ, **kw.pop("env", {})}, **kw)
