@@ -63,7 +63,7 @@ def build_fixed(folder: Path) -> Path:
 
 
 def build_naflex(folder: Path) -> Path:
-    """Siglip2Model + Siglip2 processor (patches, max 64 of 16 px): the layout of the NaFlex checkpoints."""
+    """Siglip2Model + Siglip2 processor (up to 256 patches of 16 px): the layout of the NaFlex checkpoints."""
     import torch
     from transformers import Siglip2Config, Siglip2Model
     from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
@@ -81,7 +81,8 @@ def build_naflex(folder: Path) -> Path:
         model.logit_bias.fill_(-2.0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=64).save_pretrained(folder)
+    # 256 as in the real NaFlex checkpoints (Siglip2Processor applies 256 whatever the image processor says).
+    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256).save_pretrained(folder)
     return folder
 
 
@@ -122,7 +123,7 @@ def cli():
 
     from siglip_cli.cli import app
 
-    runner = CliRunner()
+    runner = CliRunner(env={"COLUMNS": "200"})  # rich wraps error boxes at the terminal width
 
     def invoke(*args, input=None):
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)

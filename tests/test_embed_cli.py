@@ -1,0 +1,177 @@
+"""`siglip embed` as a user runs it: inputs, error rows, exit codes, outputs readable by other tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import run_siglip
+
+
+def make_image(path, size=(40, 30), color=(200, 30, 30), mode="RGB", fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def library(tmp_path):
+    """A small photo folder with nesting, hidden files, a non-image extension and broken files."""
+    root = tmp_path / "lib"
+    make_image(root / "b.jpg")
+    make_image(root / "a.png", color=(10, 200, 10))
+    make_image(root / "nested" / "deeper" / "c.JPEG", size=(64, 20))
+    make_image(root / ".hidden.jpg")
+    make_image(root / ".cache" / "d.jpg")
+    (root / "notes.txt").write_text("not an image")
+    good = (root / "b.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "text-named.jpg").write_text("this is a text file, not a JPEG\n")
+    (root / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def test_folders_nested_sorted_hidden_skipped(cli, fixed_ckpt, library, tmp_path):
+    out = tmp_path / "out.parquet"
+    result = cli("embed", library, "-o", out, "-m", fixed_ckpt, "-j", "2")
+    assert result.exit_code == 0, result.stderr
+    got = {r["path"]: r for r in rows(out)}
+    names = [os.path.relpath(p, library) for p in got]
+    assert names == ["a.png", "b.jpg", "empty.jpg", "nested/deeper/c.JPEG", "text-named.jpg", "truncated.jpg"]
+    ok = [r for r in got.values() if r["status"] == "ok"]
+    assert len(ok) == 3 and all(len(r["embedding"]) == 32 and r["error"] is None for r in ok)
+    c = got[str(library / "nested" / "deeper" / "c.JPEG")]
+    assert (c["width"], c["height"]) == (64, 20)
+    assert "siglip: 6 done (3 ok, 3 failed)" in result.stderr
+
+
+def test_broken_files_become_error_rows(cli, fixed_ckpt, library, tmp_path):
+    out = tmp_path / "out.parquet"
+    assert cli("embed", library, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    errors = {os.path.basename(r["path"]): r for r in rows(out) if r["status"] == "error"}
+    assert set(errors) == {"empty.jpg", "text-named.jpg", "truncated.jpg"}
+    assert "empty" in errors["empty.jpg"]["error"]
+    assert "not an image" in errors["text-named.jpg"]["error"]
+    assert "truncated" in errors["truncated.jpg"]["error"]
+    for r in errors.values():
+        assert r["embedding"] is None and r["width"] is None
+
+
+def test_strict_exits_1_when_a_row_failed(cli, fixed_ckpt, library, tmp_path):
+    result = cli("embed", library, "-o", tmp_path / "o.parquet", "-m", fixed_ckpt, "--strict")
+    assert result.exit_code == 1
+    assert "3 image(s) failed" in result.stderr
+    assert (tmp_path / "o.parquet").exists()  # the rows are still written
+    good = cli("embed", library / "a.png", "-o", tmp_path / "p.parquet", "-m", fixed_ckpt, "--strict")
+    assert good.exit_code == 0
+
+
+def test_files_from_stdin_attempts_every_listed_path(cli, fixed_ckpt, library, tmp_path):
+    out = tmp_path / "out.parquet"
+    listed = [library / "notes.txt", library / "b.jpg", library / "missing.jpg"]
+    result = cli("embed", "--files-from", "-", "-o", out, "-m", fixed_ckpt,
+                 input="".join(f"{p}\n" for p in listed) + "\n")
+    assert result.exit_code == 0, result.stderr
+    got = rows(out)
+    assert [r["path"] for r in got] == [str(p) for p in listed]  # list order is kept
+    assert [r["status"] for r in got] == ["error", "ok", "error"]
+    assert "no such file" in got[2]["error"]
+
+
+def test_ext_option(cli, fixed_ckpt, library, tmp_path):
+    out = tmp_path / "out.parquet"
+    assert cli("embed", library, "--ext", "png", "-o", out, "-m", fixed_ckpt).exit_code == 0
+    assert [os.path.basename(r["path"]) for r in rows(out)] == ["a.png"]
+
+
+def test_json_lines_to_stdout(cli, fixed_ckpt, library):
+    result = cli("embed", library / "a.png", library / "empty.jpg", "-o", "-", "-m", fixed_ckpt, "-q")
+    assert result.exit_code == 0
+    assert result.stderr == ""  # --quiet: nothing but data
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["status"] for r in lines] == ["ok", "error"]
+    assert len(lines[0]["embedding"]) == 32 and lines[1]["embedding"] is None
+
+
+def test_float16_and_metadata(cli, fixed_ckpt, library, tmp_path):
+    out = tmp_path / "out.parquet"
+    assert cli("embed", library / "a.png", "-o", out, "-m", fixed_ckpt, "--float16").exit_code == 0
+    schema = pq.read_schema(out)
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: halffloat>[32]"
+    meta = json.loads(schema.metadata[b"siglip"])
+    assert meta["model"] == str(fixed_ckpt) and meta["dim"] == 32 and meta["normalization"] == "l2"
+    assert meta["tool_version"] and "resize 64x64" in meta["preprocessing"]
+
+
+def test_output_readable_by_duckdb(cli, fixed_ckpt, library, tmp_path):
+    out = tmp_path / "out.parquet"
+    assert cli("embed", library, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    con = duckdb.connect()
+    n, ok, dim = con.execute(
+        f"select count(*), count(*) filter (status = 'ok'), max(len(embedding)) from '{out}'"
+    ).fetchone()
+    assert (n, ok, dim) == (6, 3, 32)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--frobnicate"], "No such option"),
+    (["--device", "tpu"], "expected auto, cpu, mps, cuda"),
+    (["--dtype", "int8"], "expected auto, float32"),
+    (["--batch-size", "0"], "greater than or equal to 1"),
+    ([], "nothing to embed"),
+    (["-t", "a cat", "IMG"], "not both"),
+])
+def test_bad_usage_exits_2(cli, args, message, library):
+    args = [str(library / "a.png") if a == "IMG" else a for a in args]
+    result = cli("embed", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_missing_model_is_one_line_and_exit_1(library, tmp_path):
+    result = run_siglip("embed", library / "a.png", "-o", tmp_path / "o.parquet", "-m", tmp_path / "no-such-model")
+    assert result.returncode == 1
+    assert result.stderr.startswith("siglip: error: cannot load model")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_unwritable_output_exits_1_before_loading(library, tmp_path):
+    result = run_siglip("embed", library / "a.png", "-o", tmp_path / "no" / "such" / "dir" / "o.parquet")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_subprocess_pipeline_and_module_entry(fixed_ckpt, library):
+    """`python -m siglip_cli ... -o -` in a shell pipeline: data on stdout, the summary on stderr."""
+    result = run_siglip("embed", library, "-o", "-", "-m", fixed_ckpt, "-j", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 6
+    assert "6 done" in result.stderr and "\x1b[" not in result.stderr  # no progress bar off a terminal
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys, runpy; sys.argv=['siglip','embed','--help']\n"
+            "try: runpy.run_module('siglip_cli', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch','transformers','pyarrow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("[]"), result.stdout[-300:]
+
+
+def test_console_script_installed():
+    exe = shutil.which("siglip", path=os.path.dirname(sys.executable))
+    assert exe, "pip install -e . should install a `siglip` console script"
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("siglip ")
