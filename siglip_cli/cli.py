@@ -13,7 +13,7 @@ import typer
 from typing_extensions import Annotated
 
 from . import __version__
-from .config import DEFAULT_EXTENSIONS, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
+from .config import DEFAULT_EXTENSIONS, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
 from .errors import SiglipError, UsageError
 
 EXIT_CODES = "Exit codes: 0 done (failed images are rows, not failures, unless --strict); 1 the run could not be done; 2 bad usage."
@@ -99,6 +99,27 @@ def _main(
     pass
 
 
+def _run_images(head, opts: dict) -> None:
+    """Build the run's config from a command's options (its locals) and execute it."""
+    if not (opts["paths"] or opts["files_from"]):
+        raise typer.BadParameter("no images: give image files or folders, or --files-from")
+    cfg = RunConfig(
+        model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"]),
+        sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
+        output=OutputConfig(opts["output"], opts.get("float16", False)), head=head,
+        batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
+    )
+    _execute(cfg)
+
+
+def _usage(fn):
+    """Turn a UsageError found while parsing option files (vocabularies, labels) into click's exit 2."""
+    try:
+        return fn()
+    except UsageError as e:
+        raise typer.BadParameter(str(e))
+
+
 @app.command(epilog=EXIT_CODES)
 def embed(
     paths: Paths = None,
@@ -115,17 +136,77 @@ def embed(
     from .tasks import EmbedSpec
 
     texts = list(text or []) + (_read_lines(texts_file, "texts file") if texts_file else [])
-    has_images = bool(paths or files_from)
-    if texts and has_images:
+    if texts and (paths or files_from):
         raise typer.BadParameter("give images or texts (--text, --texts-file), not both")
-    if not texts and not has_images:
-        raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
+    if not texts:
+        if not (paths or files_from):
+            raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
+        return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches),
-        sources=_sources(paths, files_from, ext), output=OutputConfig(output, float16),
-        head=EmbedSpec(float16), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
+        model=ModelConfig(model, revision, device, dtype, max_patches), sources=SourceConfig(),
+        output=OutputConfig(output, float16), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
-    _execute(cfg, texts if texts else None)
+    _execute(cfg, texts)
+
+
+Templates = Annotated[Optional[List[str]], typer.Option("--template", help=f"Prompt template, '{{}}' is the tag (repeatable: an ensemble). [default: {DEFAULT_TEMPLATE}]", show_default=False)]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Recompute the vocabulary's text embeddings instead of using the on-disk cache.")]
+
+
+@app.command(epilog=EXIT_CODES)
+def tag(
+    paths: Paths = None,
+    vocab: Annotated[str, typer.Option("--vocab", help="Tags, one a line ('#' comments; 'tag<TAB>0.2' sets its own threshold).", show_default=False)] = ...,
+    output: Output = "-",
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Keep tags scoring at least this (per-tag thresholds in the file win).")] = DEFAULT_THRESHOLD,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep at most this many tags per image.", show_default=False)] = None,
+    template: Templates = None,
+    all_scores: Annotated[bool, typer.Option("--all-scores", help="Also write the dense score vector (float16, one per tag).")] = False,
+    with_embeddings: Annotated[bool, typer.Option("--with-embeddings", help="Also write the image embedding.")] = False,
+    no_cache: NoCache = False,
+    files_from: FilesFrom = None, ext: Ext = None,
+    model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
+    float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
+) -> None:
+    """Score every image against a vocabulary: sigmoid probabilities, exactly as the model computes them."""
+    from .tasks import TagSpec
+    from .vocab import check_templates, read_vocab
+
+    spec = _usage(lambda: TagSpec(
+        read_vocab(vocab), check_templates(tuple(template or (DEFAULT_TEMPLATE,))), threshold, top_k,
+        all_scores, with_embeddings, float16, not no_cache,
+    ))
+    _run_images(spec, locals())
+
+
+@app.command(epilog=EXIT_CODES)
+def classify(
+    paths: Paths = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", "-l", help="Comma-separated labels: --labels cat,dog,bird.", show_default=False)] = None,
+    labels_file: Annotated[Optional[str], typer.Option("--labels-file", help="Labels, one a line.", show_default=False)] = None,
+    output: Output = "-",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Ranked labels to keep per image.")] = 5,
+    template: Templates = None,
+    no_cache: NoCache = False,
+    files_from: FilesFrom = None, ext: Ext = None,
+    model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
+    strict: Strict = False, quiet: Quiet = False,
+) -> None:
+    """Zero-shot classification: the best of the labels for every image, with its sigmoid score."""
+    from .tasks import ClassifySpec
+    from .vocab import check_templates, parse_vocab, read_vocab
+
+    def build() -> ClassifySpec:
+        if bool(labels) == bool(labels_file):
+            raise UsageError("give the labels with --labels a,b,c or --labels-file FILE (one of them)")
+        found = read_vocab(labels_file, False) if labels_file else parse_vocab(labels.split(","), "--labels", False)
+        if len(found.tags) < 2:
+            raise UsageError("classify needs at least two labels")
+        return ClassifySpec(found.tags, check_templates(tuple(template or (DEFAULT_TEMPLATE,))), top_k, not no_cache)
+
+    _run_images(_usage(build), locals())
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif")
 DEFAULT_TEMPLATE = "This is a photo of {}."
+# SigLIP's sigmoid scores are low in absolute terms: see the README on choosing a threshold.
+DEFAULT_THRESHOLD = 0.05
 # SigLIP 2 was trained on text padded (right) to exactly this many tokens.
 TEXT_LENGTH = 64
 # Rows buffered before a Parquet row group is written.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def fingerprint(name: str, commit: str | None) -> str:
+    """Identifies the exact weights: the Hub commit, or a local folder's path, file sizes and times."""
+    if commit:
+        return f"{name}@{commit}"
+    if os.path.isdir(name):
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(name) if e.is_file())
+        return f"{os.path.abspath(name)}:{files}"
+    return name
 
 
 def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
@@ -109,6 +120,7 @@ class Encoder:
                 else f"resize {self.spec.width}x{self.spec.height}"
             ) + f" resample={self.spec.resample.name.lower()} mean={processor.image_mean} std={processor.image_std}",
         )
+        self.fingerprint = fingerprint(cfg.name, self.info.commit)
 
     @torch.inference_mode()
     def encode_images(self, batch: Batch) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Vocabulary and label files, prompt templates, and the on-disk cache of text embeddings.
+
+Parsing is light (the CLI calls it before loading anything heavy); torch is imported only to embed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Tags as the user spelled them, and an optional threshold for each (None: use the global one)."""
+
+    tags: tuple[str, ...]
+    thresholds: tuple[float | None, ...]
+
+
+def parse_vocab(lines, source: str, allow_thresholds: bool = True) -> Vocab:
+    """One tag a line; blank lines and '#' comments ignored; spaces stripped; 'tag<TAB>0.05' sets a threshold.
+
+    Duplicates (compared lowercased, as the model sees them) are dropped with one warning on stderr.
+    """
+    tags, thresholds, seen, dropped = [], [], set(), []
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        tag, _, threshold = line.partition("\t")
+        tag = tag.strip()
+        if not tag:
+            raise UsageError(f"{source}, line {number}: a threshold without a tag")
+        value = None
+        if threshold.strip():
+            if not allow_thresholds:
+                raise UsageError(f"{source}, line {number}: labels take no threshold")
+            try:
+                value = float(threshold)
+            except ValueError:
+                value = -1.0
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"{source}, line {number}: threshold {threshold.strip()!r} is not a number from 0 to 1")
+        if tag.lower() in seen:
+            dropped.append(tag)
+            continue
+        seen.add(tag.lower())
+        tags.append(tag)
+        thresholds.append(value)
+    if not tags:
+        raise UsageError(f"{source} holds no tags (one tag a line; '#' starts a comment)")
+    if dropped:
+        shown = ", ".join(repr(t) for t in dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+        print(f"siglip: warning: {source}: dropped {len(dropped)} duplicate(s): {shown}", file=sys.stderr)
+    return Vocab(tuple(tags), tuple(thresholds))
+
+
+def read_vocab(path: str, allow_thresholds: bool = True) -> Vocab:
+    """Parse a vocabulary (or label) file; an unreadable or empty one is a usage error (exit 2)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_vocab(f.readlines(), path, allow_thresholds)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read {path}: not UTF-8 text") from None
+
+
+def check_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
+    """Each prompt template must hold exactly one '{}' where the tag goes."""
+    for t in templates:
+        if t.count("{}") != 1:
+            raise UsageError(f"template {t!r} must contain '{{}}' exactly once, where the tag goes")
+    return templates
+
+
+def cache_dir() -> str:
+    """$SIGLIP_CACHE_DIR, else $XDG_CACHE_HOME/siglip, else ~/.cache/siglip."""
+    if os.environ.get("SIGLIP_CACHE_DIR"):
+        return os.environ["SIGLIP_CACHE_DIR"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "siglip")
+
+
+def cache_key(model_fingerprint: str, dtype: str, text_length: int, tags, templates) -> str:
+    """Everything that changes the text embeddings, hashed."""
+    blob = json.dumps([CACHE_VERSION, model_fingerprint, dtype, text_length, list(templates), list(tags)])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], use_cache: bool = True):
+    """(n_tags, D) normalized embeddings on the encoder's device: one per tag, averaged over the templates.
+
+    Cached on disk by model, dtype, templates and vocabulary, so that a nightly run does not recompute them.
+    """
+    import numpy as np
+    import torch
+
+    from .heads import ensemble
+
+    key = cache_key(encoder.fingerprint, str(encoder.dtype), encoder.info.text_length, tags, templates)
+    path = os.path.join(cache_dir(), "text", key + ".npy")
+    if use_cache and os.path.exists(path):
+        try:
+            return torch.from_numpy(np.load(path)).to(encoder.device)
+        except (OSError, ValueError):
+            pass  # an unreadable cache entry is recomputed and rewritten
+    per_template = torch.stack([encoder.encode_texts([t.format(tag) for tag in tags]) for t in templates])
+    emb = ensemble(per_template)
+    if use_cache:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, emb.cpu().numpy())
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only cache costs time, not the run
+            print(f"siglip: warning: cannot write the text-embedding cache {path}: {e.strerror or e}", file=sys.stderr)
+    return emb
