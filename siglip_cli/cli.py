@@ -45,7 +45,7 @@ def _version(value: bool) -> None:
 
 # Options shared by the commands that read images.
 Paths = Annotated[Optional[List[str]], typer.Argument(help="Image files and folders (folders are walked recursively).", show_default=False)]
-Output = Annotated[str, typer.Option("--output", "-o", help="Output .parquet file, or - for JSON Lines on stdout.")]
+Output = Annotated[str, typer.Option("--output", "-o", help="Output: a FILE.parquet, a folder (a dataset of parts), or - for JSON Lines on stdout. Files and folders are resumed and updated incrementally.")]
 FilesFrom = Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one a line (- is stdin); each is attempted whatever its extension.", show_default=False)]
 Ext = Annotated[Optional[List[str]], typer.Option("--ext", help="Extensions to pick up in folders (repeatable; default: common image types).", show_default=False)]
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. [env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
@@ -58,6 +58,11 @@ MaxPatches = Annotated[Optional[int], typer.Option("--max-patches", min=1, help=
 Float16 = Annotated[bool, typer.Option("--float16", help="Store embeddings as float16 (half the size).")]
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 if any image failed.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start afresh when the output was made with other settings (model, templates, ...).")]
+Wait = Annotated[bool, typer.Option("--wait", help="If another run holds the output, wait for it instead of exiting 1.")]
+Prune = Annotated[bool, typer.Option("--prune", help="Remove the rows of files that no longer exist.")]
+Rehash = Annotated[bool, typer.Option("--rehash", help="Find changed files by content hash (reads every file) instead of size and mtime.")]
+RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
 
 
 def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
@@ -106,7 +111,8 @@ def _run_images(head, opts: dict) -> None:
     cfg = RunConfig(
         model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"]),
         sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
-        output=OutputConfig(opts["output"], opts.get("float16", False)), head=head,
+        output=OutputConfig(opts["output"], opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
+                            opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
     )
     _execute(cfg)
@@ -131,6 +137,8 @@ def embed(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
+    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
+    retry_errors: RetryErrors = False,
 ) -> None:
     """Write the L2-normalized embedding of every image (or of the given texts), one row each."""
     from .tasks import EmbedSpec
@@ -168,6 +176,8 @@ def tag(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
+    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
+    retry_errors: RetryErrors = False,
 ) -> None:
     """Score every image against a vocabulary: sigmoid probabilities, exactly as the model computes them."""
     from .tasks import TagSpec
@@ -193,6 +203,8 @@ def classify(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     strict: Strict = False, quiet: Quiet = False,
+    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
+    retry_errors: RetryErrors = False,
 ) -> None:
     """Zero-shot classification: the best of the labels for every image, with its sigmoid score."""
     from .tasks import ClassifySpec

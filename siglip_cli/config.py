@@ -52,6 +52,11 @@ class OutputConfig:
 
     path: str = "-"
     float16: bool = False
+    overwrite: bool = False  # start afresh when the output was made with other settings
+    wait: bool = False  # wait for another run's lock instead of exiting 1
+    prune: bool = False  # remove the rows of files that no longer exist
+    rehash: bool = False  # compare content hashes, not size and mtime, to find changed files
+    retry_errors: bool = False  # try again the files that failed last time, changed or not
 
 
 @dataclass(frozen=True)

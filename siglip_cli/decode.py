@@ -5,6 +5,8 @@ Runs in worker processes: imports only PIL and numpy so that workers start fast.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import stat
@@ -36,7 +38,8 @@ class ImageSpec:
 class Decoded:
     """A decoded image (uint8 pixels: HxWx3, or patches x (p*p*3) for NaFlex) or an error message."""
 
-    path: str
+    record: FileRecord
+    sha256: str | None = None
     width: int = -1
     height: int = -1
     pixels: np.ndarray | None = None
@@ -79,17 +82,20 @@ def _patchify(pixels: np.ndarray, p: int) -> np.ndarray:
     return np.ascontiguousarray(grid.reshape((h // p) * (w // p), p * p * c))
 
 
-def _load(path: str, spec: ImageSpec) -> Decoded:
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        return Decoded(path, error="not a regular file")
+def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
+    st = os.stat(record.path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the read forever
+        return Decoded(record, error="not a regular file")
     if st.st_size == 0:
-        return Decoded(path, error="empty file (0 bytes)")
-    with Image.open(path) as im:
+        return Decoded(record, error="empty file (0 bytes)")
+    with open(record.path, "rb") as f:
+        data = f.read()
+    sha = hashlib.sha256(data).hexdigest()  # for --rehash on later runs
+    with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
         if width * height > spec.max_pixels:
             return Decoded(
-                path, width, height,
+                record, sha, width, height,
                 error=f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
                 f"{spec.max_pixels:,}; raise --max-pixels to read it",
             )
@@ -101,29 +107,29 @@ def _load(path: str, spec: ImageSpec) -> Decoded:
         th, tw = naflex_size(height, width, spec.patch_size, spec.max_patches)
         pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
         p = spec.patch_size
-        return Decoded(path, width, height, _patchify(pixels, p), grid=(th // p, tw // p))
+        return Decoded(record, sha, width, height, _patchify(pixels, p), grid=(th // p, tw // p))
     pixels = np.asarray(rgb.resize((spec.width, spec.height), resample=spec.resample))
-    return Decoded(path, width, height, pixels)
+    return Decoded(record, sha, width, height, pixels)
 
 
 def decode(record: FileRecord, spec: ImageSpec) -> Decoded:
     """Read, orient, convert and resize one file; any failure becomes an error with a readable message."""
     if record.error:
-        return Decoded(record.path, error=record.error)
+        return Decoded(record, error=record.error)
     try:
-        return _load(record.path, spec)
+        return _load(record, spec)
     except UnidentifiedImageError:
-        return Decoded(record.path, error="not an image, or a format Pillow cannot read")
+        return Decoded(record, error="not an image, or a format Pillow cannot read")
     except FileNotFoundError:
-        return Decoded(record.path, error="file disappeared before it could be read")
+        return Decoded(record, error="file disappeared before it could be read")
     except PermissionError:
-        return Decoded(record.path, error="permission denied: make the file readable")
+        return Decoded(record, error="permission denied: make the file readable")
     except (OSError, SyntaxError, ValueError) as e:
-        return Decoded(record.path, error=f"corrupt or truncated image: {e}")
+        return Decoded(record, error=f"corrupt or truncated image: {e}")
     except MemoryError:
-        return Decoded(record.path, error="out of memory while decoding; lower --max-pixels or --workers")
+        return Decoded(record, error="out of memory while decoding; lower --max-pixels or --workers")
     except Exception as e:  # a decoder bug must cost one row, not the run
-        return Decoded(record.path, error=f"cannot decode: {type(e).__name__}: {e}")
+        return Decoded(record, error=f"cannot decode: {type(e).__name__}: {e}")
 
 
 def decode_chunk(records: list[FileRecord], spec: ImageSpec) -> list[Decoded]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import hashlib
+import itertools
+import json
+import os
 
 import pyarrow as pa
 import torch
@@ -12,9 +17,12 @@ from .config import RunConfig
 from .loader import Batch, batches
 from .model import Encoder
 from .progress import Progress, Summary, progress_enabled
-from .sink import IMAGE_FIELDS, TEXT_FIELDS, check_writable, open_sink, scatter, vector_type
+from .errors import RunError
+from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, make_schema, scatter, vector_type
 from .sources import iter_files
+from .state import Store, write_atomic
 from .tasks import make_task
+from .vocab import Vocab
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -34,15 +42,37 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
     }
 
 
+def signature(cfg: RunConfig) -> dict:
+    """The settings that decide what a row holds; an output only takes rows made with the same ones.
+
+    Computed from the options alone, so that an incremental run with nothing to do never loads the model.
+    """
+    name = cfg.model.name
+    sig = {"task": type(cfg.head).__name__, "model": os.path.abspath(name) if os.path.isdir(name) else name,
+           "revision": cfg.model.revision, "max_patches": cfg.model.max_patches}
+    for f in dataclasses.fields(cfg.head):
+        value = getattr(cfg.head, f.name)
+        if f.name == "cache":
+            continue
+        if isinstance(value, Vocab):
+            value = hashlib.sha256(json.dumps([value.tags, value.thresholds]).encode()).hexdigest()
+        sig[f.name] = value
+    return json.loads(json.dumps(sig))  # tuples -> lists, as they read back
+
+
 def image_rows(schema: pa.Schema, batch: Batch, payload: dict) -> pa.RecordBatch:
     """One row per file of the batch, in order: the common columns, then the task's (null on error)."""
     items, n = batch.items, len(batch.items)
+    recs = [d.record for d in items]
     common = [
-        pa.array([d.path for d in items], pa.string()),
+        pa.array([r.path for r in recs], pa.string()),
         pa.array(["error" if d.error else "ok" for d in items], pa.string()),
         pa.array([d.error for d in items], pa.string()),
         pa.array([d.width if d.width >= 0 else None for d in items], pa.int32()),
         pa.array([d.height if d.height >= 0 else None for d in items], pa.int32()),
+        pa.array([r.size if r.size >= 0 else None for r in recs], pa.int64()),
+        pa.array([r.mtime_ns // 1000 if r.mtime_ns >= 0 else None for r in recs], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        pa.array([d.sha256 for d in items], pa.string()),
     ]
     task_fields = list(schema)[len(common):]
     rest = [scatter(f, payload[f.name], batch.ok, n) if payload else pa.nulls(n, f.type) for f in task_fields]
@@ -50,51 +80,79 @@ def image_rows(schema: pa.Schema, batch: Batch, payload: dict) -> pa.RecordBatch
 
 
 def run(cfg: RunConfig) -> Summary:
-    """Embed, tag or classify every input file; one row each, written as the run goes."""
-    check_writable(cfg.output.path)
-    encoder = Encoder(cfg.model)
-    task = make_task(cfg.head, encoder)
-    sink, schema = open_sink(cfg.output.path, IMAGE_FIELDS + task.fields(), metadata(encoder, task.metadata()))
-    src = cfg.sources
+    """Embed, tag or classify every input file that needs it; one row each, written as the run goes.
+
+    Into a file or folder, the run is incremental and resumable (state.py); to stdout it streams everything.
+    """
+    if cfg.output.path == "-":
+        return _run(cfg, None)
+    out = cfg.output
+    store = Store.open(out.path, signature(cfg), out.overwrite, out.wait)
+    try:
+        return _run(cfg, store)
+    finally:
+        store.close()
+
+
+def _run(cfg: RunConfig, store: Store | None) -> Summary:
+    src, out = cfg.sources, cfg.output
     records = iter_files(src.paths, src.files_from, src.extensions)
+    if store is not None:
+        records = store.pending(records, out.rehash, out.retry_errors)
     recount = None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))
     progress = Progress(progress_enabled(cfg.quiet), recount)
+    first = next(records, None)
+    if first is not None:  # only now is the model worth loading
+        try:
+            _process(cfg, store, itertools.chain([first], records), progress)
+        except BaseException:
+            progress.close()
+            raise
+    if store is not None:
+        progress.summary.pruned = store.prune() if out.prune else 0
+        store.finish()
+    summary = progress.close()
+    summary.skipped = store.skipped if store is not None else 0
+    summary.output = out.path
+    return summary
+
+
+def _process(cfg: RunConfig, store: Store | None, records, progress: Progress) -> None:
+    encoder = Encoder(cfg.model)
+    task = make_task(cfg.head, encoder)
+    meta = metadata(encoder, {**task.metadata(), "signature": signature(cfg)})
+    schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
+    sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
     try:
         for batch in batches(records, encoder.spec, batch_size, cfg.workers, pin=encoder.device.type == "cuda"):
             payload = task.payload(encoder.encode_images(batch)) if batch.ok else {}
             sink.write(image_rows(schema, batch, payload))
-            progress.advance(len(batch.ok), len(batch.items) - len(batch.ok))
-    except BaseException:
-        progress.close()
-        sink.abort()
-        raise
-    sink.close()
-    summary = progress.close()
-    summary.output = cfg.output.path
-    return summary
+            progress.advance(len(batch.ok), len(batch.items) - len(batch.ok), store.skipped if store else 0)
+    finally:
+        sink.close()  # even when interrupted: the rows finished so far are kept, and a rerun skips them
 
 
 def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
-    """Text embeddings in the image embeddings' space, one row per text."""
-    check_writable(cfg.output.path)
+    """Text embeddings in the image embeddings' space, one row per text, in one file (or stdout)."""
+    path = cfg.output.path
+    if path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise RunError(f"cannot write {path}: its folder does not exist")
     encoder = Encoder(cfg.model)
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
-    sink, schema = open_sink(cfg.output.path, TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text"}))
+    schema = make_schema(TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text"}))
     progress = Progress(progress_enabled(cfg.quiet), label="texts")
-    try:
-        emb = encoder.encode_texts(texts).cpu().numpy().astype("float16" if cfg.output.float16 else "float32")
-        n = len(texts)
-        sink.write(pa.RecordBatch.from_arrays(
-            [pa.array(texts, pa.string()), pa.array(["ok"] * n), pa.nulls(n, pa.string()), scatter(field, emb, range(n), n)],
-            schema=schema,
-        ))
-        progress.advance(n, 0)
-    except BaseException:
-        progress.close()
-        sink.abort()
-        raise
-    sink.close()
+    emb = encoder.encode_texts(texts).cpu().numpy().astype("float16" if cfg.output.float16 else "float32")
+    n = len(texts)
+    table = pa.Table.from_arrays(
+        [pa.array(texts, pa.string()), pa.array(["ok"] * n), pa.nulls(n, pa.string()), scatter(field, emb, range(n), n)],
+        schema=schema,
+    )
+    if path == "-":
+        JsonLinesSink().write(table)
+    else:
+        write_atomic(path, [table], schema)
+    progress.advance(n, 0)
     summary = progress.close()
-    summary.output = cfg.output.path
+    summary.output = path
     return summary

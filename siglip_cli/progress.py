@@ -16,6 +16,7 @@ class Summary:
     ok: int = 0
     failed: int = 0
     skipped: int = 0
+    pruned: int = 0
     seconds: float = 0.0
     output: str = "-"
 
@@ -26,6 +27,7 @@ class Summary:
     def line(self) -> str:
         done = f"{self.ok + self.failed:,} done ({self.ok:,} ok, {self.failed:,} failed)"
         skipped = f", {self.skipped:,} unchanged" if self.skipped else ""
+        skipped += f", {self.pruned:,} pruned" if self.pruned else ""
         where = "stdout" if self.output == "-" else self.output
         return f"siglip: {done}{skipped} in {self.seconds:.1f}s, {self.rate:.1f} images/s -> {where}"
 
@@ -55,13 +57,13 @@ class Progress:
         if count is not None:
             threading.Thread(target=lambda: self.bar.update(self.task, total=count()), daemon=True).start()
 
-    def advance(self, ok: int, failed: int) -> None:
-        """Count a finished batch."""
+    def advance(self, ok: int, failed: int, skipped: int = 0) -> None:
+        """Count a finished batch; `skipped` is the running count of unchanged files passed over."""
         s = self.summary
-        s.ok, s.failed = s.ok + ok, s.failed + failed
+        s.ok, s.failed, s.skipped = s.ok + ok, s.failed + failed, skipped
         s.seconds = time.perf_counter() - self.start
         if self.bar is not None:
-            self.bar.update(self.task, advance=ok + failed, rate=s.rate, failed=s.failed)
+            self.bar.update(self.task, completed=s.ok + s.failed + s.skipped, rate=s.rate, failed=s.failed)
 
     def close(self) -> Summary:
         """Stop the bar and return the summary."""

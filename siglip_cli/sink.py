@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
+import time
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import ROW_GROUP_SIZE
-from .errors import RunError
+from .state import METADATA_KEY, write_atomic
 
-METADATA_KEY = b"siglip"
+# A part file is written at least this often, so a killed run redoes at most this much work.
+FLUSH_ROWS = int(os.environ.get("SIGLIP_FLUSH_ROWS", 4096))
+FLUSH_SECONDS = float(os.environ.get("SIGLIP_FLUSH_SECONDS", 60))
 
 IMAGE_FIELDS = [
     pa.field("path", pa.string(), nullable=False),
@@ -23,6 +24,9 @@ IMAGE_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
+    pa.field("size", pa.int64()),
+    pa.field("mtime", pa.timestamp("us", tz="UTC")),
+    pa.field("sha256", pa.string()),
 ]
 TEXT_FIELDS = [
     pa.field("text", pa.string(), nullable=False),
@@ -51,56 +55,37 @@ def scatter(field: pa.Field, values, ok: Sequence[int], n: int) -> pa.Array:
     return pa.array(column, type=field.type)
 
 
-def check_writable(path: str) -> None:
-    """Fail before any work (and before loading a model) when the output cannot be written."""
-    if path == "-":
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RunError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise RunError(f"cannot write {path}: folder {folder} is not writable")
-    if os.path.isdir(path):
-        raise RunError(f"cannot write {path}: it is a folder")
+class PartSink:
+    """Buffers rows and writes them as whole part files of the output store, atomically, as the run goes.
 
+    A part is written every `flush_rows` rows or `flush_seconds` seconds, whichever comes first, so that a
+    killed run loses at most that much work.
+    """
 
-class ParquetSink:
-    """Writes row groups to a temporary file as the run goes; close() renames it into place."""
-
-    def __init__(self, path: str, schema: pa.Schema):
-        self.path = path
-        self.schema = schema
-        fd, self.tmp = tempfile.mkstemp(prefix=".siglip-", suffix=".parquet.tmp", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(fd)
-        self.writer = pq.ParquetWriter(self.tmp, schema)
+    def __init__(self, store, schema: pa.Schema, flush_rows: int = FLUSH_ROWS, flush_seconds: float = FLUSH_SECONDS):
+        self.store, self.schema = store, schema
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.pending: list[pa.RecordBatch] = []
         self.rows = 0
+        self.last = time.monotonic()
 
     def write(self, batch: pa.RecordBatch) -> None:
-        """Buffer a batch; a row group is written whenever ROW_GROUP_SIZE rows are buffered."""
         self.pending.append(batch)
         self.rows += batch.num_rows
-        if self.rows >= ROW_GROUP_SIZE:
+        if self.rows >= self.flush_rows or time.monotonic() - self.last >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
-            self.writer.write_table(pa.Table.from_batches(self.pending, self.schema), row_group_size=max(self.rows, 1))
-            self.pending, self.rows = [], 0
+            write_atomic(self.store.next_part(), [pa.Table.from_batches(self.pending, self.schema)], self.schema)
+        self.pending, self.rows, self.last = [], 0, time.monotonic()
 
     def close(self) -> None:
-        """Finish the file and move it into place in one rename: readers see the old file or the new one."""
         self.flush()
-        self.writer.close()
-        os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
-        """Drop the temporary file: an interrupted run leaves the old output (if any) untouched."""
-        try:
-            self.writer.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+
+def _iso(value) -> str:
+    return value.isoformat()  # the mtime column's datetimes
 
 
 class JsonLinesSink:
@@ -109,26 +94,23 @@ class JsonLinesSink:
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
 
-    def write(self, batch: pa.RecordBatch) -> None:
+    def write(self, batch) -> None:
         for row in batch.to_pylist():
-            self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.stream.write(json.dumps(row, ensure_ascii=False, default=_iso) + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         self.stream.flush()
 
-    def abort(self) -> None:
-        self.close()
 
 
-def open_sink(path: str, fields: list[pa.Field], metadata: dict):
-    """A sink for the output path ('-' is JSON Lines on stdout) with the run's metadata in the schema."""
-    schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    if path == "-":
-        return JsonLinesSink(), schema
-    return ParquetSink(path, schema), schema
+def make_schema(fields: list[pa.Field], metadata: dict) -> pa.Schema:
+    """The output schema, with the run's metadata (JSON under the key `siglip`)."""
+    return pa.schema(fields, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
 def read_metadata(path: str) -> dict:
-    """The siglip metadata of an output file."""
+    """The siglip metadata of an output file (or of any part of an output folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, sorted(n for n in os.listdir(path) if n.endswith(".parquet"))[-1])
     return json.loads(pq.read_schema(path).metadata[METADATA_KEY])
