@@ -215,3 +215,21 @@ def test_stale_lock_of_a_dead_process_is_taken_over(cli, fixed_ckpt, tmp_path):
     (out / ".siglip.lock").write_text("999999\n")  # left by a process that died; nobody holds the flock
     assert cli("embed", lib, "-o", out, "-m", fixed_ckpt).exit_code == 0
     assert pq.read_table(out).num_rows == 3
+
+
+def test_examples_nightly_and_query(fixed_ckpt, tmp_path):
+    """The cron example twice (the second run finds nothing to do), then the DuckDB example over its output."""
+    lib = make_library(tmp_path / "photos", 12)
+    (tmp_path / "v.txt").write_text("red\nsky\n")
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "SIGLIP_MODEL": str(fixed_ckpt), "SIGLIP_VOCAB": str(tmp_path / "v.txt"),
+           "PATH": bindir + os.pathsep + os.environ["PATH"]}
+    examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+    for _ in range(2):
+        nightly = subprocess.run(["bash", f"{examples}/nightly.sh", str(lib), str(tmp_path / "index")],
+                                 capture_output=True, text=True, env=env)
+        assert nightly.returncode == 0, nightly.stderr
+    assert pq.read_table(tmp_path / "index" / "embeddings").num_rows == 12
+    query = subprocess.run(["bash", f"{examples}/query.sh", str(tmp_path / "index")], capture_output=True, text=True, env=env)
+    assert query.returncode == 0, query.stderr
+    assert "most frequent tags" in query.stdout and "img00000.png" in query.stdout
