@@ -13,7 +13,7 @@ import typer
 from typing_extensions import Annotated
 
 from . import __version__
-from .config import DEFAULT_EXTENSIONS, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
+from .config import DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
 from .errors import SiglipError, UsageError
 
 EXIT_CODES = "Exit codes: 0 done (failed images are rows, not failures, unless --strict); 1 the run could not be done; 2 bad usage."
@@ -62,6 +62,8 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start afresh when 
 Wait = Annotated[bool, typer.Option("--wait", help="If another run holds the output, wait for it instead of exiting 1.")]
 Prune = Annotated[bool, typer.Option("--prune", help="Remove the rows of files that no longer exist.")]
 Rehash = Annotated[bool, typer.Option("--rehash", help="Find changed files by content hash (reads every file) instead of size and mtime.")]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
+Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
 
 
@@ -114,6 +116,7 @@ def _run_images(head, opts: dict) -> None:
         output=OutputConfig(opts["output"], opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
+        max_pixels=opts["max_pixels"], timeout=opts["timeout"],
     )
     _execute(cfg)
 
@@ -138,7 +141,7 @@ def embed(
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
-    retry_errors: RetryErrors = False,
+    retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """Write the L2-normalized embedding of every image (or of the given texts), one row each."""
     from .tasks import EmbedSpec
@@ -177,7 +180,7 @@ def tag(
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
-    retry_errors: RetryErrors = False,
+    retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """Score every image against a vocabulary: sigmoid probabilities, exactly as the model computes them."""
     from .tasks import TagSpec
@@ -204,7 +207,7 @@ def classify(
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
-    retry_errors: RetryErrors = False,
+    retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
 ) -> None:
     """Zero-shot classification: the best of the labels for every image, with its sigmoid score."""
     from .tasks import ClassifySpec

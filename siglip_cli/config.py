@@ -12,6 +12,10 @@ DEFAULT_TEMPLATE = "This is a photo of {}."
 DEFAULT_THRESHOLD = 0.05
 # SigLIP 2 was trained on text padded (right) to exactly this many tokens.
 TEXT_LENGTH = 64
+# Decompression-bomb guard: 100 MP decodes in about 300 MB, safe for one worker on a 2-core, 4 GB machine.
+DEFAULT_MAX_PIXELS = 100_000_000
+# Seconds one file may take to read and decode before its worker is killed and it becomes an error row.
+DEFAULT_TIMEOUT = 60.0
 # Rows buffered before a Parquet row group is written.
 ROW_GROUP_SIZE = 1024
 
@@ -71,3 +75,5 @@ class RunConfig:
     workers: int = field(default_factory=default_workers)
     strict: bool = False
     quiet: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    timeout: float = DEFAULT_TIMEOUT

@@ -125,7 +125,8 @@ def _process(cfg: RunConfig, store: Store | None, records, progress: Progress) -
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
     try:
-        for batch in batches(records, encoder.spec, batch_size, cfg.workers, pin=encoder.device.type == "cuda"):
+        spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
+        for batch in batches(records, spec, batch_size, cfg.workers, encoder.device.type == "cuda", cfg.timeout):
             payload = task.payload(encoder.encode_images(batch)) if batch.ok else {}
             sink.write(image_rows(schema, batch, payload))
             progress.advance(len(batch.ok), len(batch.items) - len(batch.ok), store.skipped if store else 0)
