@@ -20,6 +20,16 @@ from .sources import FileRecord
 # We enforce our own, clearer pixel limit (ImageSpec.max_pixels) before decoding.
 Image.MAX_IMAGE_PIXELS = None
 
+try:  # HEIC/HEIF from phones, with the optional `heif` extra (Pillow reads AVIF itself)
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    HEIF = True
+except ImportError:
+    HEIF = False
+
+HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -67,7 +77,15 @@ def naflex_size(height: int, width: int, patch_size: int, max_patches: int, eps:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode to RGB; transparency is composited onto white, as the Hugging Face processor does."""
+    """Any mode to RGB; transparency is composited onto white, as the Hugging Face processor does.
+
+    16-bit and float grayscale are scaled to 8 bits (Pillow's own conversion clips them to white).
+    """
+    if image.mode in HIGH_BIT_DEPTH:
+        a = np.asarray(image, dtype=np.float32)
+        peak = float(a.max()) if a.size else 0.0
+        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0 if peak <= 1 and image.mode == "F" else 1.0
+        image = Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8), "L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -119,11 +137,15 @@ def decode(record: FileRecord, spec: ImageSpec) -> Decoded:
     try:
         return _load(record, spec)
     except UnidentifiedImageError:
+        if record.path.lower().endswith((".heic", ".heif")) and not HEIF:
+            return Decoded(record, error="HEIC/HEIF needs the heif extra: pip install 'siglip-cli[heif]'")
         return Decoded(record, error="not an image, or a format Pillow cannot read")
     except FileNotFoundError:
         return Decoded(record, error="file disappeared before it could be read")
     except PermissionError:
-        return Decoded(record, error="permission denied: make the file readable")
+        return Decoded(record, error="permission denied: make the file readable by this user")
+    except Image.DecompressionBombError as e:
+        return Decoded(record, error=f"{e}; raise --max-pixels to read it")
     except (OSError, SyntaxError, ValueError) as e:
         return Decoded(record, error=f"corrupt or truncated image: {e}")
     except MemoryError:

@@ -19,7 +19,7 @@ from .model import Encoder
 from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, make_schema, scatter, vector_type
-from .sources import iter_files
+from .sources import display_path, iter_files
 from .state import Store, write_atomic
 from .tasks import make_task
 from .vocab import Vocab
@@ -64,8 +64,9 @@ def image_rows(schema: pa.Schema, batch: Batch, payload: dict) -> pa.RecordBatch
     """One row per file of the batch, in order: the common columns, then the task's (null on error)."""
     items, n = batch.items, len(batch.items)
     recs = [d.record for d in items]
+    shown, raw = zip(*(display_path(r.path) for r in recs))
     common = [
-        pa.array([r.path for r in recs], pa.string()),
+        pa.array(shown, pa.string()),
         pa.array(["error" if d.error else "ok" for d in items], pa.string()),
         pa.array([d.error for d in items], pa.string()),
         pa.array([d.width if d.width >= 0 else None for d in items], pa.int32()),
@@ -73,6 +74,7 @@ def image_rows(schema: pa.Schema, batch: Batch, payload: dict) -> pa.RecordBatch
         pa.array([r.size if r.size >= 0 else None for r in recs], pa.int64()),
         pa.array([r.mtime_ns // 1000 if r.mtime_ns >= 0 else None for r in recs], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         pa.array([d.sha256 for d in items], pa.string()),
+        pa.array(raw, pa.binary()),
     ]
     task_fields = list(schema)[len(common):]
     rest = [scatter(f, payload[f.name], batch.ok, n) if payload else pa.nulls(n, f.type) for f in task_fields]

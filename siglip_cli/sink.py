@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ IMAGE_FIELDS = [
     pa.field("size", pa.int64()),
     pa.field("mtime", pa.timestamp("us", tz="UTC")),
     pa.field("sha256", pa.string()),
+    pa.field("path_bytes", pa.binary()),  # the exact name, only when it is not valid UTF-8
 ]
 TEXT_FIELDS = [
     pa.field("text", pa.string(), nullable=False),
@@ -84,7 +86,9 @@ class PartSink:
         self.flush()
 
 
-def _iso(value) -> str:
+def _json_default(value) -> str:
+    if isinstance(value, bytes):  # path_bytes
+        return base64.b64encode(value).decode()
     return value.isoformat()  # the mtime column's datetimes
 
 
@@ -96,7 +100,7 @@ class JsonLinesSink:
 
     def write(self, batch) -> None:
         for row in batch.to_pylist():
-            self.stream.write(json.dumps(row, ensure_ascii=False, default=_iso) + "\n")
+            self.stream.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
         self.stream.flush()
 
     def close(self) -> None:

@@ -19,6 +19,21 @@ class FileRecord:
     error: str | None = None
 
 
+def display_path(path: str) -> tuple[str, bytes | None]:
+    """A path as a valid UTF-8 string (undecodable bytes shown as U+FFFD) and, only then, its exact bytes."""
+    try:
+        path.encode("utf-8")
+        return path, None
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        return raw.decode("utf-8", "replace"), raw
+
+
+def stored_path(path: str, raw: bytes | None) -> str:
+    """The path as the OS names it, from the two columns: the inverse of display_path."""
+    return os.fsdecode(raw) if raw is not None else path
+
+
 def _record(path: str) -> FileRecord:
     try:
         st = os.stat(path)
@@ -57,15 +72,18 @@ def _walk(folder: str, extensions: tuple[str, ...], seen: set[tuple[int, int]]) 
 
 
 def read_list(source: str) -> Iterator[str]:
-    """Paths from a --files-from file, one a line ('-' is stdin); blank lines are skipped."""
-    stream = sys.stdin if source == "-" else open(source, encoding="utf-8", errors="surrogateescape")
+    """Paths from a --files-from file, one a line ('-' is stdin); blank lines are skipped.
+
+    Read as bytes and decoded as the OS does, so that names that are not valid UTF-8 survive intact.
+    """
+    stream = sys.stdin.buffer if source == "-" else open(source, "rb")
     try:
         for line in stream:
-            line = line.rstrip("\r\n")
+            line = line.rstrip(b"\r\n")
             if line:
-                yield line
+                yield os.fsdecode(line)
     finally:
-        if stream is not sys.stdin:
+        if stream is not sys.stdin.buffer:
             stream.close()
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .config import ROW_GROUP_SIZE
 from .errors import RunError
-from .sources import FileRecord
+from .sources import FileRecord, stored_path
 
 METADATA_KEY = b"siglip"
 PART = re.compile(r"part-(\d{8})\.parquet")
@@ -174,9 +174,10 @@ class Store:
                                    "rerun with those settings, choose another output, or pass --overwrite to start afresh")
                 self.foreign.append(i)
                 continue
-            table = pq.read_table(seg, columns=["path", "status", "size", "mtime", "sha256"])
+            table = pq.read_table(seg, columns=["path", "path_bytes", "status", "size", "mtime", "sha256"])
+            paths = _paths(table)
             mtimes = pc.cast(table.column("mtime"), pa.int64()).to_pylist()
-            for path, status, size, mtime, sha in zip(table.column("path").to_pylist(), table.column("status").to_pylist(),
+            for path, status, size, mtime, sha in zip(paths, table.column("status").to_pylist(),
                                                       table.column("size").to_pylist(), mtimes, table.column("sha256").to_pylist()):
                 old = self.entries.get(path)
                 if old is not None:  # a row a killed run replaced but did not get to remove
@@ -256,10 +257,15 @@ class Store:
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
 
+def _paths(table: pa.Table) -> list[str]:
+    """The OS paths of a table's rows (path_bytes where the name is not UTF-8)."""
+    return [stored_path(p, b) for p, b in zip(table.column("path").to_pylist(), table.column("path_bytes").to_pylist())]
+
+
 def _without(table: pa.Table, paths: set[str]) -> pa.Table:
     if not paths:
         return table
-    return table.filter(pc.invert(pc.is_in(table.column("path"), pa.array(sorted(paths), pa.string()))))
+    return table.filter(pa.array([p not in paths for p in _paths(table)]))
 
 
 def _differences(theirs: dict | None, ours: dict) -> str:
