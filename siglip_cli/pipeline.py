@@ -71,8 +71,8 @@ def image_rows(schema: pa.Schema, batch: Batch, payload: dict) -> pa.RecordBatch
         pa.array([d.error for d in items], pa.string()),
         pa.array([d.width if d.width >= 0 else None for d in items], pa.int32()),
         pa.array([d.height if d.height >= 0 else None for d in items], pa.int32()),
-        pa.array([r.size if r.size >= 0 else None for r in recs], pa.int64()),
-        pa.array([r.mtime_ns // 1000 if r.mtime_ns >= 0 else None for r in recs], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        pa.array([r.size for r in recs], pa.int64()),
+        pa.array([None if r.mtime_ns is None else r.mtime_ns // 1000 for r in recs], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
         pa.array([d.sha256 for d in items], pa.string()),
         pa.array(raw, pa.binary()),
     ]

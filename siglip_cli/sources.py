@@ -14,8 +14,8 @@ class FileRecord:
     """One input: its path as reached from the user's argument, its size and mtime, or why it can't be read."""
 
     path: str
-    size: int = -1
-    mtime_ns: int = -1
+    size: int | None = None
+    mtime_ns: int | None = None
     error: str | None = None
 
 

@@ -193,7 +193,7 @@ class Store:
                 continue
             seen.add(rec.path)
             old = self.entries.get(rec.path)
-            if old is not None and (old.ok or not retry_errors) and rec.error is None and self._unchanged(old, rec, rehash):
+            if old is not None and (old.ok or not retry_errors) and self._unchanged(old, rec, rehash):
                 self.skipped += 1
                 continue
             if old is not None:
@@ -202,9 +202,10 @@ class Store:
 
     @staticmethod
     def _unchanged(old: Entry, rec: FileRecord, rehash: bool) -> bool:
-        if rehash:
+        if rehash and rec.error is None:
             return old.sha256 is not None and old.sha256 == file_hash(rec.path)
-        return (old.size, old.mtime_us) == (rec.size, rec.mtime_ns // 1000)
+        mtime_us = None if rec.mtime_ns is None else rec.mtime_ns // 1000
+        return (old.size, old.mtime_us) == (rec.size, mtime_us)  # (None, None) for a path that cannot be stat-ed
 
     def next_part(self) -> str:
         """The path of a new part, numbered after every part already there."""
