@@ -28,15 +28,15 @@ def ensemble(per_template: torch.Tensor) -> torch.Tensor:
     return normalize(per_template.mean(dim=0))
 
 
-def select(
-    scores: torch.Tensor, thresholds: torch.Tensor, top_k: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (image, text, score) triples to keep, grouped by image and highest score first within an image.
+def rank(scores: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the k best scores (None: all) and their text indices, highest first. No host sync."""
+    k = scores.shape[1] if k is None else min(k, scores.shape[1])
+    return scores.topk(k, dim=1)
 
-    A text is kept for an image when its score reaches the text's own threshold and it is among the image's
-    top_k texts (None: no limit). Flat triples keep the copy to the host small: only what is kept moves.
+
+def kept(values, indices, thresholds):
+    """Which ranked (value, index) pairs reach their text's own threshold: a boolean mask of values' shape.
+
+    Works on torch tensors and numpy arrays alike (the pipeline calls it on the host copies).
     """
-    k = scores.shape[1] if top_k is None else min(top_k, scores.shape[1])
-    top, idx = scores.topk(k, dim=1)
-    rows, cols = (top >= thresholds[idx]).nonzero(as_tuple=True)
-    return rows, idx[rows, cols], top[rows, cols]
+    return values >= thresholds[indices]

@@ -140,6 +140,27 @@ class Encoder:
             out = self.model.get_image_features(pixel_values=x)
         return F.normalize(out.pooler_output.float(), dim=-1)
 
+    def to_host(self, tensors: dict[str, torch.Tensor]):
+        """Start copying device tensors back; returns a function that waits for them and gives numpy arrays.
+
+        On CUDA the copies go into pinned memory behind an event, so that the host can finish one batch while
+        the device runs the next; elsewhere they are plain copies.
+        """
+        if self.device.type != "cuda":
+            arrays = {k: v.cpu().numpy() for k, v in tensors.items()}
+            return lambda: arrays
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in tensors.items()}
+        for k, v in tensors.items():
+            host[k].copy_(v, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait():
+            done.synchronize()
+            return {k: v.numpy() for k, v in host.items()}
+
+        return wait
+
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Embeddings (n, D) float32 on the device: lowercased, right-padded to the trained length, no mask."""

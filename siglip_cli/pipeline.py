@@ -126,12 +126,23 @@ def _process(cfg: RunConfig, store: Store | None, records, progress: Progress) -
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
+    spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
+
+    def finish(batch: Batch, wait) -> None:
+        payload = task.host(wait()) if wait else {}
+        sink.write(image_rows(schema, batch, payload))
+        progress.advance(len(batch.ok), len(batch.items) - len(batch.ok), store.skipped if store else 0)
+
+    # One batch in flight: batch i+1 is on the device while the host writes batch i and collates i+2.
+    in_flight = None
     try:
-        spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
         for batch in batches(records, spec, batch_size, cfg.workers, encoder.device.type == "cuda", cfg.timeout):
-            payload = task.payload(encoder.encode_images(batch)) if batch.ok else {}
-            sink.write(image_rows(schema, batch, payload))
-            progress.advance(len(batch.ok), len(batch.items) - len(batch.ok), store.skipped if store else 0)
+            wait = encoder.to_host(task.device(encoder.encode_images(batch))) if batch.ok else None
+            if in_flight:
+                finish(*in_flight)
+            in_flight = (batch, wait)
+        if in_flight:
+            finish(*in_flight)
     finally:
         sink.close()  # even when interrupted: the rows finished so far are kept, and a rerun skips them
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from .config import DEFAULT_TEMPLATE, DEFAULT_THRESHOLD
-from .heads import select, sigmoid_scores
+from .heads import kept, rank, sigmoid_scores
 from .model import Encoder
 from .sink import vector_type
 from .vocab import Vocab, text_embeddings
@@ -22,7 +23,11 @@ class EmbedSpec:
 
 
 class EmbedTask:
-    """Writes the embedding column."""
+    """Writes the embedding column.
+
+    Every task splits its work in two: `device()` launches the GPU work for a batch without waiting for it;
+    `host()` turns the copied-back arrays into column values, while the device runs the next batch.
+    """
 
     def __init__(self, spec: EmbedSpec, encoder: Encoder):
         self.field = pa.field("embedding", vector_type(encoder.info.dim, spec.float16))
@@ -34,9 +39,13 @@ class EmbedTask:
     def metadata(self) -> dict:
         return {"task": "embed", "embedding_dtype": self.np_dtype}
 
-    def payload(self, embeddings: torch.Tensor) -> dict:
+    def device(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Device tensors to copy back for a batch (launched, not waited for)."""
+        return {"embedding": embeddings.to(torch.float16 if self.np_dtype == "float16" else torch.float32)}
+
+    def host(self, arrays: dict) -> dict:
         """Column values for the images of the batch that decoded, in order."""
-        return {"embedding": embeddings.cpu().numpy().astype(self.np_dtype)}
+        return {"embedding": arrays["embedding"]}
 
 
 @dataclass(frozen=True)
@@ -63,12 +72,12 @@ class ClassifySpec:
     cache: bool = True
 
 
-def _pairs(rows, idx, score, names, n: int, key: str) -> list[list[dict]]:
-    """Flat (image, text, score) triples back to one ranked list of {key, score} per image."""
-    out = [[] for _ in range(n)]
-    for r, i, s in zip(rows.tolist(), idx.tolist(), score.tolist()):
-        out[r].append({key: names[i], "score": s})
-    return out
+def _pairs(values, indices, mask, names, key: str) -> list[list[dict]]:
+    """Ranked (score, index) rows, masked, to one list of {key, score} per image, highest first."""
+    return [
+        [{key: names[i], "score": v} for v, i in zip(vals[m].tolist(), idx[m].tolist())]
+        for vals, idx, m in zip(values, indices, mask)
+    ]
 
 
 def _scored_list(key: str) -> pa.DataType:
@@ -82,9 +91,7 @@ class TagTask:
         self.spec, self.encoder = spec, encoder
         self.tags = spec.vocab.tags
         self.text = text_embeddings(encoder, self.tags, spec.templates, spec.cache)
-        self.thresholds = torch.tensor(
-            [spec.threshold if t is None else t for t in spec.vocab.thresholds], device=encoder.device
-        )
+        self.thresholds = np.array([spec.threshold if t is None else t for t in spec.vocab.thresholds], np.float32)
         self.embed = EmbedTask(EmbedSpec(spec.float16), encoder) if spec.with_embeddings else None
 
     def fields(self) -> list[pa.Field]:
@@ -101,14 +108,24 @@ class TagTask:
             meta["vocabulary"] = list(self.tags)
         return meta
 
-    def payload(self, embeddings: torch.Tensor) -> dict:
+    def device(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        # One matrix product and one top-k per batch, on the device; the thresholds are applied on the host.
         scores = sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)
-        rows, idx, score = (t.cpu() for t in select(scores, self.thresholds, self.spec.top_k))
-        out = {"tags": _pairs(rows, idx, score, self.tags, len(embeddings), "tag")}
+        values, indices = rank(scores, self.spec.top_k)
+        out = {"values": values, "indices": indices.int()}
         if self.spec.all_scores:
-            out["scores"] = scores.half().cpu().numpy()
+            out["scores"] = scores.half()
         if self.embed:
-            out.update(self.embed.payload(embeddings))
+            out.update(self.embed.device(embeddings))
+        return out
+
+    def host(self, arrays: dict) -> dict:
+        mask = kept(arrays["values"], arrays["indices"], self.thresholds)
+        out = {"tags": _pairs(arrays["values"], arrays["indices"], mask, self.tags, "tag")}
+        if self.spec.all_scores:
+            out["scores"] = arrays["scores"]
+        if self.embed:
+            out.update(self.embed.host(arrays))
         return out
 
 
@@ -118,7 +135,6 @@ class ClassifyTask:
     def __init__(self, spec: ClassifySpec, encoder: Encoder):
         self.spec, self.encoder = spec, encoder
         self.text = text_embeddings(encoder, spec.labels, spec.templates, spec.cache)
-        self.none = torch.zeros(len(spec.labels), device=encoder.device)  # no threshold: rank only
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("label", pa.string()), pa.field("score", pa.float32()), pa.field("top_k", _scored_list("label"))]
@@ -127,11 +143,15 @@ class ClassifyTask:
         return {"task": "classify", "templates": list(self.spec.templates), "labels": list(self.spec.labels),
                 "score": "sigmoid(exp(logit_scale) * cos + logit_bias)"}
 
-    def payload(self, embeddings: torch.Tensor) -> dict:
+    def device(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)
-        rows, idx, score = (t.cpu() for t in select(scores, self.none, self.spec.top_k))
-        top = _pairs(rows, idx, score, self.spec.labels, len(embeddings), "label")
-        return {"label": [t[0]["label"] for t in top], "score": [t[0]["score"] for t in top], "top_k": top}
+        values, indices = rank(scores, self.spec.top_k)
+        return {"values": values, "indices": indices.int()}
+
+    def host(self, arrays: dict) -> dict:
+        values, indices = arrays["values"], arrays["indices"]
+        top = _pairs(values, indices, np.ones(values.shape, bool), self.spec.labels, "label")
+        return {"label": [self.spec.labels[i] for i in indices[:, 0].tolist()], "score": values[:, 0], "top_k": top}
 
 
 def make_task(spec, encoder: Encoder):

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from siglip_cli.heads import ensemble, normalize, select, sigmoid_scores
+from siglip_cli.heads import ensemble, kept, normalize, rank, sigmoid_scores
 
 
 def test_sigmoid_scores_is_the_models_formula_not_softmax():
@@ -22,13 +22,14 @@ def test_ensemble_averages_then_renormalizes():
     torch.testing.assert_close(ensemble(per), torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)]]))
 
 
-def test_select_thresholds_topk_and_order():
+def test_rank_and_kept():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.01, 0.02, 0.6]])
+    values, idx = rank(scores, None)
+    assert idx.tolist() == [[1, 2, 3, 0], [3, 0, 2, 1]]
     thresholds = torch.tensor([0.0, 0.95, 0.25, 0.25])  # text 1 needs 0.95
-    rows, idx, score = select(scores, thresholds, top_k=None)
-    assert rows.tolist() == [0, 0, 0, 1, 1] and idx.tolist() == [2, 3, 0, 3, 0]
-    torch.testing.assert_close(score, torch.tensor([0.5, 0.3, 0.1, 0.6, 0.2]))
-    rows, idx, _ = select(scores, thresholds, top_k=2)  # top 2 first, then the thresholds
-    assert rows.tolist() == [0, 1, 1] and idx.tolist() == [2, 3, 0]
-    rows, idx, _ = select(scores, torch.ones(4), top_k=10)
-    assert rows.numel() == 0
+    assert kept(values, idx, thresholds).tolist() == [[False, True, True, True], [True, True, False, False]]
+    values, idx = rank(scores, 2)
+    assert idx.tolist() == [[1, 2], [3, 0]] and values.shape == (2, 2)
+    np_mask = kept(values.numpy(), idx.numpy(), thresholds.numpy())  # the same on host arrays
+    assert np_mask.tolist() == [[False, True], [True, True]]
+    assert rank(scores, 10)[0].shape == (2, 4)
