@@ -64,6 +64,7 @@ Prune = Annotated[bool, typer.Option("--prune", help="Remove the rows of files t
 Rehash = Annotated[bool, typer.Option("--rehash", help="Find changed files by content hash (reads every file) instead of size and mtime.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
+Exact = Annotated[bool, typer.Option("--exact", help="Decode JPEGs at full size: bit-exact reference preprocessing, slower on big photos.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
 
 
@@ -116,7 +117,7 @@ def _run_images(head, opts: dict) -> None:
         output=OutputConfig(opts["output"], opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
-        max_pixels=opts["max_pixels"], timeout=opts["timeout"],
+        max_pixels=opts["max_pixels"], timeout=opts["timeout"], exact=opts["exact"],
     )
     _execute(cfg)
 
@@ -142,6 +143,7 @@ def embed(
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
+    exact: Exact = False,
 ) -> None:
     """Write the L2-normalized embedding of every image (or of the given texts), one row each."""
     from .tasks import EmbedSpec
@@ -181,6 +183,7 @@ def tag(
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
+    exact: Exact = False,
 ) -> None:
     """Score every image against a vocabulary: sigmoid probabilities, exactly as the model computes them."""
     from .tasks import TagSpec
@@ -208,6 +211,7 @@ def classify(
     strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
+    exact: Exact = False,
 ) -> None:
     """Zero-shot classification: the best of the labels for every image, with its sigmoid score."""
     from .tasks import ClassifySpec

@@ -77,3 +77,4 @@ class RunConfig:
     quiet: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     timeout: float = DEFAULT_TIMEOUT
+    exact: bool = False  # decode JPEGs at full size (bit-exact reference preprocessing), never reduced

@@ -126,7 +126,7 @@ def _process(cfg: RunConfig, store: Store | None, records, progress: Progress) -
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
-    spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
+    spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
 
     def finish(batch: Batch, wait) -> None:
         payload = task.host(wait()) if wait else {}
