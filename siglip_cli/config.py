@@ -39,6 +39,7 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_patches: int | None = None  # NaFlex checkpoints only
+    compile: bool = False  # torch.compile the image tower
 
 
 @dataclass(frozen=True)

@@ -76,37 +76,24 @@ def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
     return ImageSpec(height=int(size["height"]), width=int(size["width"]), resample=resample)
 
 
+def _hf_quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # keep stderr for our own messages and progress
+    hf_logging.disable_progress_bar()
+
+
 class Encoder:
-    """A loaded checkpoint on its device: L2-normalized image and text embeddings, and the logit scale and bias."""
+    """A checkpoint on its device: L2-normalized image and text embeddings, and the logit scale and bias."""
 
-    def __init__(self, cfg: ModelConfig):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # keep stderr for our own messages and progress
-        hf_logging.disable_progress_bar()
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        try:
-            model = AutoModel.from_pretrained(
-                cfg.name, revision=cfg.revision, dtype=self.dtype, attn_implementation="sdpa"
-            )
-            processor = AutoImageProcessor.from_pretrained(cfg.name, revision=cfg.revision)
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
-        except (OSError, ValueError, KeyError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise RunError(
-                f"cannot load model {cfg.name!r}: {first} "
-                "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
-            ) from None
-        if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
-            raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
-        self.model = model.to(self.device).eval()
+    def __init__(self, model, processor, tokenizer, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype, self.tokenizer = device, dtype, tokenizer
+        self.model = model.to(device).eval()
         self.naflex = model.config.model_type == "siglip2"
         self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
         scale = float(getattr(processor, "rescale_factor", 1 / 255))
-        mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=self.device)
-        std = torch.tensor(processor.image_std, dtype=torch.float32, device=self.device)
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
+        std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)
         # (x * scale - mean) / std == x * a + b, folded once
         self._a, self._b = scale / std, -mean / std
         self.logit_scale = model.logit_scale.detach().float().exp().item()  # stored as a log
@@ -121,24 +108,69 @@ class Encoder:
             ) + f" resample={self.spec.resample.name.lower()} mean={processor.image_mean} std={processor.image_std}",
         )
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
+        self._features = self._naflex if self.naflex else self._fixed
+        self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
+        if cfg.compile:
+            self._compile()
+
+    @classmethod
+    def load(cls, cfg: ModelConfig) -> "Encoder":
+        """Load a Hub id or a local folder; a model that cannot be had is a RunError with one readable line."""
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        _hf_quiet()
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        try:
+            model = AutoModel.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa")
+            processor = AutoImageProcessor.from_pretrained(cfg.name, revision=cfg.revision)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+        except (OSError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RunError(
+                f"cannot load model {cfg.name!r}: {first} "
+                "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
+            ) from None
+        if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
+            raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
+        return cls(model, processor, tokenizer, cfg, device, dtype)
+
+    def _compile(self) -> None:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        from .vocab import cache_dir
+
+        # Keep inductor's artefacts where a nightly run finds them again (its default, in /tmp, is wiped on
+        # reboot), unless the user chose a place. torch writes its default into the environment when it first
+        # looks, so that value counts as unset.
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir(), "inductor")
+        self._features = torch.compile(self._features, dynamic=False)
+
+    def _fixed(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float()
+        x = (x * self._a[:, None, None] + self._b[:, None, None]).to(self.dtype)
+        return F.normalize(self.model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)
+
+    def _naflex(self, x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        n, patches, width = x.shape
+        x = x.view(n, patches, width // 3, 3).float() * self._a + self._b
+        x = (x.view(n, patches, width) * mask[..., None]).to(self.dtype)  # padding patches are zeros, as in HF
+        out = self.model.get_image_features(pixel_values=x, pixel_attention_mask=mask, spatial_shapes=grids)
+        return F.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.inference_mode()
     def encode_images(self, batch: Batch) -> torch.Tensor:
-        """Embeddings (n, D) float32 on the device for the decoded images of a batch."""
-        x = batch.pixels.to(self.device, non_blocking=True)
+        """Embeddings (n, D) float32 on the device for the decoded images of a batch (launched, not awaited)."""
+        n = len(batch.ok)
+        pad = max(0, self.pad_to - n)
+        args = [batch.pixels] if not self.naflex else [batch.pixels, batch.patch_mask, batch.grids]
+        if pad:  # only with --compile: a last, smaller batch would otherwise compile a second graph
+            args = [torch.cat([a, a[:1].expand(pad, *a.shape[1:])]) for a in args]
+        x = args[0].to(self.device, non_blocking=True)
         if self.naflex:
-            n, patches, width = x.shape
-            x = x.view(n, patches, width // 3, 3).float() * self._a + self._b
-            mask = batch.patch_mask.to(self.device, non_blocking=True)
-            x = (x.view(n, patches, width) * mask[..., None]).to(self.dtype)  # padding patches are zeros, as in HF
-            out = self.model.get_image_features(
-                pixel_values=x, pixel_attention_mask=mask, spatial_shapes=batch.grids
-            )
-        else:
-            x = x.permute(0, 3, 1, 2).float()
-            x = (x * self._a[:, None, None] + self._b[:, None, None]).to(self.dtype)
-            out = self.model.get_image_features(pixel_values=x)
-        return F.normalize(out.pooler_output.float(), dim=-1)
+            return self._features(x, args[1].to(self.device, non_blocking=True), args[2])[:n]
+        return self._features(x)[:n]
 
     def to_host(self, tensors: dict[str, torch.Tensor]):
         """Start copying device tensors back; returns a function that waits for them and gives numpy arrays.

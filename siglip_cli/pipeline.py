@@ -120,12 +120,13 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
 
 
 def _process(cfg: RunConfig, store: Store | None, records, progress: Progress) -> None:
-    encoder = Encoder(cfg.model)
+    encoder = Encoder.load(cfg.model)
     task = make_task(cfg.head, encoder)
     meta = metadata(encoder, {**task.metadata(), "signature": signature(cfg)})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
+    encoder.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
 
     def finish(batch: Batch, wait) -> None:
@@ -152,7 +153,7 @@ def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
     path = cfg.output.path
     if path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise RunError(f"cannot write {path}: its folder does not exist")
-    encoder = Encoder(cfg.model)
+    encoder = Encoder.load(cfg.model)
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
     schema = make_schema(TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text"}))
     progress = Progress(progress_enabled(cfg.quiet), label="texts")

@@ -60,3 +60,17 @@ def test_exact_option_through_the_cli(cli, fixed_ckpt, camera_jpeg, tmp_path):
     assert cli("embed", camera_jpeg[0], "-o", exact, "-m", fixed_ckpt, "--exact").exit_code == 0
     a, b = (np.array(pq.read_table(p).column("embedding")[0].as_py()) for p in (fast, exact))
     assert a @ b > 0.999 and not np.array_equal(a, b)
+
+
+def test_compile_gives_the_eager_embeddings(cli, fixed_ckpt, photos, tmp_path, monkeypatch):
+    """--compile on the CPU (inductor's C++ backend), with a last batch smaller than the rest (padded)."""
+    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
+    paths = sorted(photos.glob("*.JPEG"))[:21]
+    eager, compiled = tmp_path / "eager.parquet", tmp_path / "compiled.parquet"
+    assert cli("embed", *paths, "-o", eager, "-m", fixed_ckpt, "-b", "8", "--device", "cpu").exit_code == 0
+    result = cli("embed", *paths, "-o", compiled, "-m", fixed_ckpt, "-b", "8", "--device", "cpu", "--compile")
+    assert result.exit_code == 0, result.stderr
+    a, b = (np.stack(pq.read_table(p).column("embedding").to_numpy(zero_copy_only=False)) for p in (eager, compiled))
+    assert a.shape == b.shape == (21, 32)
+    assert (a * b).sum(axis=1).min() > 0.9999
+    assert (tmp_path / "cache" / "inductor").is_dir()  # compiled artefacts kept for the next run

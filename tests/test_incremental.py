@@ -81,7 +81,7 @@ def test_unchanged_rerun_neither_decodes_nor_loads_the_model(cli, fixed_ckpt, bi
     def forbidden(*a, **k):
         raise AssertionError("an unchanged rerun must not load the model or decode")
 
-    monkeypatch.setattr("siglip_cli.pipeline.Encoder", forbidden)
+    monkeypatch.setattr("siglip_cli.pipeline.Encoder.load", forbidden)
     monkeypatch.setattr("siglip_cli.loader.decode_chunk", forbidden)
     parts_before = sorted(os.listdir(out))
     again = cli("embed", big_library, "-o", out, "-m", fixed_ckpt)
