@@ -5,6 +5,7 @@ Imports nothing heavy at module level: `siglip --help` must not pay for torch, t
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import List, Optional
@@ -13,7 +14,7 @@ import typer
 from typing_extensions import Annotated
 
 from . import __version__
-from .config import DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
+from .config import ARCHS, DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
 from .errors import SiglipError, UsageError
 
 EXIT_CODES = "Exit codes: 0 done (failed images are rows, not failures, unless --strict); 1 the run could not be done; 2 bad usage."
@@ -227,6 +228,43 @@ def classify(
         return ClassifySpec(found.tags, check_templates(tuple(template or (DEFAULT_TEMPLATE,))), top_k, not no_cache)
 
     _run_images(_usage(build), locals())
+
+
+@app.command(epilog=EXIT_CODES)
+def bench(
+    paths: Annotated[Optional[List[str]], typer.Argument(help="Images to use (default: generated 500x375 JPEGs); the list is repeated up to --images.", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help=f"Build this architecture with random weights instead of loading --model: {', '.join(ARCHS)}.", show_default=False)] = None,
+    images: Annotated[Optional[int], typer.Option("--images", "-n", min=1, help="Images through the pipeline (default: 20 batches).", show_default=False)] = None,
+    vocab: Annotated[Optional[str], typer.Option("--vocab", help="Also measure `tag` with this vocabulary, against `embed`.", show_default=False)] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="Time the model alone for at least this long.")] = 3.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+    ext: Ext = None,
+    model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
+    compile: Compile = False, exact: Exact = False,
+) -> None:
+    """Measure images/s on this machine: the model alone (the ceiling), decoding alone, and end to end."""
+    if arch is not None and arch not in ARCHS:
+        raise typer.BadParameter(f"unknown architecture {arch!r}; one of: {', '.join(ARCHS)}")
+    tag_spec = None
+    if vocab:
+        from .tasks import TagSpec
+        from .vocab import read_vocab
+
+        tag_spec = _usage(lambda: TagSpec(read_vocab(vocab), cache=False))
+    cfg = RunConfig(
+        model=ModelConfig(model, revision, device, dtype, max_patches, compile),
+        sources=_sources(paths, None, ext), output=OutputConfig(), batch_size=batch_size, workers=workers,
+        quiet=True, exact=exact,
+    )
+    try:
+        from . import bench as benchmark
+
+        result = benchmark.run(benchmark.BenchConfig(cfg, arch, images, seconds), tag_spec)
+    except SiglipError as e:
+        typer.echo(f"siglip: error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
+    typer.echo(json.dumps(result, indent=2) if json_out else benchmark.table(result))
 
 
 def main() -> None:

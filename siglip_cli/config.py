@@ -20,6 +20,27 @@ DEFAULT_TIMEOUT = 60.0
 ROW_GROUP_SIZE = 1024
 
 
+# Vision towers of the official SigLIP 2 checkpoints: hidden, MLP, layers, heads, patch, image size.
+ARCHS = {
+    "base-patch16-224": (768, 3072, 12, 12, 16, 224),
+    "base-patch16-256": (768, 3072, 12, 12, 16, 256),
+    "base-patch16-384": (768, 3072, 12, 12, 16, 384),
+    "base-patch16-512": (768, 3072, 12, 12, 16, 512),
+    "base-patch32-256": (768, 3072, 12, 12, 32, 256),
+    "large-patch16-256": (1024, 4096, 24, 16, 16, 256),
+    "large-patch16-384": (1024, 4096, 24, 16, 16, 384),
+    "large-patch16-512": (1024, 4096, 24, 16, 16, 512),
+    "so400m-patch14-224": (1152, 4304, 27, 16, 14, 224),
+    "so400m-patch14-384": (1152, 4304, 27, 16, 14, 384),
+    "so400m-patch16-256": (1152, 4304, 27, 16, 16, 256),
+    "so400m-patch16-384": (1152, 4304, 27, 16, 16, 384),
+    "so400m-patch16-512": (1152, 4304, 27, 16, 16, 512),
+    "giant-opt-patch16-256": (1536, 6144, 40, 16, 16, 256),
+    "giant-opt-patch16-384": (1536, 6144, 40, 16, 16, 384),
+    "tiny": (32, 64, 2, 2, 16, 64),  # for smoke tests of the benchmark itself
+}
+
+
 def default_model() -> str:
     """The model used when --model is not given: $SIGLIP_MODEL, else the so400m/384 checkpoint."""
     return os.environ.get("SIGLIP_MODEL") or DEFAULT_MODEL

@@ -1,10 +1,11 @@
 """Pure functions for the math: normalization, sigmoid scores, ensembles, selection. No I/O.
 
-They take and return torch tensors and run on whatever device the tensors are on.
+The scoring functions take torch tensors and run on their device; selection runs on host numpy arrays.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,15 +29,23 @@ def ensemble(per_template: torch.Tensor) -> torch.Tensor:
     return normalize(per_template.mean(dim=0))
 
 
-def rank(scores: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the k best scores (None: all) and their text indices, highest first. No host sync."""
-    k = scores.shape[1] if k is None else min(k, scores.shape[1])
-    return scores.topk(k, dim=1)
+def select(scores: np.ndarray, thresholds: np.ndarray, top_k: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image, the (indices, scores) of the texts kept, highest score first.
 
-
-def kept(values, indices, thresholds):
-    """Which ranked (value, index) pairs reach their text's own threshold: a boolean mask of values' shape.
-
-    Works on torch tensors and numpy arrays alike (the pipeline calls it on the host copies).
+    A text is kept when it is among the image's top_k (None: no limit) and its score reaches the text's own
+    threshold. Runs on the host, on numpy arrays: a few milliseconds for 256 images x 4,585 tags, cheaper
+    than a sort on the device and no sync in the device's stream.
     """
-    return values >= thresholds[indices]
+    n, t = scores.shape
+    if top_k is not None and top_k < t:
+        candidates = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+    else:
+        candidates = np.broadcast_to(np.arange(t), (n, t))
+    values = np.take_along_axis(scores, candidates, axis=1)
+    keep = values >= thresholds[candidates]
+    out = []
+    for c, v, k in zip(candidates, values, keep):
+        c, v = c[k], v[k]
+        order = np.argsort(-v, kind="stable")
+        out.append((c[order], v[order]))
+    return out

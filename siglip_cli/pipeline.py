@@ -106,7 +106,7 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     first = next(records, None)
     if first is not None:  # only now is the model worth loading
         try:
-            _process(cfg, store, itertools.chain([first], records), progress)
+            process(cfg, store, itertools.chain([first], records), progress, Encoder.load(cfg.model))
         except BaseException:
             progress.close()
             raise
@@ -119,8 +119,8 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     return summary
 
 
-def _process(cfg: RunConfig, store: Store | None, records, progress: Progress) -> None:
-    encoder = Encoder.load(cfg.model)
+def process(cfg: RunConfig, store: Store | None, records, progress: Progress, encoder: Encoder) -> None:
+    """Decode, encode and write the given records: into the store's parts, or as JSON Lines when None."""
     task = make_task(cfg.head, encoder)
     meta = metadata(encoder, {**task.metadata(), "signature": signature(cfg)})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)

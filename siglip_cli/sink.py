@@ -42,19 +42,25 @@ def vector_type(dim: int, float16: bool = False) -> pa.DataType:
     return pa.list_(pa.float16() if float16 else pa.float32(), dim)
 
 
+def to_arrow(type_: pa.DataType, values) -> pa.Array:
+    """Column values (a pyarrow array, a numpy array or a list) as a pyarrow array of the given type."""
+    if isinstance(values, pa.Array):
+        return values
+    if pa.types.is_fixed_size_list(type_):
+        flat = np.ascontiguousarray(values, dtype=type_.value_type.to_pandas_dtype()).ravel()
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat), type=type_)
+    return pa.array(values, type=type_)
+
+
 def scatter(field: pa.Field, values, ok: Sequence[int], n: int) -> pa.Array:
-    """A column of n rows from the values of the ok rows; every other row is null."""
-    if pa.types.is_fixed_size_list(field.type):
-        values = np.asarray(values)
-        full = np.zeros((n, field.type.list_size), dtype=field.type.value_type.to_pandas_dtype())
-        mask = np.ones(n, dtype=bool)
-        full[list(ok)] = values
-        mask[list(ok)] = False
-        return pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), type=field.type, mask=pa.array(mask))
-    column = [None] * n
+    """A column of n rows from the values of the ok rows (in order); every other row is null."""
+    column = to_arrow(field.type, values)
+    if len(ok) == n:
+        return column
+    where = [None] * n
     for j, i in enumerate(ok):
-        column[i] = values[j]
-    return pa.array(column, type=field.type)
+        where[i] = j
+    return column.take(pa.array(where, pa.int32()))  # a null index gives a null row
 
 
 class PartSink:

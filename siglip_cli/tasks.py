@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from .config import DEFAULT_TEMPLATE, DEFAULT_THRESHOLD
-from .heads import kept, rank, sigmoid_scores
+from .heads import select, sigmoid_scores
 from .model import Encoder
 from .sink import vector_type
 from .vocab import Vocab, text_embeddings
@@ -72,12 +72,15 @@ class ClassifySpec:
     cache: bool = True
 
 
-def _pairs(values, indices, mask, names, key: str) -> list[list[dict]]:
-    """Ranked (score, index) rows, masked, to one list of {key, score} per image, highest first."""
-    return [
-        [{key: names[i], "score": v} for v, i in zip(vals[m].tolist(), idx[m].tolist())]
-        for vals, idx, m in zip(values, indices, mask)
-    ]
+def _pairs(selected, names: pa.Array, key: str) -> pa.Array:
+    """select()'s (indices, scores) per image as a list<struct<key, score>> column, built without a Python
+    object per pair."""
+    offsets = np.zeros(len(selected) + 1, np.int32)
+    np.cumsum([len(idx) for idx, _ in selected], out=offsets[1:])
+    idx = np.concatenate([i for i, _ in selected]) if selected else np.zeros(0, np.int64)
+    val = np.concatenate([v for _, v in selected]).astype(np.float32) if selected else np.zeros(0, np.float32)
+    pairs = pa.StructArray.from_arrays([names.take(pa.array(idx)), pa.array(val)], names=[key, "score"])
+    return pa.ListArray.from_arrays(pa.array(offsets), pairs, type=_scored_list(key))
 
 
 def _scored_list(key: str) -> pa.DataType:
@@ -90,6 +93,7 @@ class TagTask:
     def __init__(self, spec: TagSpec, encoder: Encoder):
         self.spec, self.encoder = spec, encoder
         self.tags = spec.vocab.tags
+        self.names = pa.array(self.tags, pa.string())
         self.text = text_embeddings(encoder, self.tags, spec.templates, spec.cache)
         self.thresholds = np.array([spec.threshold if t is None else t for t in spec.vocab.thresholds], np.float32)
         self.embed = EmbedTask(EmbedSpec(spec.float16), encoder) if spec.with_embeddings else None
@@ -109,21 +113,17 @@ class TagTask:
         return meta
 
     def device(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-        # One matrix product and one top-k per batch, on the device; the thresholds are applied on the host.
-        scores = sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)
-        values, indices = rank(scores, self.spec.top_k)
-        out = {"values": values, "indices": indices.int()}
-        if self.spec.all_scores:
-            out["scores"] = scores.half()
+        # One matrix product per batch on the device; selection happens on the host (heads.select).
+        out = {"scores": sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)}
         if self.embed:
             out.update(self.embed.device(embeddings))
         return out
 
     def host(self, arrays: dict) -> dict:
-        mask = kept(arrays["values"], arrays["indices"], self.thresholds)
-        out = {"tags": _pairs(arrays["values"], arrays["indices"], mask, self.tags, "tag")}
+        scores = arrays["scores"]
+        out = {"tags": _pairs(select(scores, self.thresholds, self.spec.top_k), self.names, "tag")}
         if self.spec.all_scores:
-            out["scores"] = arrays["scores"]
+            out["scores"] = scores.astype(np.float16)
         if self.embed:
             out.update(self.embed.host(arrays))
         return out
@@ -135,6 +135,8 @@ class ClassifyTask:
     def __init__(self, spec: ClassifySpec, encoder: Encoder):
         self.spec, self.encoder = spec, encoder
         self.text = text_embeddings(encoder, spec.labels, spec.templates, spec.cache)
+        self.none = np.zeros(len(spec.labels), np.float32)  # no threshold: rank only
+        self.names = pa.array(spec.labels, pa.string())
 
     def fields(self) -> list[pa.Field]:
         return [pa.field("label", pa.string()), pa.field("score", pa.float32()), pa.field("top_k", _scored_list("label"))]
@@ -144,14 +146,12 @@ class ClassifyTask:
                 "score": "sigmoid(exp(logit_scale) * cos + logit_bias)"}
 
     def device(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)
-        values, indices = rank(scores, self.spec.top_k)
-        return {"values": values, "indices": indices.int()}
+        return {"scores": sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)}
 
     def host(self, arrays: dict) -> dict:
-        values, indices = arrays["values"], arrays["indices"]
-        top = _pairs(values, indices, np.ones(values.shape, bool), self.spec.labels, "label")
-        return {"label": [self.spec.labels[i] for i in indices[:, 0].tolist()], "score": values[:, 0], "top_k": top}
+        selected = select(arrays["scores"], self.none, self.spec.top_k)
+        return {"label": [self.spec.labels[idx[0]] for idx, _ in selected], "score": [val[0] for _, val in selected],
+                "top_k": _pairs(selected, self.names, "label")}
 
 
 def make_task(spec, encoder: Encoder):

@@ -2,9 +2,10 @@
 
 import math
 
+import numpy as np
 import torch
 
-from siglip_cli.heads import ensemble, kept, normalize, rank, sigmoid_scores
+from siglip_cli.heads import ensemble, normalize, select, sigmoid_scores
 
 
 def test_sigmoid_scores_is_the_models_formula_not_softmax():
@@ -22,14 +23,14 @@ def test_ensemble_averages_then_renormalizes():
     torch.testing.assert_close(ensemble(per), torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)]]))
 
 
-def test_rank_and_kept():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.01, 0.02, 0.6]])
-    values, idx = rank(scores, None)
-    assert idx.tolist() == [[1, 2, 3, 0], [3, 0, 2, 1]]
-    thresholds = torch.tensor([0.0, 0.95, 0.25, 0.25])  # text 1 needs 0.95
-    assert kept(values, idx, thresholds).tolist() == [[False, True, True, True], [True, True, False, False]]
-    values, idx = rank(scores, 2)
-    assert idx.tolist() == [[1, 2], [3, 0]] and values.shape == (2, 2)
-    np_mask = kept(values.numpy(), idx.numpy(), thresholds.numpy())  # the same on host arrays
-    assert np_mask.tolist() == [[False, True], [True, True]]
-    assert rank(scores, 10)[0].shape == (2, 4)
+def test_select_thresholds_topk_and_order():
+    scores = np.array([[0.1, 0.9, 0.5, 0.3], [0.2, 0.01, 0.02, 0.6]], np.float32)
+    thresholds = np.array([0.0, 0.95, 0.25, 0.25], np.float32)  # text 1 needs 0.95
+    (i0, v0), (i1, v1) = select(scores, thresholds)
+    assert i0.tolist() == [2, 3, 0] and i1.tolist() == [3, 0]
+    np.testing.assert_allclose(v0, [0.5, 0.3, 0.1])
+    (i0, _), (i1, _) = select(scores, thresholds, top_k=2)  # the top 2 first, then the thresholds
+    assert i0.tolist() == [2] and i1.tolist() == [3, 0]
+    assert [len(i) for i, _ in select(scores, np.ones(4, np.float32), top_k=10)] == [0, 0]
+    (i0, _), _ = select(scores, np.zeros(4, np.float32), top_k=4)
+    assert i0.tolist() == [1, 2, 3, 0]
