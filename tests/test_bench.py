@@ -1,0 +1,27 @@
+"""`siglip bench` runs on any machine: random-weight architectures, JSON for machines, a table for people."""
+
+import json
+
+
+def test_bench_json_with_tag(cli, tmp_path):
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("red\nsky\ncat\n")
+    result = cli("bench", "--arch", "tiny", "--device", "cpu", "-n", "64", "-j", "1", "--seconds", "0.2",
+                 "--vocab", vocab, "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["model"] == "random:tiny" and out["images"] == 64 and out["generated_images"]
+    for key in ("ceiling", "decode", "end_to_end", "tag"):
+        assert out[key] > 0
+    assert out["ratio"] == round(out["end_to_end"] / out["ceiling"], 3)
+
+
+def test_bench_table_on_given_images(cli, fixed_ckpt, photos):
+    result = cli("bench", photos, "-m", fixed_ckpt, "--device", "cpu", "-n", "32", "-j", "0", "--seconds", "0.2")
+    assert result.exit_code == 0, result.stderr
+    assert "| hardware | model |" in result.stdout and "125 distinct files" in result.stdout
+
+
+def test_bench_unknown_arch_exits_2(cli):
+    result = cli("bench", "--arch", "huge-patch3")
+    assert result.exit_code == 2 and "unknown architecture" in result.stderr
