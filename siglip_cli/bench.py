@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import ARCHS, ModelConfig, RunConfig
-from .loader import decoded_chunks, pixel_shape
+from .loader import chunk_size, decoded_chunks, pixel_shape
 from .model import Encoder, resolve_device, resolve_dtype
 
 @dataclass(frozen=True)
@@ -109,9 +109,8 @@ def ceiling(encoder: Encoder, batch_size: int, seconds: float) -> tuple[float, f
 
 def decode_rate(records, spec, workers: int, batch_size: int, timeout: float) -> float:
     """Images/s of reading and decoding alone, with the run's worker processes (their start included)."""
-    chunk = max(1, min(32, batch_size // max(1, workers)))
     t = time.perf_counter()
-    n = sum(len(c) for c in decoded_chunks(records, spec, workers, chunk, timeout))
+    n = sum(len(c) for c in decoded_chunks(records, spec, workers, chunk_size(batch_size, workers), timeout))
     return n / (time.perf_counter() - t)
 
 
@@ -133,6 +132,7 @@ def end_to_end(cfg: RunConfig, encoder: Encoder, records, folder: str) -> float:
 
 def run(bench: BenchConfig, tag_spec=None) -> dict:
     """Measure everything on the same device and settings; returns the numbers (images/s) and the setting."""
+    from .pipeline import default_batch_size
     from .sources import FileRecord, iter_files
     from .tasks import EmbedSpec
 
@@ -140,7 +140,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
     t = time.perf_counter()
     encoder = random_encoder(bench.arch, cfg.model) if bench.arch else Encoder.load(cfg.model)
     load_s = time.perf_counter() - t
-    batch_size = cfg.batch_size or (256 if encoder.device.type == "cuda" else 16)
+    batch_size = cfg.batch_size or default_batch_size(encoder.device)
     encoder.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
     with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:

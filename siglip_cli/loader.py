@@ -93,6 +93,11 @@ class _Pool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
+def chunk_size(batch_size: int, workers: int) -> int:
+    """Files per worker task: enough to amortize a round trip, few enough to spread a batch over the workers."""
+    return max(1, min(32, batch_size // max(1, workers)))
+
+
 def _chunks(records: Iterable[FileRecord], size: int) -> Iterator[list[FileRecord]]:
     it = iter(records)
     while chunk := list(islice(it, size)):
@@ -179,7 +184,7 @@ def batches(
 
     Each image is copied once, from its worker's slot into the batch's (pinned, on CUDA) buffer.
     """
-    chunk = max(1, min(32, batch_size // max(1, workers)))
+    chunk = chunk_size(batch_size, workers)
     shape = pixel_shape(spec)
 
     def new():  # NaFlex padding need not be zeroed: the encoder masks it
