@@ -163,7 +163,3 @@ def decode(record: FileRecord, spec: ImageSpec) -> Decoded:
     except Exception as e:  # a decoder bug must cost one row, not the run
         return Decoded(record, error=f"cannot decode: {type(e).__name__}: {e}")
 
-
-def decode_chunk(records: list[FileRecord], spec: ImageSpec) -> list[Decoded]:
-    """Decode several files in one worker task (fewer round trips than one task per file)."""
-    return [decode(r, spec) for r in records]

@@ -2,19 +2,26 @@
 
 Workers write pixels straight into shared-memory slots (one per chunk in flight) and send back only the
 small per-file records, so the main process does one copy per image into the batch buffer and no pickling
-of pixels. A worker that crashes (a decoder segfault, the OOM killer) or stalls (a hung network mount)
-costs the files it was holding an error row each: the pool is restarted and the chunk is redone one file at a
-time to find the culprit.
+of pixels. The slots are sized to the room in /dev/shm and reserved up front; when not even one image per
+worker fits, pixels travel by pipe instead. Blocks left by killed runs are removed at the start.
+
+A file that stalls (a hung network mount) for longer than the timeout gets an error row and its worker is
+killed; a worker that dies (a decoder segfault, the OOM killer) has the file it was on decoded again alone,
+and only a file that kills its worker alone is recorded as corrupt. Everything else in flight is redone.
 """
 
 from __future__ import annotations
 
-import collections
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import os
+import re
+import secrets
+import sys
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing import shared_memory
 from typing import Iterable, Iterator
@@ -22,8 +29,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .decode import Decoded, ImageSpec, decode, decode_chunk
+from . import worker
+from .decode import Decoded, ImageSpec, decode
 from .sources import FileRecord
+from .worker import pixel_shape
 
 
 @dataclass
@@ -37,59 +46,111 @@ class Batch:
     grids: torch.Tensor | None = None  # NaFlex: (n, 2) int64 patch rows, columns
 
 
-def pixel_shape(spec: ImageSpec) -> tuple[int, ...]:
-    """The shape of one image's pixels as the model takes them (NaFlex: padded to max_patches)."""
-    if spec.naflex:
-        return (spec.max_patches, spec.patch_size * spec.patch_size * 3)
-    return (spec.height, spec.width, 3)
+# -- shared memory ------------------------------------------------------------------------------------
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "siglip-"
 
 
-# -- worker side --------------------------------------------------------------------------------------
-_slots: dict[str, shared_memory.SharedMemory] = {}
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    # Spawned workers share the parent's resource tracker, so attaching here registers nothing new and the
-    # parent alone unlinks the block.
-    if name not in _slots:
-        _slots[name] = shared_memory.SharedMemory(name=name)
-    return _slots[name]
+def reap_stale_blocks() -> int:
+    """Unlink the shared-memory blocks of siglip runs that died without cleaning up (kill -9, OOM); returns how many."""
+    reaped = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        m = re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+", name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                reaped += 1
+            except OSError:
+                pass
+    return reaped
 
 
-def _decode_into(records: list[FileRecord], spec: ImageSpec, slot: str, offset: int) -> list[Decoded]:
-    """Worker task: decode files, put their pixels in rows offset.. of a shared slot, return the records."""
-    shape = pixel_shape(spec)
-    rows = np.ndarray((offset + len(records), *shape), np.uint8, _attach(slot).buf)
-    out = decode_chunk(records, spec)
-    for j, d in enumerate(out):
-        if d.pixels is not None:
-            rows[offset + j, : len(d.pixels)] = d.pixels
-            d.pixels = None
-    return out
+def shm_budget() -> int:
+    """Bytes of shared memory the slots may take: half of what is free in /dev/shm, capped by $SIGLIP_SHM_BYTES."""
+    budget = int(os.environ.get("SIGLIP_SHM_BYTES", 1 << 62))
+    try:
+        st = os.statvfs(SHM_DIR)
+        budget = min(budget, st.f_bavail * st.f_frsize // 2)
+    except OSError:
+        pass
+    return budget
 
 
-# -- main side ----------------------------------------------------------------------------------------
+def _free(blocks: list[shared_memory.SharedMemory]) -> None:
+    for b in blocks:
+        b.close()
+        b.unlink()
+
+
+def _allocate(count: int, nbytes: int) -> list[shared_memory.SharedMemory] | None:
+    """count blocks of nbytes, reserved up front (an overfull /dev/shm fails here, not with SIGBUS in a worker)."""
+    blocks: list[shared_memory.SharedMemory] = []
+    try:
+        for _ in range(count):
+            blocks.append(shared_memory.SharedMemory(f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", True, nbytes))
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(blocks[-1]._fd, 0, nbytes)
+    except OSError:
+        _free(blocks)
+        return None
+    return blocks
+
+
+def _slots(workers: int, chunk: int, image_bytes: int) -> tuple[int, list[shared_memory.SharedMemory] | None]:
+    """Shared-memory slots for 2*workers chunks in flight, with chunks shrunk (then halved in number) until
+    they fit the space there is. Returns the chunk size and the slots, or None: pixels then travel by pipe."""
+    budget = shm_budget()
+    for window in (2 * workers, workers):
+        size = chunk
+        while size >= 1:
+            if window * size * image_bytes <= budget and (blocks := _allocate(window, size * image_bytes)):
+                return size, blocks
+            size //= 2
+    return chunk, None
+
+
+# -- the pool -----------------------------------------------------------------------------------------
 class _Pool:
     """A spawn-context process pool that can be killed and restarted when a worker dies or hangs."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
+    def __init__(self, workers: int, board):
+        self.workers, self.board = workers, board
         # spawn, not fork: the parent holds torch threads (and maybe CUDA) that a forked child must not inherit.
         self.ctx = multiprocessing.get_context("spawn")
-        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=self.ctx)
+        self._start()
+
+    def _start(self) -> None:
+        self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx,
+                                            initializer=worker.init, initargs=(self.board, os.getpid()))
 
     def submit(self, *args):
-        return self.executor.submit(_decode_into, *args)
+        return self.executor.submit(worker.decode_into, *args)
+
+    def _kill(self) -> None:
+        for p in list((getattr(self.executor, "_processes", None) or {}).values()):
+            p.kill()  # a worker stuck in a read or a decoder loop: nothing else would stop it
 
     def restart(self) -> None:
-        for p in list(getattr(self.executor, "_processes", {}).values()):
-            p.kill()  # a worker stuck in a read or a decoder loop: nothing else would stop it
+        self._kill()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx)
+        self._start()
 
     def close(self) -> None:
-        for p in list(getattr(self.executor, "_processes", {}).values()):
-            p.kill()
+        self._kill()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -104,21 +165,92 @@ def _chunks(records: Iterable[FileRecord], size: int) -> Iterator[list[FileRecor
         yield chunk
 
 
-def _isolate(pool: _Pool, part: list[FileRecord], spec: ImageSpec, slot: str, timeout: float) -> list[Decoded]:
-    """Redo a chunk that broke the pool, one file at a time; the file that breaks it again gets an error row."""
-    out = []
-    for j, rec in enumerate(part):
+def _crashed(rec: FileRecord) -> Decoded:
+    return Decoded(rec, error="the decoder crashed on this file (its worker process died when decoding it alone); "
+                              "the file is probably corrupt")
+
+
+def _stalled(rec: FileRecord, timeout: float) -> Decoded:
+    return Decoded(rec, error=f"reading or decoding took over {timeout:g}s (a stalled disk or network mount?); "
+                              "raise --timeout if the file is just huge")
+
+
+@dataclass
+class _Chunk:
+    """A chunk of files in flight on one lane (and its shared-memory slot, if any)."""
+
+    records: list[FileRecord]
+    lane: int
+    slot: shared_memory.SharedMemory | None
+    settled: dict[int, Decoded] = field(default_factory=dict)  # rows decided outside the pool: stalls, crashes
+    rows: list[int] = field(default_factory=list)  # the rows of the task in flight
+    future: Future | None = None
+
+
+class _Decoder:
+    """Chunks through the pool in order; a stall times out one file, a crash blames only a file that crashes
+    again when decoded alone (a crash can also come from the machine: memory, /dev/shm)."""
+
+    def __init__(self, pool: _Pool, spec: ImageSpec, timeout: float):
+        self.pool, self.spec, self.timeout = pool, spec, timeout
+        self.poll = min(0.5, timeout / 4)
+
+    def submit(self, c: _Chunk) -> None:
+        self.pool.board[c.lane * worker.LANE] = 0.0
+        c.rows = [i for i in range(len(c.records)) if i not in c.settled]
+        c.future = None
+        if c.rows:
+            c.future = self.pool.submit([c.records[i] for i in c.rows], c.rows, self.spec, c.slot and c.slot.name, c.lane)
+
+    def _running(self, c: _Chunk) -> tuple[float, int]:
+        """(seconds on its current file, that file's row) for a chunk's worker; (0, -1) when none is running."""
+        base = c.lane * worker.LANE
+        start = self.pool.board[base]
+        return (time.monotonic() - start, int(self.pool.board[base + 1])) if start else (0.0, -1)
+
+    def alone(self, rec: FileRecord) -> Decoded:
+        """Decode one file by itself in a fresh worker, pixels by pipe: the test of whether the file is to blame."""
         try:
-            out.append(pool.submit([rec], spec, slot, j).result(timeout=timeout)[0])
+            return self.pool.submit([rec], [0], self.spec, None, -1).result(timeout=self.timeout)[0]
         except BrokenProcessPool:
-            pool.restart()
-            out.append(Decoded(rec, error="the decoder crashed on this file (its worker process died); "
-                                          "the file is probably corrupt"))
+            self.pool.restart()
+            return _crashed(rec)
         except FutureTimeout:
-            pool.restart()
-            out.append(Decoded(rec, error=f"reading or decoding took over {timeout:g}s (a stalled disk or network "
-                                          "mount?); raise --timeout if the file is just huge"))
-    return out
+            self.pool.restart()
+            return _stalled(rec, self.timeout)
+        except Exception as e:  # the result could not come back (a bug): one row, not the run
+            return Decoded(rec, error=f"cannot decode: {type(e).__name__}: {e}")
+
+    def result(self, head: _Chunk, inflight: list[_Chunk]) -> list[Decoded]:
+        """The head chunk's items in order, recovering from stalled and crashed workers on the way."""
+        while True:
+            try:
+                got = head.future.result(timeout=self.poll) if head.future else []
+            except FutureTimeout:
+                stuck = [(c, row) for c in inflight if c.future for s, row in [self._running(c)] if s > self.timeout]
+                if stuck:
+                    for c, row in stuck:
+                        c.settled[row] = _stalled(c.records[row], self.timeout)
+                    self._recover(inflight, [])
+                continue
+            except Exception as e:
+                if isinstance(e, BrokenProcessPool):  # suspects: the file each worker was on
+                    suspects = [(c, row) for c in inflight if c.future for _, row in [self._running(c)] if row >= 0]
+                else:
+                    suspects = [(head, row) for row in head.rows]
+                self._recover(inflight, suspects)
+                continue
+            items = dict(head.settled)
+            items.update(zip(head.rows, got))
+            return [items[i] for i in range(len(head.records))]
+
+    def _recover(self, inflight: list[_Chunk], suspects: list[tuple[_Chunk, int]]) -> None:
+        self.pool.restart()
+        for c, row in suspects:
+            if row not in c.settled:
+                c.settled[row] = self.alone(c.records[row])
+        for c in inflight:
+            self.submit(c)
 
 
 def decoded_chunks(
@@ -126,54 +258,54 @@ def decoded_chunks(
 ) -> Iterator[list[Decoded]]:
     """Decoded files in input order, a chunk at a time, with at most 2*workers chunks in flight.
 
-    The pixels of a yielded chunk are views into shared memory, valid until the next chunk is asked for.
+    The pixels of a yielded chunk may be views into shared memory, valid until the next chunk is asked for.
     """
     if workers <= 0:
         for part in _chunks(records, chunk):
             yield [decode(r, spec) for r in part]
         return
-    window = 2 * workers
+    reap_stale_blocks()
     shape = pixel_shape(spec)
-    nbytes = chunk * int(np.prod(shape))
-    free = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(window)]
-    blocks = list(free)
-    pool = _Pool(workers)
-    rows = None
+    chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
+    if blocks is None:
+        print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
+              "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
+    window = len(blocks) if blocks else 2 * workers
+    board = multiprocessing.get_context("spawn").RawArray("d", window * worker.LANE)
+    pool = _Pool(workers, board)
+    decoder = _Decoder(pool, spec, timeout)
+    views = None
     try:
         source = _chunks(records, chunk)
-        pending: collections.deque = collections.deque()
+        free = list(range(window))
+        inflight: list[_Chunk] = []
 
         def refill():
             while free and (part := next(source, None)) is not None:
-                slot = free.pop()
-                pending.append((part, slot, pool.submit(part, spec, slot.name, 0)))
+                lane = free.pop()
+                inflight.append(_Chunk(part, lane, blocks[lane] if blocks else None))
+                decoder.submit(inflight[-1])
 
         refill()
-        while pending:
-            part, slot, future = pending.popleft()
-            try:
-                items = future.result(timeout=timeout)
-            except (BrokenProcessPool, FutureTimeout):
-                lost = [(p, s) for p, s, _ in pending]
-                pending.clear()
-                pool.restart()
-                items = _isolate(pool, part, spec, slot.name, timeout)
-                pending.extend((p, s, pool.submit(p, spec, s.name, 0)) for p, s in lost)
-            rows = np.ndarray((len(part), *shape), np.uint8, slot.buf)
-            for j, d in enumerate(items):
-                if d.error is None:
-                    d.pixels = rows[j, : d.grid[0] * d.grid[1]] if spec.naflex else rows[j]
+        while inflight:
+            head = inflight[0]
+            items = decoder.result(head, inflight)
+            inflight.pop(0)
+            if head.slot is not None:
+                views = np.ndarray((len(items), *shape), np.uint8, head.slot.buf)
+                for j, d in enumerate(items):
+                    if d.error is None and d.pixels is None:
+                        d.pixels = views[j, : d.grid[0] * d.grid[1]] if spec.naflex else views[j]
             yield items
             for d in items:
                 d.pixels = None  # the views must not outlive the slot's reuse
-            free.append(slot)
+            views = None
+            free.append(head.lane)
             refill()
     finally:
-        rows = None  # drop the last view, or closing its block fails
+        views = None  # drop the last view, or closing its block fails
         pool.close()
-        for b in blocks:
-            b.close()
-            b.unlink()
+        _free(blocks or [])
 
 
 def batches(

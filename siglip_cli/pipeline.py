@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -18,8 +19,8 @@ from .loader import Batch, batches
 from .model import Encoder
 from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
-from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, make_schema, scatter, vector_type
-from .sources import display_path, iter_files
+from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
+from .sources import iter_files
 from .state import Store, write_atomic
 from .tasks import make_task
 from .vocab import Vocab
@@ -60,25 +61,19 @@ def signature(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(sig))  # tuples -> lists, as they read back
 
 
-def image_rows(schema: pa.Schema, batch: Batch, payload: dict) -> pa.RecordBatch:
-    """One row per file of the batch, in order: the common columns, then the task's (null on error)."""
-    items, n = batch.items, len(batch.items)
-    recs = [d.record for d in items]
-    shown, raw = zip(*(display_path(r.path) for r in recs))
-    common = [
-        pa.array(shown, pa.string()),
-        pa.array(["error" if d.error else "ok" for d in items], pa.string()),
-        pa.array([d.error for d in items], pa.string()),
-        pa.array([d.width if d.width >= 0 else None for d in items], pa.int32()),
-        pa.array([d.height if d.height >= 0 else None for d in items], pa.int32()),
-        pa.array([r.size for r in recs], pa.int64()),
-        pa.array([None if r.mtime_ns is None else r.mtime_ns // 1000 for r in recs], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-        pa.array([d.sha256 for d in items], pa.string()),
-        pa.array(raw, pa.binary()),
-    ]
-    task_fields = list(schema)[len(common):]
-    rest = [scatter(f, payload[f.name], batch.ok, n) if payload else pa.nulls(n, f.type) for f in task_fields]
-    return pa.RecordBatch.from_arrays(common + rest, schema=schema)
+def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
+    """The arrays and indices of the batch's images whose results are all finite numbers; every other image
+    becomes an error row (float16 overflows to inf and NaN: a wrong row must never pass for a right one)."""
+    good = np.ones(len(batch.ok), bool)
+    for values in arrays.values():
+        good &= np.isfinite(values.reshape(len(good), -1)).all(axis=1)
+    if good.all():
+        return arrays, batch.ok
+    for j in np.flatnonzero(~good):
+        d = batch.items[batch.ok[j]]
+        d.error = ("the model gave NaN or infinite values for this image (a float16/bfloat16 overflow?); "
+                   "rerun with --dtype float32 --retry-errors")
+    return {k: v[good] for k, v in arrays.items()}, [i for i, g in zip(batch.ok, good) if g]
 
 
 def run(cfg: RunConfig) -> Summary:
@@ -130,9 +125,12 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
 
     def finish(batch: Batch, wait) -> None:
-        payload = task.host(wait()) if wait else {}
-        sink.write(image_rows(schema, batch, payload))
-        progress.advance(len(batch.ok), len(batch.items) - len(batch.ok), store.skipped if store else 0)
+        ok, payload = batch.ok, {}
+        if wait:
+            arrays, ok = finite(batch, wait())
+            payload = task.host(arrays) if ok else {}
+        sink.write(image_rows(schema, batch.items, ok, payload))
+        progress.advance(len(ok), len(batch.items) - len(ok), store.skipped if store else 0)
 
     # One batch in flight: batch i+1 is on the device while the host writes batch i and collates i+2.
     in_flight = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .sources import FileRecord, display_path
 from .state import METADATA_KEY, write_atomic
 
 # A part file is written at least this often, so a killed run redoes at most this much work.
@@ -61,6 +63,61 @@ def scatter(field: pa.Field, values, ok: Sequence[int], n: int) -> pa.Array:
     for j, i in enumerate(ok):
         where[i] = j
     return column.take(pa.array(where, pa.int32()))  # a null index gives a null row
+
+
+def _fits(value: int | None, bits: int) -> int | None:
+    """A size or time read from a file, or None when it is unknown or out of the column's range (a lying header)."""
+    return value if value is not None and 0 <= value < 1 << (bits - 1) else None
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text that Arrow can store: lone surrogates (from odd file names in messages) become U+FFFD."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _common(items: list) -> list[pa.Array]:
+    """The columns every image row has, from the decoded items; raises on a value that cannot be stored."""
+    recs = [d.record for d in items]
+    shown, raw = zip(*(display_path(r.path) for r in recs))
+    mtimes = [None if r.mtime_ns is None else _fits(r.mtime_ns // 1000, 64) for r in recs]
+    return [
+        pa.array(shown, pa.string()),
+        pa.array(["error" if d.error else "ok" for d in items], pa.string()),
+        pa.array([_utf8(d.error) for d in items], pa.string()),
+        pa.array([_fits(d.width, 32) for d in items], pa.int32()),
+        pa.array([_fits(d.height, 32) for d in items], pa.int32()),
+        pa.array([_fits(r.size, 64) for r in recs], pa.int64()),
+        pa.array(mtimes, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        pa.array([d.sha256 for d in items], pa.string()),
+        pa.array(raw, pa.binary()),
+    ]
+
+
+def image_rows(schema: pa.Schema, items: list, ok: Sequence[int], payload: dict) -> pa.RecordBatch:
+    """One row per decoded item, in order: the common columns, then the task's (payload: values of the ok
+    items, in order; null on error).
+
+    A file whose values cannot be stored (a bug, or a value no check foresaw) costs that file an error row
+    with its path, never the batch.
+    """
+    try:
+        common = _common(items)
+    except Exception:
+        items = list(items)
+        for i, d in enumerate(items):
+            try:
+                _common([d])
+            except Exception as e:
+                bare = FileRecord(d.record.path)  # of what came from the file, only the path is kept
+                items[i] = dataclasses.replace(d, record=bare, width=-1, height=-1, sha256=None,
+                                               error=f"cannot record this file: {type(e).__name__}: {e}")
+        common = _common(items)
+    n = len(items)
+    rest = [scatter(f, payload[f.name], ok, n) if payload else pa.nulls(n, f.type) for f in list(schema)[len(common):]]
+    if payload and any(items[i].error for i in ok):  # encoded, but its row could not be recorded
+        keep = pa.array([None if d.error else i for i, d in enumerate(items)], pa.int32())
+        rest = [c.take(keep) for c in rest]
+    return pa.RecordBatch.from_arrays(common + rest, schema=schema)
 
 
 class PartSink:

@@ -82,7 +82,7 @@ def test_unchanged_rerun_neither_decodes_nor_loads_the_model(cli, fixed_ckpt, bi
         raise AssertionError("an unchanged rerun must not load the model or decode")
 
     monkeypatch.setattr("siglip_cli.pipeline.Encoder.load", forbidden)
-    monkeypatch.setattr("siglip_cli.loader.decode_chunk", forbidden)
+    monkeypatch.setattr("siglip_cli.loader.decoded_chunks", forbidden)
     parts_before = sorted(os.listdir(out))
     again = cli("embed", big_library, "-o", out, "-m", fixed_ckpt)
     assert again.exit_code == 0, again.stderr
