@@ -34,7 +34,7 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
 
     from .model import _hf_quiet
 
-    _hf_quiet()
+    _hf_quiet(False)
     hidden, mlp, layers, heads, patch, size = ARCHS[arch]
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

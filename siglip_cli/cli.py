@@ -6,6 +6,7 @@ Imports nothing heavy at module level: `siglip --help` must not pay for torch, t
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import List, Optional
@@ -46,7 +47,7 @@ def _version(value: bool) -> None:
 
 # Options shared by the commands that read images.
 Paths = Annotated[Optional[List[str]], typer.Argument(help="Image files and folders (folders are walked recursively).", show_default=False)]
-Output = Annotated[str, typer.Option("--output", "-o", help="Output: a FILE.parquet, a folder (a dataset of parts), or - for JSON Lines on stdout. Files and folders are resumed and updated incrementally.")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output: a FILE.parquet, a folder (a dataset of parts), or - for JSON Lines on stdout (the default when stdout is a pipe or a file). Files and folders are resumed and updated incrementally.", show_default=False)]
 FilesFrom = Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one a line (- is stdin); each is attempted whatever its extension.", show_default=False)]
 Ext = Annotated[Optional[List[str]], typer.Option("--ext", help="Extensions to pick up in folders (repeatable; default: common image types).", show_default=False)]
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. [env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
@@ -82,11 +83,25 @@ def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         typer.echo("siglip: interrupted", err=True)
         raise typer.Exit(130)
+    except BrokenPipeError:  # `siglip ... | head`: the reader has all it wants; end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        raise typer.Exit(141)
     if not cfg.quiet:
         typer.echo(summary.line(), err=True)
     if cfg.strict and summary.failed:
         typer.echo(f"siglip: {summary.failed} image(s) failed (--strict)", err=True)
         raise typer.Exit(1)
+
+
+def _output(value: Optional[str]) -> str:
+    """-o as given; without it, stdout, unless stdout is a terminal (a screen of numbers helps nobody)."""
+    if value is not None:
+        return value
+    if sys.stdout.isatty():
+        typer.echo("siglip: error: not writing results to a terminal; give -o FILE.parquet or -o FOLDER "
+                   "(or -o - to print them anyway)", err=True)
+        raise typer.Exit(2)
+    return "-"
 
 
 def _sources(paths: Optional[List[str]], files_from: Optional[str], ext: Optional[List[str]]) -> SourceConfig:
@@ -116,7 +131,7 @@ def _run_images(head, opts: dict) -> None:
     cfg = RunConfig(
         model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"], opts["compile"]),
         sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
-        output=OutputConfig(opts["output"], opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
+        output=OutputConfig(_output(opts["output"]), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
         max_pixels=opts["max_pixels"], timeout=opts["timeout"], exact=opts["exact"],
@@ -135,7 +150,7 @@ def _usage(fn):
 @app.command(epilog=EXIT_CODES)
 def embed(
     paths: Paths = None,
-    output: Output = "-",
+    output: Output = None,
     files_from: FilesFrom = None,
     ext: Ext = None,
     text: Annotated[Optional[List[str]], typer.Option("--text", "-t", help="Embed this text instead of images (repeatable).", show_default=False)] = None,
@@ -159,7 +174,7 @@ def embed(
         return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
         model=ModelConfig(model, revision, device, dtype, max_patches), sources=SourceConfig(),
-        output=OutputConfig(output, float16), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
+        output=OutputConfig(_output(output), float16), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
     _execute(cfg, texts)
 
@@ -172,7 +187,7 @@ NoCache = Annotated[bool, typer.Option("--no-cache", help="Recompute the vocabul
 def tag(
     paths: Paths = None,
     vocab: Annotated[str, typer.Option("--vocab", help="Tags, one a line ('#' comments; 'tag<TAB>0.2' sets its own threshold).", show_default=False)] = ...,
-    output: Output = "-",
+    output: Output = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Keep tags scoring at least this (per-tag thresholds in the file win).")] = DEFAULT_THRESHOLD,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep at most this many tags per image.", show_default=False)] = None,
     template: Templates = None,
@@ -203,7 +218,7 @@ def classify(
     paths: Paths = None,
     labels: Annotated[Optional[str], typer.Option("--labels", "-l", help="Comma-separated labels: --labels cat,dog,bird.", show_default=False)] = None,
     labels_file: Annotated[Optional[str], typer.Option("--labels-file", help="Labels, one a line.", show_default=False)] = None,
-    output: Output = "-",
+    output: Output = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Ranked labels to keep per image.")] = 5,
     template: Templates = None,
     no_cache: NoCache = False,

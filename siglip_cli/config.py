@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -46,9 +47,55 @@ def default_model() -> str:
     return os.environ.get("SIGLIP_MODEL") or DEFAULT_MODEL
 
 
+def cgroup_cpu_limit(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup and its ancestors, in CPUs (v2 cpu.max, v1 cfs quota); None
+    when there is none. A container or a systemd slice (CPUQuota=) sets one; os.cpu_count() ignores it."""
+    try:
+        with open(proc) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers:  # v1: one hierarchy per controller set
+            if "cpu" not in controllers.split(","):
+                continue
+            bases = [os.path.join(root, controllers), os.path.join(root, "cpu")]
+        else:
+            bases = [root]
+        parts = [p for p in path.split("/") if p]
+        for base in dict.fromkeys(bases):
+            for depth in range(len(parts), -1, -1):  # the cgroup and each ancestor: the smallest quota binds
+                folder = os.path.join(base, *parts[:depth])
+                try:
+                    if controllers:
+                        with open(os.path.join(folder, "cpu.cfs_quota_us")) as q, open(os.path.join(folder, "cpu.cfs_period_us")) as p:
+                            quota, period = int(q.read()), int(p.read())
+                    else:
+                        with open(os.path.join(folder, "cpu.max")) as m:
+                            text, period_text = (m.read().split() + ["100000"])[:2]
+                        quota, period = (-1 if text == "max" else int(text)), int(period_text)
+                except (OSError, ValueError):
+                    continue
+                if quota > 0 and period > 0:
+                    limits.append(quota / period)
+    return min(limits) if limits else None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(n, math.ceil(quota))) if quota else max(1, n)
+
+
 def default_workers() -> int:
-    """Decode worker processes: one per core, leaving one to feed the device, at most 16."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
+    """Decode worker processes: one per usable CPU, leaving one to feed the device, at most 16."""
+    return max(1, min(16, usable_cpus() - 1))
 
 
 @dataclass(frozen=True)

@@ -110,14 +110,26 @@ def _allocate(count: int, nbytes: int) -> list[shared_memory.SharedMemory] | Non
     return blocks
 
 
+def _largest_file() -> int:
+    """The largest file this process may make (ulimit -f); a bigger block fails inside SharedMemory itself."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return 1 << 62 if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        return 1 << 62
+
+
 def _slots(workers: int, chunk: int, image_bytes: int) -> tuple[int, list[shared_memory.SharedMemory] | None]:
     """Shared-memory slots for 2*workers chunks in flight, with chunks shrunk (then halved in number) until
     they fit the space there is. Returns the chunk size and the slots, or None: pixels then travel by pipe."""
-    budget = shm_budget()
+    budget, largest = shm_budget(), _largest_file()
     for window in (2 * workers, workers):
         size = chunk
         while size >= 1:
-            if window * size * image_bytes <= budget and (blocks := _allocate(window, size * image_bytes)):
+            nbytes = size * image_bytes
+            if window * nbytes <= budget and nbytes <= largest and (blocks := _allocate(window, nbytes)):
                 return size, blocks
             size //= 2
     return chunk, None

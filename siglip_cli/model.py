@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,50 @@ def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
     return ImageSpec(height=int(size["height"]), width=int(size["width"]), resample=resample)
 
 
-def _hf_quiet() -> None:
+def _hf_quiet(show_downloads: bool) -> None:
+    """Keep stderr for our own messages; the Hub's download bars only for a person watching a terminal."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # keep stderr for our own messages and progress
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if show_downloads:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+    else:
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+
+
+def download_note(name: str, revision: str | None, cache_dir: str | None = None) -> str | None:
+    """What a first run is about to download (the weights are GBs: without a word it looks like a hang), or
+    None when the checkpoint is a local folder, already in the Hub cache, or the Hub is switched off."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if os.path.isdir(name) or constants.HF_HUB_OFFLINE:
+        return None
+    for weights in ("model.safetensors", "model.safetensors.index.json"):
+        try:
+            if isinstance(try_to_load_from_cache(name, weights, cache_dir=cache_dir, revision=revision), str):
+                return None
+        except ValueError:  # not a valid repo id: loading will say so
+            return None
+    where = cache_dir or constants.HF_HUB_CACHE
+    return f"siglip: downloading {name} from the Hugging Face Hub into {where} (first run only; so400m is about 4.5 GB)"
+
+
+def check_compiler(device: torch.device) -> None:
+    """--compile builds C++ (CPU) or a C launcher (CUDA, through Triton): without a compiler, say so in one line."""
+    import shutil
+    import sys
+
+    if device.type == "cuda":
+        found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+        need = "a C compiler (gcc or clang, or set CC)"
+    else:
+        found = shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
+        need = "a C++ compiler (g++, or set CXX)"
+    if not found:
+        raise RunError(f"--compile needs {need} and none was found; install one, or run without --compile")
 
 
 class Encoder:
@@ -114,13 +154,24 @@ class Encoder:
             self._compile()
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> "Encoder":
-        """Load a Hub id or a local folder; a model that cannot be had is a RunError with one readable line."""
+    def load(cls, cfg: ModelConfig, show_downloads: bool = False) -> "Encoder":
+        """Load a Hub id or a local folder; a model that cannot be had is a RunError with one readable line.
+
+        show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
+        """
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        _hf_quiet()
+        _hf_quiet(show_downloads)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
+        if cfg.compile:
+            check_compiler(device)
+        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            from .config import usable_cpus
+
+            torch.set_num_threads(usable_cpus())  # torch counts the machine's cores, not the container's
+        if show_downloads and (note := download_note(cfg.name, cfg.revision)):
+            print(note, file=sys.stderr)
         try:
             model = AutoModel.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa")
             processor = AutoImageProcessor.from_pretrained(cfg.name, revision=cfg.revision)
@@ -169,8 +220,14 @@ class Encoder:
             args = [torch.cat([a, a[:1].expand(pad, *a.shape[1:])]) for a in args]
         x = args[0].to(self.device, non_blocking=True)
         if self.naflex:
-            return self._features(x, args[1].to(self.device, non_blocking=True), args[2])[:n]
-        return self._features(x)[:n]
+            args = (x, args[1].to(self.device, non_blocking=True), args[2])
+        else:
+            args = (x,)
+        try:
+            return self._features(*args)[:n]
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile only: the first call compiles
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise RunError(f"--compile failed: {first}; run without --compile") from None
 
     def to_host(self, tensors: dict[str, torch.Tensor]):
         """Start copying device tensors back; returns a function that waits for them and gives numpy arrays.

@@ -101,7 +101,8 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     first = next(records, None)
     if first is not None:  # only now is the model worth loading
         try:
-            process(cfg, store, itertools.chain([first], records), progress, Encoder.load(cfg.model))
+            encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet))
+            process(cfg, store, itertools.chain([first], records), progress, encoder)
         except BaseException:
             progress.close()
             raise
@@ -123,6 +124,7 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
     encoder.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
+    progress.begin()
 
     def finish(batch: Batch, wait) -> None:
         ok, payload = batch.ok, {}
@@ -151,7 +153,7 @@ def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
     path = cfg.output.path
     if path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise RunError(f"cannot write {path}: its folder does not exist")
-    encoder = Encoder.load(cfg.model)
+    encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet))
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
     schema = make_schema(TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text"}))
     progress = Progress(progress_enabled(cfg.quiet), label="texts")

@@ -53,12 +53,19 @@ class Progress:
             console=Console(stderr=True), transient=True,
         )
         self.task = self.bar.add_task(label, total=None, rate=0.0, failed=0)
-        self.bar.start()
+        self.started = False
         if count is not None:
             threading.Thread(target=lambda: self.bar.update(self.task, total=count()), daemon=True).start()
 
+    def begin(self) -> None:
+        """Show the bar: once the model is loaded, so that it never garbles the Hub's download bars."""
+        if self.bar is not None and not self.started:
+            self.bar.start()
+            self.started = True
+
     def advance(self, ok: int, failed: int, skipped: int = 0) -> None:
         """Count a finished batch; `skipped` is the running count of unchanged files passed over."""
+        self.begin()
         s = self.summary
         s.ok, s.failed, s.skipped = s.ok + ok, s.failed + failed, skipped
         s.seconds = time.perf_counter() - self.start
@@ -67,7 +74,7 @@ class Progress:
 
     def close(self) -> Summary:
         """Stop the bar and return the summary."""
-        if self.bar is not None:
+        if self.bar is not None and self.started:
             self.bar.stop()
         self.summary.seconds = time.perf_counter() - self.start
         return self.summary

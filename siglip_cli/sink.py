@@ -72,7 +72,13 @@ def _fits(value: int | None, bits: int) -> int | None:
 
 def _utf8(text: str | None) -> str | None:
     """Text that Arrow can store: lone surrogates (from odd file names in messages) become U+FFFD."""
-    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+    if text is None:
+        return None
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's bytes, shown as display_path does
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
 
 
 def _common(items: list) -> list[pa.Array]:
@@ -141,9 +147,9 @@ class PartSink:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            write_atomic(self.store.next_part(), [pa.Table.from_batches(self.pending, self.schema)], self.schema)
-        self.pending, self.rows, self.last = [], 0, time.monotonic()
+        pending, self.pending, self.rows, self.last = self.pending, [], 0, time.monotonic()
+        if pending:  # taken first: after a failed write, closing the sink does not try again
+            write_atomic(self.store.next_part(), [pa.Table.from_batches(pending, self.schema)], self.schema)
 
     def close(self) -> None:
         self.flush()

@@ -11,6 +11,7 @@ the next run counts their rows as done and finishes the job.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -49,9 +50,61 @@ def file_hash(path: str) -> str | None:
     return h.hexdigest()
 
 
+HINTS = {
+    errno.ENOSPC: "the disk is full; free some space and rerun (the run resumes where it stopped)",
+    errno.EDQUOT: "the disk quota is used up; free some space and rerun (the run resumes where it stopped)",
+    errno.EFBIG: "the file is too large for this file system or for the limit set by ulimit -f",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOENT: "its folder has vanished (an unmounted share?)",
+}
+
+
+def write_error(path: str, e: OSError) -> RunError:
+    """A failed write as one line that names the output and the cause."""
+    cause = HINTS.get(e.errno) or (os.strerror(e.errno) if e.errno else str(e).splitlines()[0])
+    return RunError(f"cannot write {path}: {cause}")
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename or an unlink in folder durable (a power loss keeps the new name or the old, not neither)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def tmp_name(path: str) -> str:
+    """The temporary name a file is written under before it is renamed into place."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+def remove_leftovers(folder: str, name: str) -> None:
+    """Remove the temporary files that killed runs left in folder for the files named by the regex `name`
+    (the caller holds the output's lock, so no live run is writing them)."""
+    pattern = re.compile(r"\." + name + r"\.\d+\.tmp")
+    try:
+        for entry in os.listdir(folder):
+            if pattern.fullmatch(entry):
+                os.unlink(os.path.join(folder, entry))
+    except OSError:
+        pass
+
+
 def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> int:
-    """Write tables into one Parquet file under a temporary name, then rename it into place. Returns rows."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    """Write tables into one Parquet file under a temporary name, then rename it into place. Returns rows.
+
+    A failure to write (a full disk, ulimit -f, a read-only or vanished folder) is a RunError naming the file
+    and the cause, and leaves no temporary file behind.
+    """
+    tmp = tmp_name(path)
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
@@ -62,9 +115,14 @@ def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> in
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        fsync_dir(os.path.dirname(path))
+    except BaseException as e:
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
     return rows
 
@@ -120,11 +178,12 @@ class Store:
             if not store.single:
                 os.makedirs(path, exist_ok=True)
             store._take_lock(wait)
-        except PermissionError:
-            raise RunError(f"cannot write {path}: permission denied") from None
         except OSError as e:
-            raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+            raise write_error(path, e) from None
         try:
+            remove_leftovers(store.parts_dir, PART.pattern)
+            if store.single:
+                remove_leftovers(parent, re.escape(os.path.basename(path)))
             store._load(overwrite)
         except BaseException:
             store.close()
@@ -209,8 +268,11 @@ class Store:
 
     def next_part(self) -> str:
         """The path of a new part, numbered after every part already there."""
-        os.makedirs(self.parts_dir, exist_ok=True)
-        numbers = [int(m.group(1)) for n in os.listdir(self.parts_dir) if (m := PART.fullmatch(n))]
+        try:
+            os.makedirs(self.parts_dir, exist_ok=True)
+            numbers = [int(m.group(1)) for n in os.listdir(self.parts_dir) if (m := PART.fullmatch(n))]
+        except OSError as e:
+            raise write_error(self.path, e) from None
         return os.path.join(self.parts_dir, f"part-{max(numbers, default=-1) + 1:08d}.parquet")
 
     # -- at the end ---------------------------------------------------------------------------------
@@ -223,18 +285,22 @@ class Store:
 
     def finish(self) -> None:
         """Make the output whole: every path once, nothing of another configuration, one file if asked."""
-        if self.single:
-            self._merge()
-            return
-        for i, seg in enumerate(self.segments):
-            if i in self.foreign:
-                os.unlink(seg)
-            elif self.stale.get(i):
-                kept = _without(pq.read_table(seg), self.stale[i])
-                if kept.num_rows:
-                    write_atomic(seg, [kept], kept.schema)
-                else:
+        try:
+            if self.single:
+                self._merge()
+                return
+            for i, seg in enumerate(self.segments):
+                if i in self.foreign:
                     os.unlink(seg)
+                elif self.stale.get(i):
+                    kept = _without(pq.read_table(seg), self.stale[i])
+                    if kept.num_rows:
+                        write_atomic(seg, [kept], kept.schema)
+                    else:
+                        os.unlink(seg)
+            fsync_dir(self.path)
+        except OSError as e:
+            raise write_error(self.path, e) from None
 
     def _merge(self) -> None:
         parts = self._list_segments()[1 if os.path.exists(self.path) else 0:]

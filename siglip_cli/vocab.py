@@ -114,12 +114,14 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
     per_template = torch.stack([encoder.encode_texts([t.format(tag) for tag in tags]) for t in templates])
     emb = ensemble(per_template)
     if use_cache:
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
                 np.save(f, emb.cpu().numpy())
             os.replace(tmp, path)
-        except OSError as e:  # a read-only cache costs time, not the run
+        except OSError as e:  # a read-only or full cache costs time, not the run
+            if os.path.exists(tmp):
+                os.unlink(tmp)
             print(f"siglip: warning: cannot write the text-embedding cache {path}: {e.strerror or e}", file=sys.stderr)
     return emb

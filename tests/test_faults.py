@@ -1,0 +1,457 @@
+"""Faults a nightly run meets and must survive on its own: lying headers, kill -9, a small /dev/shm, full or
+size-limited disks, stalled files, NaN results, containers, terminals. Each is caused here, not simulated away."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+import lying_headers
+from conftest import run_siglip
+from test_odd_files import jpeg_bytes
+
+
+def library(folder, n: int, prefix: str = "img"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{prefix}{i:02d}.jpg").write_bytes(jpeg_bytes((20 * i % 256, 100, 50), (48, 40)))
+    return folder
+
+
+def rows(out) -> dict:
+    return {os.path.basename(r["path"]): r for r in pq.read_table(out).to_pylist()}
+
+
+def hook_dir(tmp_path, code: str):
+    """A sitecustomize.py that runs in every Python process of the run; `code` patches what it must."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": str(hooks)}
+
+
+# Runs in the decode workers only (the main process and the resource tracker have no multiprocessing parent).
+IN_WORKERS = '''
+import builtins, multiprocessing, os, signal, sys, time
+_open = builtins.open
+def open(file, *args, **kwargs):
+    if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith(".jpg"):
+        name = os.path.basename(file)
+        log = os.environ.get("SIGLIP_TEST_LOG")
+        if log:
+            with _open(log, "a") as f:
+                loaded = [m for m in ("torch", "transformers", "pyarrow") if m in sys.modules]
+                f.write(f"{os.getpid()} {name} {','.join(loaded)}\\n")
+        if "slow" in name:
+            time.sleep(0.8)
+        if "stall" in name:
+            time.sleep(600)
+        if "flaky" in name and not os.path.exists(file + ".seen"):
+            _open(file + ".seen", "w").close()
+            os.kill(os.getpid(), signal.SIGBUS)  # the machine's fault (a full /dev/shm), once
+    return _open(file, *args, **kwargs)
+builtins.open = open
+'''
+
+
+# -- 1. a file's values never crash the run ----------------------------------------------------------------
+def bmp_claiming(width: int, height: int = 3) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 3), (9, 9, 9)).save(buf, "BMP")
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<II", data, 18, width, height)
+    return bytes(data)
+
+
+def test_lying_bmp_header_is_an_error_row_and_reruns_work(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 3)
+    (lib / "liar.bmp").write_bytes(bmp_claiming(4294967169, 1))
+    out = tmp_path / "out.parquet"
+    first = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")
+    assert first.returncode == 0, first.stderr
+    liar = rows(out)["liar.bmp"]
+    assert liar["status"] == "error" and "--max-pixels" in liar["error"]
+    assert liar["width"] is None  # out of the column's range: unknown, not a crash
+    assert sum(r["status"] == "ok" for r in rows(out).values()) == 3
+    again = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1", "--retry-errors")
+    assert again.returncode == 0, again.stderr
+
+
+def test_corpus_of_lying_headers(fixed_ckpt, tmp_path):
+    root = tmp_path / "liars"
+    names = lying_headers.build(str(root))
+    exts = sorted({os.path.splitext(n)[1] for n in names})
+    out = tmp_path / "out.parquet"
+    result = run_siglip("embed", root, "--ext", ",".join(exts), "-o", out, "-m", fixed_ckpt, "-j", "2",
+                        "--timeout", "30", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    got = pq.read_table(out, columns=["path", "status", "error"]).to_pylist()
+    assert sorted(os.path.basename(r["path"]) for r in got) == sorted(set(names))  # one row per file
+    assert all(r["status"] == "ok" or r["error"] for r in got)
+
+
+def test_values_that_cannot_be_stored_cost_one_row(fixed_ckpt):
+    import pyarrow as pa
+
+    from siglip_cli.decode import Decoded
+    from siglip_cli.sink import IMAGE_FIELDS, image_rows, make_schema, vector_type
+    from siglip_cli.sources import FileRecord
+
+    schema = make_schema(IMAGE_FIELDS + [pa.field("embedding", vector_type(2))], {})
+    items = [
+        Decoded(FileRecord("/a.jpg", 10, 1), "ab", 5, 4),
+        Decoded(FileRecord("/b.jpg", -1, 2**80), None, 2**40, -7, error="bad name caf\udce9"),  # lying values
+        Decoded(FileRecord("/c.jpg", 10, 1), 12345, 5, 4),  # a value of the wrong type: a bug, one row
+        Decoded(FileRecord("/d.jpg", 10, 1), "cd", 5, 4),
+    ]
+    batch = image_rows(schema, items, [0, 2, 3], {"embedding": np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)})
+    got = batch.to_pylist()
+    assert [r["path"] for r in got] == ["/a.jpg", "/b.jpg", "/c.jpg", "/d.jpg"]
+    assert got[1]["width"] is None and got[1]["height"] is None and got[1]["size"] is None and got[1]["mtime"] is None
+    assert got[1]["error"] == "bad name caf\ufffd"
+    assert got[2]["status"] == "error" and "cannot record this file" in got[2]["error"] and got[2]["embedding"] is None
+    assert got[0]["embedding"] == [1, 0] and got[3]["embedding"] == pytest.approx([0.6, 0.8])
+
+
+# -- 2. kill -9 leaves nothing behind ----------------------------------------------------------------------
+def session_pids(sid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the run's processes")
+def test_kill_9_leaves_no_process_and_no_shared_memory(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 2)
+    for i in range(4):
+        (lib / f"stall{i}.jpg").write_bytes(jpeg_bytes())
+    env = {**os.environ, **hook_dir(tmp_path, IN_WORKERS)}
+    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(tmp_path / "out"),
+                             "-m", str(fixed_ckpt), "-j", "2", "-b", "2", "--timeout", "600"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(session_pids(proc.pid)) < 4 and time.monotonic() < deadline:  # main, tracker, 2 workers
+            time.sleep(0.2)
+        assert len(session_pids(proc.pid)) >= 4, "the workers never started"
+        time.sleep(1)
+        blocks = [n for n in os.listdir("/dev/shm") if n.startswith(f"siglip-{proc.pid}-")]
+        assert blocks
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(3)
+        assert session_pids(proc.pid) == []
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"siglip-{proc.pid}-")]
+    finally:
+        for pid in session_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_blocks_of_dead_runs_are_removed_at_start(fixed_ckpt, tmp_path):
+    from multiprocessing import resource_tracker, shared_memory
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    block = shared_memory.SharedMemory(f"siglip-{dead.pid}-0123abcd", create=True, size=4096)
+    resource_tracker.unregister(block._name, "shared_memory")  # left behind, as by a run killed with its tracker
+    block.close()
+    assert os.path.exists(f"/dev/shm/siglip-{dead.pid}-0123abcd")
+    result = run_siglip("embed", library(tmp_path / "lib", 2), "-o", tmp_path / "out", "-m", fixed_ckpt, "-j", "1")
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(f"/dev/shm/siglip-{dead.pid}-0123abcd")
+
+
+# -- 3. workers import no torch ----------------------------------------------------------------------------
+def test_decode_workers_do_not_import_torch(fixed_ckpt, tmp_path):
+    log = tmp_path / "workers.log"
+    env = {**hook_dir(tmp_path, IN_WORKERS), "SIGLIP_TEST_LOG": str(log)}
+    result = run_siglip("embed", library(tmp_path / "lib", 4), "-o", tmp_path / "out", "-m", fixed_ckpt, "-j", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4
+    assert all(line.split(" ")[2:] == [""] for line in lines), lines  # no torch, transformers or pyarrow
+
+
+# -- 4. a small /dev/shm ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", ["1", str(3 * 64 * 64 * 3)])
+def test_small_shared_memory_changes_nothing_but_speed(fixed_ckpt, tmp_path, budget):
+    lib = library(tmp_path / "lib", 12)
+    ref = tmp_path / "ref.parquet"
+    assert run_siglip("embed", lib, "-o", ref, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    out = tmp_path / "out.parquet"
+    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "8", env={"SIGLIP_SHM_BYTES": budget})
+    assert result.returncode == 0, result.stderr
+    assert ("travel by pipe" in result.stderr) == (budget == "1")
+    got, want = rows(out), rows(ref)
+    assert got.keys() == want.keys() and all(r["status"] == "ok" for r in got.values())
+    for name in got:
+        np.testing.assert_allclose(got[name]["embedding"], want[name]["embedding"], atol=1e-5)
+
+
+def in_private_mount(script: str) -> subprocess.CompletedProcess:
+    """Run a shell script in a private mount namespace (root only), where it can mount small tmpfs freely."""
+    return subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def can_mount() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    return in_private_mount("mount -t tmpfs -o size=64k tmpfs /mnt").returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not can_mount(), reason="needs root and unshare -m to mount a small tmpfs")
+
+
+@needs_mount
+def test_tiny_dev_shm_in_a_container(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 12)
+    out = tmp_path / "out.parquet"
+    cmd = f"{sys.executable} -m siglip_cli embed {lib} -o {out} -m {fixed_ckpt} -j 2 -b 8"
+    result = in_private_mount(f"mount -t tmpfs -o size=40k tmpfs /dev/shm && {cmd}")
+    assert result.returncode == 0, result.stderr
+    assert all(r["status"] == "ok" for r in rows(out).values()) and len(rows(out)) == 12
+
+
+def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 6)
+    (lib / "flaky.jpg").write_bytes(jpeg_bytes())
+    (lib / "zz-crash-always.jpg").write_bytes(jpeg_bytes())
+    code = IN_WORKERS + '''
+_open2 = builtins.open
+def open(file, *args, **kwargs):
+    if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith("crash-always.jpg"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return _open2(file, *args, **kwargs)
+builtins.open = open
+'''
+    out = tmp_path / "out.parquet"
+    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "4",
+                        env=hook_dir(tmp_path, code), timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = rows(out)
+    assert got["flaky.jpg"]["status"] == "ok"  # its worker died once, but it decodes fine alone
+    assert "crashed" in got["zz-crash-always.jpg"]["error"]
+    assert sum(r["status"] == "ok" for r in got.values()) == 7
+
+
+# -- 5. write errors are one line -------------------------------------------------------------------------
+def no_temporaries(folder) -> list[str]:
+    return [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if n.endswith(".tmp")]
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("siglip: error: cannot write") and all(f in last for f in fragments), result.stderr
+
+
+@pytest.mark.parametrize("layout", ["folder", "file"])
+def test_file_size_limit_is_one_line(fixed_ckpt, tmp_path, layout):
+    lib = library(tmp_path / "lib", 40)
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    out = outdir / ("index" if layout == "folder" else "index.parquet")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+
+    result = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out), "-m", str(fixed_ckpt),
+                             "-j", "1"], capture_output=True, text=True, preexec_fn=limit)
+    one_line_error(result, "ulimit -f")
+    assert no_temporaries(outdir) == []
+    again = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # the limit lifted: it completes
+    assert again.returncode == 0, again.stderr
+    assert len(rows(out)) == 40
+
+
+@needs_mount
+@pytest.mark.parametrize("mount, cause", [("size=64k", "disk is full"), ("ro", "read-only")])
+def test_full_or_read_only_disk_is_one_line(fixed_ckpt, tmp_path, mount, cause):
+    lib = library(tmp_path / "lib", 40)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    fill = f"dd if=/dev/zero of={disk}/filler bs=1k 2>/dev/null;" if "size" in mount else ""
+    cmd = f"{sys.executable} -m siglip_cli embed {lib} -o {disk}/index -m {fixed_ckpt} -j 1"
+    result = in_private_mount(f"mount -t tmpfs -o {mount} tmpfs {disk} && {fill} {{ {cmd}; rc=$?; find {disk} -name '*.tmp'; exit $rc; }}")
+    one_line_error(result, cause)
+    assert ".tmp" not in result.stdout  # nothing half-written left on the disk
+
+
+def test_temporaries_of_killed_runs_are_removed(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 3)
+    folder, single = tmp_path / "index", tmp_path / "one.parquet"
+    for out in (folder, single):
+        assert run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    left = [folder / ".part-00000001.parquet.99999.tmp", tmp_path / ".one.parquet.99999.tmp",
+            tmp_path / ".one.parquet.parts" / ".part-00000000.parquet.99999.tmp"]
+    (tmp_path / ".one.parquet.parts").mkdir()
+    for path in left:
+        path.write_bytes(b"PAR1 half a file")
+    (lib / "new.jpg").write_bytes(jpeg_bytes())
+    for out in (folder, single):
+        result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
+        assert result.returncode == 0, result.stderr
+        assert len(rows(out)) == 4
+    assert not any(p.exists() for p in left)
+
+
+# -- 6. the timeout is per file ----------------------------------------------------------------------------
+def test_timeout_is_per_file_not_per_chunk(fixed_ckpt, tmp_path):
+    lib = tmp_path / "lib"
+    library(lib, 4, prefix="slow")  # 0.8 s each: a chunk of them takes longer than the timeout, no file does
+    (lib / "stall.jpg").write_bytes(jpeg_bytes())
+    log = tmp_path / "workers.log"
+    out = tmp_path / "out.parquet"
+    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1", "-b", "8", "--timeout", "1.5",
+                        env={**hook_dir(tmp_path, IN_WORKERS), "SIGLIP_TEST_LOG": str(log)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = rows(out)
+    assert "took over 1.5s" in got.pop("stall.jpg")["error"]
+    assert all(r["status"] == "ok" for r in got.values()) and len(got) == 4
+    workers = {line.split()[0] for line in log.read_text().splitlines()}
+    assert len(workers) == 2  # one restart, for the stalled file; slow files never time out
+
+
+# -- 7. NaN and inf become error rows ---------------------------------------------------------------------
+@pytest.fixture
+def poisoned(monkeypatch):
+    """The encoder returns NaN for images whose name says 'poison', as float16 overflow does."""
+    import torch
+
+    from siglip_cli.model import Encoder
+
+    clean = Encoder.encode_images
+
+    def encode(self, batch):
+        with torch.inference_mode():
+            out = clean(self, batch).clone()
+            for j, i in enumerate(batch.ok):
+                if "poison" in batch.items[i].record.path:
+                    out[j] = float("nan")
+        return out
+
+    monkeypatch.setattr(Encoder, "encode_images", encode)
+
+
+@pytest.mark.parametrize("command", [["embed"], ["tag", "--vocab", "VOCAB"], ["classify", "--labels", "cat,dog,bird"]])
+def test_nan_results_are_error_rows(cli, fixed_ckpt, tmp_path, poisoned, command):
+    lib = library(tmp_path / "lib", 3)
+    (lib / "poison.jpg").write_bytes(jpeg_bytes())
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\ndog\n")
+    out = tmp_path / "out.parquet"
+    args = [str(vocab) if a == "VOCAB" else a for a in command]
+    result = cli(*args, lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "-b", "2", "--no-cache" if command[0] != "embed" else "-q")
+    assert result.exit_code == 0, result.stderr
+    got = rows(out)
+    bad = got.pop("poison.jpg")
+    assert bad["status"] == "error" and "--dtype float32" in bad["error"]
+    assert all(r["status"] == "ok" for r in got.values()) and len(got) == 3
+
+
+# -- 8. defaults that fit the machine ---------------------------------------------------------------------
+def test_cgroup_quota_caps_the_cpus(tmp_path):
+    from siglip_cli.config import cgroup_cpu_limit
+
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/a/b\n")
+    (tmp_path / "fs" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "fs" / "a" / "b" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "fs" / "a" / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(str(proc), str(tmp_path / "fs")) == 1.5
+    proc.write_text("4:cpu,cpuacct:/x\n")
+    v1 = tmp_path / "fs" / "cpu,cpuacct"
+    (v1 / "x").mkdir(parents=True)
+    (v1 / "x" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "x" / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(str(proc), str(tmp_path / "fs")) == 2.0
+    proc.write_text("0::/\n")
+    assert cgroup_cpu_limit(str(proc), str(tmp_path / "nothing")) is None
+
+
+@pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset (util-linux)")
+def test_cpu_affinity_decides_the_default_workers():
+    code = "from siglip_cli.config import usable_cpus, default_workers; print(usable_cpus(), default_workers())"
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_compile_without_a_compiler_is_one_line(fixed_ckpt, tmp_path):
+    result = run_siglip("embed", library(tmp_path / "lib", 1), "-o", tmp_path / "out", "-m", fixed_ckpt, "--compile",
+                        "--device", "cpu", env={"CXX": "/nonexistent/g++"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("siglip: error: --compile needs a C++ compiler")
+
+
+# -- 9. no screenful of numbers ---------------------------------------------------------------------------
+def test_refuses_to_print_vectors_to_a_terminal(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 1)
+    main, tty = pty.openpty()
+    try:
+        result = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-m", str(fixed_ckpt)],
+                                stdout=tty, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(tty)
+        os.close(main)
+    assert result.returncode == 2
+    assert re.search(r"-o FILE\.parquet.*-o -", result.stderr) and len(result.stderr.strip().splitlines()) == 1
+    piped = run_siglip("embed", lib, "-m", fixed_ckpt)  # a pipe: JSON Lines as before
+    assert piped.returncode == 0 and piped.stdout.count("\n") == 1
+
+
+def test_closed_pipe_ends_quietly(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 30)
+    cmd = f"{sys.executable} -m siglip_cli embed {lib} -m {fixed_ckpt} -j 0 -b 1 | head -n 1 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.stdout.strip() in ("0", "141")  # 0 when it finished before head closed the pipe
+
+
+# -- 10. a first run says what it downloads ---------------------------------------------------------------
+def test_download_note_and_progress(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from siglip_cli import model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cache = tmp_path / "hub"
+    note = model.download_note("google/siglip2-base-patch16-224", None, str(cache))
+    assert note and "downloading google/siglip2-base-patch16-224" in note and str(cache) in note
+    snap = cache / "models--google--siglip2-base-patch16-224" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"weights")
+    (cache / "models--google--siglip2-base-patch16-224" / "refs").mkdir()
+    (cache / "models--google--siglip2-base-patch16-224" / "refs" / "main").write_text("a" * 40)
+    assert model.download_note("google/siglip2-base-patch16-224", None, str(cache)) is None  # cached: no word
+    assert model.download_note(str(tmp_path), None) is None  # a local folder
+    model._hf_quiet(True)
+    assert not are_progress_bars_disabled()
+    model._hf_quiet(False)
+    assert are_progress_bars_disabled()
