@@ -116,11 +116,11 @@ def decode_rate(records, spec, workers: int, batch_size: int, timeout: float) ->
 
 def end_to_end(cfg: RunConfig, encoder: Encoder, records, folder: str) -> float:
     """Images/s of the whole pipeline (decode, encode, task, Parquet), model already loaded."""
-    from .pipeline import process, signature
+    from .index import Store
+    from .pipeline import process
     from .progress import Progress
-    from .state import Store
 
-    store = Store.open(os.path.join(folder, f"out-{type(cfg.head).__name__}"), signature(cfg))
+    store = Store.open(os.path.join(folder, f"out-{type(cfg.head).__name__}"), {"bench": type(cfg.head).__name__})
     try:
         progress = Progress(False)
         t = time.perf_counter()

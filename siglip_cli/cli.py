@@ -62,7 +62,8 @@ Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 if any image fail
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no summary on stderr.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start afresh when the output was made with other settings (model, templates, ...).")]
 Wait = Annotated[bool, typer.Option("--wait", help="If another run holds the output, wait for it instead of exiting 1.")]
-Prune = Annotated[bool, typer.Option("--prune", help="Remove the rows of files that no longer exist.")]
+Prune = Annotated[bool, typer.Option("--prune", help="Remove the rows of files that no longer exist under the folders given (refused when a folder is missing or empty, or when more than half its rows would go).")]
+PruneAnyway = Annotated[bool, typer.Option("--prune-anyway", help="With --prune: prune even a missing or empty folder's rows, or most of them.")]
 Rehash = Annotated[bool, typer.Option("--rehash", help="Find changed files by content hash (reads every file) instead of size and mtime.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
@@ -132,7 +133,7 @@ def _run_images(head, opts: dict) -> None:
         model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"], opts["compile"]),
         sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
         output=OutputConfig(_output(opts["output"]), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
-                            opts["rehash"], opts["retry_errors"]), head=head,
+                            opts["prune_anyway"], opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
         max_pixels=opts["max_pixels"], timeout=opts["timeout"], exact=opts["exact"],
     )
@@ -158,7 +159,7 @@ def embed(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
-    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
+    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
     exact: Exact = False, compile: Compile = False,
 ) -> None:
@@ -174,7 +175,7 @@ def embed(
         return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
         model=ModelConfig(model, revision, device, dtype, max_patches), sources=SourceConfig(),
-        output=OutputConfig(_output(output), float16), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
+        output=OutputConfig(_output(output), float16, overwrite, wait), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
     _execute(cfg, texts)
 
@@ -198,7 +199,7 @@ def tag(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
-    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
+    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
     exact: Exact = False, compile: Compile = False,
 ) -> None:
@@ -226,7 +227,7 @@ def classify(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     strict: Strict = False, quiet: Quiet = False,
-    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, rehash: Rehash = False,
+    overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
     exact: Exact = False, compile: Compile = False,
 ) -> None:

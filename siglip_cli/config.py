@@ -108,6 +108,7 @@ class ModelConfig:
     dtype: str = "auto"
     max_patches: int | None = None  # NaFlex checkpoints only
     compile: bool = False  # torch.compile the image tower
+    commit: str | None = None  # the Hub commit `revision` resolved to (set by the pipeline; loading uses it)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ class OutputConfig:
     float16: bool = False
     overwrite: bool = False  # start afresh when the output was made with other settings
     wait: bool = False  # wait for another run's lock instead of exiting 1
-    prune: bool = False  # remove the rows of files that no longer exist
+    prune: bool = False  # remove the rows of files that no longer exist, under the folders given
+    prune_anyway: bool = False  # prune even when a folder is missing or empty, or most rows would go
     rehash: bool = False  # compare content hashes, not size and mtime, to find changed files
     retry_errors: bool = False  # try again the files that failed last time, changed or not
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -54,6 +57,32 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def resolve_weights(name: str, revision: str | None) -> str:
+    """What decides the weights, known without loading them: the Hub commit that `revision` (default: main)
+    points at, or a local folder's fingerprint (its files' names, sizes and modification times).
+
+    For a Hub id this fetches config.json (a few KB) the way loading does, so that a repo updated since the
+    last run is noticed: online, the ref is checked with the Hub; offline, the cached ref is used.
+    """
+    if os.path.isdir(name):
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(name)
+                       if e.is_file() and not e.name.startswith("."))
+        return "local:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = hf_hub_download(name, "config.json", revision=revision)
+    except Exception as e:  # offline and not cached, no such repo or revision, no network, a bad id
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunError(
+            f"cannot load model {name!r}: {first} "
+            "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
+        ) from None
+    return os.path.basename(os.path.dirname(config))  # .../snapshots/<commit>/config.json
 
 
 def fingerprint(name: str, commit: str | None) -> str:
@@ -170,12 +199,13 @@ class Encoder:
             from .config import usable_cpus
 
             torch.set_num_threads(usable_cpus())  # torch counts the machine's cores, not the container's
-        if show_downloads and (note := download_note(cfg.name, cfg.revision)):
+        if show_downloads and (note := download_note(cfg.name, cfg.commit or cfg.revision)):
             print(note, file=sys.stderr)
+        revision = cfg.commit or cfg.revision  # the commit the run's signature was made with
         try:
-            model = AutoModel.from_pretrained(cfg.name, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa")
-            processor = AutoImageProcessor.from_pretrained(cfg.name, revision=cfg.revision)
-            tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision)
+            model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=dtype, attn_implementation="sdpa")
+            processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=revision)
         except (OSError, ValueError, KeyError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RunError(

@@ -16,12 +16,13 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .loader import Batch, batches
-from .model import Encoder
+from .model import Encoder, resolve_device, resolve_dtype, resolve_weights
 from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
-from .sources import iter_files
-from .state import Store, write_atomic
+from .index import Root, Store
+from .index.store import check_parent
+from .sources import canonical, is_dir, iter_files
 from .tasks import make_task
 from .vocab import Vocab
 
@@ -43,22 +44,41 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
     }
 
 
-def signature(cfg: RunConfig) -> dict:
-    """The settings that decide what a row holds; an output only takes rows made with the same ones.
+# Rows are keyed by canonical absolute paths (version 2); indexes of version 1 (paths as typed) are refused.
+INDEX_VERSION = 2
 
-    Computed from the options alone, so that an incremental run with nothing to do never loads the model.
+
+def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
+    """The run's config with the model's revision pinned to the commit it resolves to, and its signature:
+    the settings that decide what a row holds. An output only takes rows made with the same ones.
+
+    Known without loading the model (a Hub commit from its cached ref, or a local folder's fingerprint), so
+    that an incremental run with nothing to do never loads it; loading then uses exactly that commit.
     """
     name = cfg.model.name
-    sig = {"task": type(cfg.head).__name__, "model": os.path.abspath(name) if os.path.isdir(name) else name,
-           "revision": cfg.model.revision, "max_patches": cfg.model.max_patches}
-    for f in dataclasses.fields(cfg.head):
-        value = getattr(cfg.head, f.name)
-        if f.name == "cache":
-            continue
-        if isinstance(value, Vocab):
-            value = hashlib.sha256(json.dumps([value.tags, value.thresholds]).encode()).hexdigest()
-        sig[f.name] = value
-    return json.loads(json.dumps(sig))  # tuples -> lists, as they read back
+    weights = resolve_weights(name, cfg.model.revision)
+    local = os.path.isdir(name)
+    dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
+    sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
+           "model": os.path.abspath(name) if local else name, "weights": weights, "dtype": dtype,
+           "max_patches": cfg.model.max_patches}
+    if cfg.head is not None:
+        sig["exact"] = cfg.exact
+        for f in dataclasses.fields(cfg.head):
+            value = getattr(cfg.head, f.name)
+            if f.name == "cache":
+                continue
+            if isinstance(value, Vocab):
+                value = hashlib.sha256(json.dumps([value.tags, value.thresholds]).encode()).hexdigest()
+            sig[f.name] = value
+    model = dataclasses.replace(cfg.model, commit=None if local else weights)
+    return dataclasses.replace(cfg, model=model), json.loads(json.dumps(sig))  # tuples -> lists, as they read back
+
+
+def roots(paths) -> list[Root]:
+    """The folders given (and paths given that are missing): the rows under them are this run's to prune."""
+    return [Root(p, canonical(p) if not is_dir(p) else os.path.realpath(p), os.path.lexists(p))
+            for p in paths if is_dir(p) or not os.path.lexists(p)]
 
 
 def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
@@ -79,13 +99,17 @@ def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
 def run(cfg: RunConfig) -> Summary:
     """Embed, tag or classify every input file that needs it; one row each, written as the run goes.
 
-    Into a file or folder, the run is incremental and resumable (state.py); to stdout it streams everything.
+    Into a file or folder, the run is incremental and resumable (index/); to stdout it streams everything.
     """
     if cfg.output.path == "-":
         return _run(cfg, None)
     out = cfg.output
-    store = Store.open(out.path, signature(cfg), out.overwrite, out.wait)
+    check_parent(out.path)  # before the model is resolved: a typo in -o fails at once
+    cfg, sig = resolve(cfg)
+    store = Store.open(out.path, sig, out.overwrite, out.wait)
     try:
+        if out.prune and not out.prune_anyway:  # a missing root: refuse before any work
+            store.index.check_roots([r for r in roots(cfg.sources.paths) if not r.exists])
         return _run(cfg, store)
     finally:
         store.close()
@@ -95,7 +119,7 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     src, out = cfg.sources, cfg.output
     records = iter_files(src.paths, src.files_from, src.extensions)
     if store is not None:
-        records = store.pending(records, out.rehash, out.retry_errors)
+        records = store.pending(records, roots(src.paths), out.rehash, out.retry_errors)
     recount = None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))
     progress = Progress(progress_enabled(cfg.quiet), recount)
     first = next(records, None)
@@ -106,10 +130,18 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
         except BaseException:
             progress.close()
             raise
+    refused = None
     if store is not None:
-        progress.summary.pruned = store.prune() if out.prune else 0
+        progress.summary.moved = store.copy_moves()
+        if out.prune:
+            try:
+                progress.summary.pruned = store.prune(roots(src.paths), out.prune_anyway)
+            except RunError as e:  # the rows of this run are still made whole; then the run fails
+                refused = e
         store.finish()
     summary = progress.close()
+    if refused is not None:
+        raise refused
     summary.skipped = store.skipped if store is not None else 0
     summary.output = out.path
     return summary
@@ -118,7 +150,7 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
 def process(cfg: RunConfig, store: Store | None, records, progress: Progress, encoder: Encoder) -> None:
     """Decode, encode and write the given records: into the store's parts, or as JSON Lines when None."""
     task = make_task(cfg.head, encoder)
-    meta = metadata(encoder, {**task.metadata(), "signature": signature(cfg)})
+    meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
@@ -150,12 +182,24 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
 
 def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
     """Text embeddings in the image embeddings' space, one row per text, in one file (or stdout)."""
+    path, out = cfg.output.path, cfg.output
+    store = None
+    if path != "-":  # the same rules as images: the lock, the settings, no other kind of output replaced
+        check_parent(path)
+        cfg, sig = resolve(cfg)
+        store = Store.open(path, sig, out.overwrite, out.wait, images=False)
+    try:
+        return _run_texts(cfg, texts, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _run_texts(cfg: RunConfig, texts: list[str], store: Store | None) -> Summary:
     path = cfg.output.path
-    if path != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise RunError(f"cannot write {path}: its folder does not exist")
     encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet))
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
-    schema = make_schema(TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text"}))
+    schema = make_schema(TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text", "signature": store and store.signature}))
     progress = Progress(progress_enabled(cfg.quiet), label="texts")
     emb = encoder.encode_texts(texts).cpu().numpy().astype("float16" if cfg.output.float16 else "float32")
     n = len(texts)
@@ -163,10 +207,10 @@ def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
         [pa.array(texts, pa.string()), pa.array(["ok"] * n), pa.nulls(n, pa.string()), scatter(field, emb, range(n), n)],
         schema=schema,
     )
-    if path == "-":
+    if store is None:
         JsonLinesSink().write(table)
     else:
-        write_atomic(path, [table], schema)
+        store.replace(table)
     progress.advance(n, 0)
     summary = progress.close()
     summary.output = path

@@ -17,6 +17,7 @@ class Summary:
     failed: int = 0
     skipped: int = 0
     pruned: int = 0
+    moved: int = 0
     seconds: float = 0.0
     output: str = "-"
 
@@ -27,6 +28,7 @@ class Summary:
     def line(self) -> str:
         done = f"{self.ok + self.failed:,} done ({self.ok:,} ok, {self.failed:,} failed)"
         skipped = f", {self.skipped:,} unchanged" if self.skipped else ""
+        skipped += f", {self.moved:,} moved" if self.moved else ""
         skipped += f", {self.pruned:,} pruned" if self.pruned else ""
         where = "stdout" if self.output == "-" else self.output
         return f"siglip: {done}{skipped} in {self.seconds:.1f}s, {self.rate:.1f} images/s -> {where}"

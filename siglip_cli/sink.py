@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .sources import FileRecord, display_path
-from .state import METADATA_KEY, write_atomic
+from .index import METADATA_KEY, write_atomic
 
 # A part file is written at least this often, so a killed run redoes at most this much work.
 FLUSH_ROWS = int(os.environ.get("SIGLIP_FLUSH_ROWS", 4096))
@@ -124,6 +124,27 @@ def image_rows(schema: pa.Schema, items: list, ok: Sequence[int], payload: dict)
         keep = pa.array([None if d.error else i for i, d in enumerate(items)], pa.int32())
         rest = [c.take(keep) for c in rest]
     return pa.RecordBatch.from_arrays(common + rest, schema=schema)
+
+
+def copy_rows(table: pa.Table, rows: list[int], records: list[FileRecord]) -> pa.Table:
+    """Rows of a segment, given to other files with the same content (moves): new path, size and mtime."""
+    taken = table.take(pa.array(rows, pa.int64()))
+    recs = [FileRecord(r.path, r.size, r.mtime_ns) for r in records]
+    fresh = dict(zip([f.name for f in IMAGE_FIELDS], _common([_Moved(r) for r in recs])))
+    for name in ("path", "path_bytes", "size", "mtime"):
+        taken = taken.set_column(taken.schema.get_field_index(name), taken.schema.field(name), fresh[name])
+    return taken
+
+
+@dataclasses.dataclass
+class _Moved:
+    """Just enough of a decoded item for _common: the file, its status, no error."""
+
+    record: FileRecord
+    error: str | None = None
+    width: int = -1
+    height: int = -1
+    sha256: str | None = None
 
 
 class PartSink:

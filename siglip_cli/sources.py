@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One input: its path as reached from the user's argument, its size and mtime, or why it can't be read."""
+    """One input: its canonical path (see `canonical`), its size and mtime, or why it can't be read."""
 
     path: str
     size: int | None = None
@@ -87,23 +87,40 @@ def read_list(source: str) -> Iterator[str]:
             stream.close()
 
 
+def canonical(path: str) -> str:
+    """The key of a path in an index: absolute, with the folders resolved (symlinks, `..`, the working
+    directory) and the file's own name kept, so that one file has one key however it was named.
+
+    The name is not resolved: a symlinked photo is its own entry, as when its folder is walked.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    if not name:  # the root folder
+        return folder
+    return os.path.join(os.path.realpath(folder), name)
+
+
+def is_dir(path: str) -> bool:
+    """Whether path is (or links to) a folder; False for anything that cannot be stat-ed."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def iter_files(paths: Iterable[str], files_from: str | None, extensions: tuple[str, ...]) -> Iterator[FileRecord]:
     """Every input, in a deterministic order: each argument in turn (folders walked), then the listed files.
 
-    A file named directly or listed in --files-from is attempted whatever its extension; a path that
-    does not exist still yields a record, with an error, so that it gets a row.
+    Paths are canonical (absolute, folders resolved). A file named directly or listed in --files-from is
+    attempted whatever its extension; a path that does not exist still yields a record, with an error, so
+    that it gets a row.
     """
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     seen: set[tuple[int, int]] = set()
     for path in paths:
-        try:
-            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
-        except OSError:
-            is_dir = False
-        if is_dir:
-            yield from _walk(path, exts, seen)
+        if is_dir(path):
+            yield from _walk(os.path.realpath(path), exts, seen)
         else:
-            yield _record(path)
+            yield _record(canonical(path))
     if files_from is not None:
         for path in read_list(files_from):
-            yield _record(path)
+            yield _record(canonical(path))

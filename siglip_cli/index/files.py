@@ -1,0 +1,106 @@
+"""Files of an index: atomic writes, durable renames, one-line write errors, leftovers of killed runs."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ROW_GROUP_SIZE
+from ..errors import RunError
+
+METADATA_KEY = b"siglip"
+
+
+def file_hash(path: str) -> str | None:
+    """sha256 of a file's content, or None when it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+HINTS = {
+    errno.ENOSPC: "the disk is full; free some space and rerun (the run resumes where it stopped)",
+    errno.EDQUOT: "the disk quota is used up; free some space and rerun (the run resumes where it stopped)",
+    errno.EFBIG: "the file is too large for this file system or for the limit set by ulimit -f",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOENT: "its folder has vanished (an unmounted share?)",
+}
+
+
+def write_error(path: str, e: OSError) -> RunError:
+    """A failed write as one line that names the output and the cause."""
+    cause = HINTS.get(e.errno) or (os.strerror(e.errno) if e.errno else str(e).splitlines()[0])
+    return RunError(f"cannot write {path}: {cause}")
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename or an unlink in folder durable (a power loss keeps the new name or the old, not neither)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def tmp_name(path: str) -> str:
+    """The temporary name a file is written under before it is renamed into place."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+def remove_leftovers(folder: str, name: str) -> None:
+    """Remove the temporary files that killed runs left in folder for the files named by the regex `name`
+    (the caller holds the output's lock, so no live run is writing them)."""
+    pattern = re.compile(r"\." + name + r"\.\d+\.tmp")
+    try:
+        for entry in os.listdir(folder):
+            if pattern.fullmatch(entry):
+                os.unlink(os.path.join(folder, entry))
+    except OSError:
+        pass
+
+
+def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> int:
+    """Write tables into one Parquet file under a temporary name, then rename it into place. Returns rows.
+
+    A failure to write (a full disk, ulimit -f, a read-only or vanished folder) is a RunError naming the file
+    and the cause, and leaves no temporary file behind.
+    """
+    tmp = tmp_name(path)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for table in tables:
+                if table.num_rows:
+                    writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                    rows += table.num_rows
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
+    return rows

@@ -1,0 +1,161 @@
+"""The index proper: which rows an output holds, keyed by canonical path; what a run must do; moves; prune."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import RunError
+from ..sources import FileRecord, stored_path
+from .files import file_hash
+
+COLUMNS = ["path", "path_bytes", "status", "size", "mtime", "sha256"]
+
+
+@dataclass
+class Entry:
+    """What the output holds for one path: where its newest row is and what the file looked like then."""
+
+    segment: int
+    size: int | None
+    mtime_us: int | None
+    sha256: str | None
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Root:
+    """A folder given on the command line: the rows under it are this run's to prune."""
+
+    given: str  # as typed, for messages
+    key: str  # canonical
+    exists: bool
+
+
+@dataclass(frozen=True)
+class Move:
+    """A new path whose content is already in the index under another path: its row is copied, not redone."""
+
+    record: FileRecord
+    source: str  # the path whose row holds the results
+    segment: int
+
+
+def paths_of(table: pa.Table) -> list[str]:
+    """The OS paths of a table's rows (path_bytes where the name is not UTF-8)."""
+    return [stored_path(p, b) for p, b in zip(table.column("path").to_pylist(), table.column("path_bytes").to_pylist())]
+
+
+def without(table: pa.Table, paths: set) -> pa.Table:
+    """The table less the rows of the given paths."""
+    if not paths:
+        return table
+    return table.filter(pa.array([p not in paths for p in paths_of(table)]))
+
+
+def under(path: str, root: str) -> bool:
+    """Whether path is root or inside it."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+@dataclass
+class Index:
+    """Rows by canonical path, newest segment winning; what is stale (superseded or pruned) per segment."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    stale: dict[int, set[str]] = field(default_factory=dict)
+    content: dict[tuple[int, str], str] = field(default_factory=dict)  # (size, sha256) of ok rows -> path
+    sizes: set[int] = field(default_factory=set)
+    moves: list[Move] = field(default_factory=list)
+    skipped: int = 0
+    seen: dict[str, int] = field(default_factory=dict)  # files met this run under each root
+
+    def add(self, segment: int, table: pa.Table) -> None:
+        """Take in one segment's rows (segments in order, oldest first)."""
+        mtimes = pc.cast(table.column("mtime"), pa.int64()).to_pylist()
+        for path, status, size, mtime, sha in zip(paths_of(table), table.column("status").to_pylist(),
+                                                  table.column("size").to_pylist(), mtimes,
+                                                  table.column("sha256").to_pylist()):
+            old = self.entries.get(path)
+            if old is not None:  # a row a killed run replaced but did not get to remove
+                self.stale.setdefault(old.segment, set()).add(path)
+            self.entries[path] = Entry(segment, size, mtime, sha, status == "ok")
+            if status == "ok" and size is not None and sha:
+                self.content[(size, sha)] = path
+                self.sizes.add(size)
+
+    # -- during the run -----------------------------------------------------------------------------
+    def pending(self, records: Iterable[FileRecord], roots: list[Root], rehash: bool = False,
+                retry_errors: bool = False) -> Iterator[FileRecord]:
+        """The records that need work: new, changed, or (with retry_errors) failed before. Each path once.
+
+        A new file whose size and content hash match a good row is a move: collected in `moves`, not yielded.
+        """
+        done: set[str] = set()
+        for rec in records:
+            if rec.path in done:
+                continue
+            done.add(rec.path)
+            for root in roots:
+                if under(rec.path, root.key):
+                    self.seen[root.key] = self.seen.get(root.key, 0) + 1
+            old = self.entries.get(rec.path)
+            if old is None:
+                if (move := self._move(rec)) is not None:
+                    self.moves.append(move)
+                    continue
+            elif (old.ok or not retry_errors) and _unchanged(old, rec, rehash):
+                self.skipped += 1
+                continue
+            else:
+                self.stale.setdefault(old.segment, set()).add(rec.path)
+            yield rec
+
+    def _move(self, rec: FileRecord) -> Move | None:
+        if rec.error or rec.size not in self.sizes:
+            return None  # no good row of that size: no hash to compute
+        source = self.content.get((rec.size, file_hash(rec.path)))
+        if source is None or source == rec.path:
+            return None
+        return Move(rec, source, self.entries[source].segment)
+
+    # -- at the end ---------------------------------------------------------------------------------
+    def check_roots(self, roots: list[Root]) -> None:
+        """Refuse to prune under a root that is missing, or that this run found empty, while rows live there."""
+        for root in roots:
+            if self.seen.get(root.key, 0) and root.exists:
+                continue
+            held = sum(1 for p in self.entries if under(p, root.key))
+            if held:
+                state = "is missing" if not root.exists else "holds no images"
+                raise RunError(f"not pruning: {root.given} {state}, but the index has {held:,} rows under it "
+                               "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone")
+
+    def prune(self, roots: list[Root], anyway: bool = False) -> int:
+        """Mark for removal the rows under this run's roots whose files no longer exist; returns how many.
+
+        Refuses (RunError, nothing marked) when a root is missing or empty, or when more than half of the rows
+        under the roots would go, unless `anyway`.
+        """
+        if not anyway:
+            self.check_roots(roots)
+        held = [p for p in self.entries if any(under(p, r.key) for r in roots)]
+        gone = [p for p in held if not os.path.lexists(p)]
+        if gone and len(gone) * 2 > len(held) and not anyway:
+            names = ", ".join(r.given for r in roots)
+            raise RunError(f"not pruning: {len(gone):,} of the {len(held):,} rows under {names} would go, more than "
+                           "half (a missing mount?); rows kept. Pass --prune-anyway if those photos are gone")
+        for p in gone:
+            self.stale.setdefault(self.entries[p].segment, set()).add(p)
+        return len(gone)
+
+
+def _unchanged(old: Entry, rec: FileRecord, rehash: bool) -> bool:
+    if rehash and rec.error is None:
+        return old.sha256 is not None and old.sha256 == file_hash(rec.path)
+    mtime_us = None if rec.mtime_ns is None else rec.mtime_ns // 1000
+    return (old.size, old.mtime_us) == (rec.size, mtime_us)  # (None, None) for a path that cannot be stat-ed

@@ -1,0 +1,127 @@
+"""An output opened for a run: the lock, the layout, the index, and the settings check."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import RunError
+from .files import METADATA_KEY, write_atomic, write_error
+from .layouts import layout_for
+from .lock import Lock
+from .rows import COLUMNS, Index, paths_of, without
+
+MOVE_BATCH = 4096
+
+
+class Store:
+    """A locked output and what it holds. `images`: rows keyed by path (the index); else a text output,
+    rewritten whole by each run."""
+
+    def __init__(self, path: str, signature: dict, images: bool = True):
+        self.path, self.signature, self.images = path, signature, images
+        self.layout = layout_for(path)
+        self.segments: list[str] = []
+        self.foreign: set[int] = set()  # segments of other settings, dropped at the end (--overwrite)
+        self.index = Index()
+        self._lock: Lock | None = None
+
+    @classmethod
+    def open(cls, path: str, signature: dict, overwrite: bool = False, wait: bool = False, images: bool = True) -> "Store":
+        """Create the output folder if needed, take the lock, read what is there and check it fits this run."""
+        store = cls(path, signature, images)
+        check_parent(path)
+        try:
+            store.layout.prepare()
+            store._lock = Lock.take(store.layout.lock_path, path, wait)
+        except OSError as e:
+            raise write_error(path, e) from None
+        try:
+            store.layout.clean()
+            store._load(overwrite)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Release the lock."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _load(self, overwrite: bool) -> None:
+        self.segments = self.layout.segments()
+        for i, seg in enumerate(self.segments):
+            try:
+                theirs = json.loads(pq.read_schema(seg).metadata[METADATA_KEY]).get("signature")
+            except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
+                raise RunError(f"{seg} is not a siglip output; move it away or choose another output") from None
+            if theirs != self.signature:
+                if not overwrite:
+                    raise RunError(f"{self.path} was made with different settings ({differences(theirs, self.signature)}); "
+                                   "rerun with those settings, choose another output, or pass --overwrite to start afresh")
+                self.foreign.add(i)
+            elif self.images:
+                self.index.add(i, pq.read_table(seg, columns=COLUMNS))
+
+    # -- during and after the run --------------------------------------------------------------------
+    def pending(self, records, roots, rehash: bool = False, retry_errors: bool = False):
+        """The records that need work (see Index.pending)."""
+        return self.index.pending(records, roots, rehash, retry_errors)
+
+    @property
+    def skipped(self) -> int:
+        return self.index.skipped
+
+    def next_part(self) -> str:
+        return self.layout.next_part()
+
+    def copy_moves(self) -> int:
+        """Write the rows of moved files, copied from their old paths' rows with the new path, size and mtime."""
+        from ..sink import copy_rows
+
+        moves = self.index.moves
+        for start in range(0, len(moves), MOVE_BATCH):
+            batch = moves[start:start + MOVE_BATCH]
+            by_segment = defaultdict(list)
+            for m in batch:
+                by_segment[m.segment].append(m)
+            tables = []
+            for seg, group in sorted(by_segment.items()):
+                table = pq.read_table(self.segments[seg])
+                row = {p: i for i, p in enumerate(paths_of(table))}
+                tables.append(copy_rows(table, [row[m.source] for m in group], [m.record for m in group]))
+            schema = tables[-1].schema
+            write_atomic(self.next_part(), tables, schema)
+        return len(moves)
+
+    def prune(self, roots, anyway: bool = False) -> int:
+        return self.index.prune(roots, anyway)
+
+    def finish(self) -> None:
+        """Make the output whole: every path once, nothing of other settings, one file if asked."""
+        self.layout.finish(self.segments, self.index.stale, self.foreign, without)
+
+    def replace(self, table: pa.Table) -> None:
+        """A text output: the run's table becomes the whole output."""
+        self.layout.replace(table)
+
+
+def check_parent(path: str) -> None:
+    """An output's folder must exist (it is never created: a typo should not make a tree of folders)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise RunError(f"cannot write {path}: folder {parent} does not exist")
+
+
+def differences(theirs: dict | None, ours: dict) -> str:
+    """The settings that differ, named, as a person reads them."""
+    if not theirs:
+        return "no settings recorded"
+    keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    return "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in keys)
