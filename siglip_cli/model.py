@@ -169,7 +169,7 @@ class Encoder:
         self.logit_bias = model.logit_bias.detach().float().item()
         text_length = int(getattr(model.config.text_config, "max_position_embeddings", TEXT_LENGTH))
         self.info = ModelInfo(
-            name=cfg.name, revision=cfg.revision, commit=getattr(model.config, "_commit_hash", None),
+            name=cfg.name, revision=cfg.revision, commit=cfg.commit or getattr(model.config, "_commit_hash", None),
             architecture=type(model).__name__, dim=int(model.config.vision_config.hidden_size), text_length=text_length,
             preprocessing=(
                 f"naflex patch={self.spec.patch_size} max_patches={self.spec.max_patches}" if self.naflex

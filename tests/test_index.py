@@ -1,0 +1,255 @@
+"""The index is never silently wrong: prune safety, path identity, exact weights, text outputs, moves, readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_siglip
+from test_incremental import make_library
+from siglip_cli.index import read_index
+
+
+def paths(out) -> list[str]:
+    return sorted(pq.read_table(out, columns=["path"]).column("path").to_pylist())
+
+
+def by_path(table) -> dict:
+    return {r["path"]: r for r in table.to_pylist()}
+
+
+# -- 1. prune never empties an index because a share is not mounted ----------------------------------------
+@pytest.mark.parametrize("layout", ["lib", "lib.parquet"])
+def test_prune_refuses_a_missing_or_empty_root(cli, fixed_ckpt, tmp_path, layout):
+    mnt = make_library(tmp_path / "mnt" / "photos", 10)
+    out = tmp_path / layout
+    assert cli("embed", mnt, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    shutil.rmtree(mnt)
+    mnt.mkdir()  # the share is not mounted: an empty mountpoint
+    empty = cli("embed", mnt, "-o", out, "-m", fixed_ckpt, "--prune")
+    assert empty.exit_code == 1
+    assert f"not pruning: {mnt} holds no images" in empty.stderr and "--prune-anyway" in empty.stderr
+    assert len(paths(out)) == 10
+    mnt.rmdir()  # not even the mountpoint
+    missing = cli("embed", mnt, "-o", out, "-m", fixed_ckpt, "--prune")
+    assert missing.exit_code == 1 and f"not pruning: {mnt} is missing" in missing.stderr
+    assert len(paths(out)) == 10
+    mnt.mkdir()
+    anyway = cli("embed", mnt, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
+    assert anyway.exit_code == 0 and "10 pruned" in anyway.stderr
+    if layout == "lib":
+        assert not [n for n in os.listdir(out) if n.endswith(".parquet")]
+    else:
+        assert pq.read_table(out).num_rows == 0
+
+
+def test_prune_refuses_to_remove_most_rows_and_only_prunes_under_its_roots(cli, fixed_ckpt, tmp_path):
+    a = make_library(tmp_path / "a", 10)
+    b = make_library(tmp_path / "b", 4)
+    out = tmp_path / "lib"
+    assert cli("embed", a, b, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    for p in sorted(a.rglob("*.png"))[:6]:
+        p.unlink()
+    most = cli("embed", a, "-o", out, "-m", fixed_ckpt, "--prune")
+    assert most.exit_code == 1 and "6 of the 10 rows" in most.stderr and "more than half" in most.stderr
+    assert len(paths(out)) == 14
+    for p in sorted(b.rglob("*.png"))[:1]:
+        p.unlink()
+    only_a = cli("embed", a, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
+    assert only_a.exit_code == 0 and "6 pruned" in only_a.stderr
+    assert len(paths(out)) == 8  # b's deleted file is not under this run's root: kept
+    assert cli("embed", b, "-o", out, "-m", fixed_ckpt, "--prune").exit_code == 0
+    assert len(paths(out)) == 7
+
+
+def test_nightly_example_survives_a_missing_share(fixed_ckpt, tmp_path):
+    lib = make_library(tmp_path / "photos", 6)
+    (tmp_path / "v.txt").write_text("red\nsky\n")
+    env = {**os.environ, "SIGLIP_MODEL": str(fixed_ckpt), "SIGLIP_VOCAB": str(tmp_path / "v.txt"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "nightly.sh")
+    assert subprocess.run(["bash", script, str(lib), str(tmp_path / "index")], env=env, capture_output=True).returncode == 0
+    shutil.rmtree(lib)
+    lib.mkdir()
+    night = subprocess.run(["bash", script, str(lib), str(tmp_path / "index")], env=env, capture_output=True, text=True)
+    assert night.returncode == 1 and "not pruning" in night.stderr
+    assert len(paths(tmp_path / "index" / "embeddings")) == 6
+
+
+# -- 2. one row per file, however it is named ---------------------------------------------------------------
+def test_same_folder_given_three_ways_is_one_row_per_file(fixed_ckpt, tmp_path):
+    lib = make_library(tmp_path / "photos", 5)
+    os.symlink(lib, tmp_path / "link")
+    out = tmp_path / "lib"
+    for where, arg in ((tmp_path, "photos"), (tmp_path / "photos" / "d0", os.path.join("..", "..", "photos")),
+                       (tmp_path, str(lib) + "/"), (tmp_path, "link")):
+        result = run_siglip("embed", arg, "-o", out, "-m", fixed_ckpt, "-j", "0", cwd=where)
+        assert result.returncode == 0, result.stderr
+    got = paths(out)
+    assert len(got) == 5 and all(os.path.isabs(p) and p.startswith(str(lib)) for p in got)
+    gone = sorted(lib.rglob("*.png"))[0]
+    gone.unlink()
+    pruned = run_siglip("embed", ".", "-o", out, "-m", fixed_ckpt, "--prune", cwd=lib)  # yet another spelling
+    assert pruned.returncode == 0 and "1 pruned" in pruned.stderr
+    assert len(paths(out)) == 4
+
+
+# -- 3. rows of other weights, dtype or preprocessing are never mixed in -----------------------------------
+def test_changed_local_weights_or_dtype_are_refused(cli, fixed_ckpt, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(fixed_ckpt, model)
+    lib = make_library(tmp_path / "lib", 3)
+    out = tmp_path / "out"
+    assert cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32").exit_code == 0
+    other = cli("embed", lib, "-o", out, "-m", model, "--dtype", "bfloat16")
+    assert other.exit_code == 1 and "dtype: 'float32' there, 'bfloat16' now" in other.stderr
+    exact = cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32", "--exact")
+    assert exact.exit_code == 1 and "exact: False there, True now" in exact.stderr
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # re-saved weights: a new fingerprint
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32")
+    assert changed.exit_code == 1 and "weights: 'local:" in changed.stderr and "--overwrite" in changed.stderr
+    rebuilt = cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32", "--overwrite")
+    assert rebuilt.exit_code == 0 and "3 done" in rebuilt.stderr and len(paths(out)) == 3
+
+
+def hub_cache(root, repo: str, commit: str, ckpt) -> None:
+    """A Hugging Face cache holding repo at commit, with `main` pointing there (as a download leaves it)."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(ckpt, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_repo_that_moved_on_is_refused_without_loading(fixed_ckpt, tmp_path):
+    cache, repo = tmp_path / "hub", "someone/tiny-siglip"
+    hub_cache(cache, repo, "a" * 40, fixed_ckpt)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    lib = make_library(tmp_path / "lib", 3)
+    out = tmp_path / "out.parquet"
+    first = run_siglip("embed", lib, "-o", out, "-m", repo, env=env)
+    assert first.returncode == 0, first.stderr
+    meta = json.loads(pq.read_schema(out).metadata[b"siglip"])
+    assert meta["commit"] == "a" * 40 and meta["signature"]["weights"] == "a" * 40
+    hub_cache(cache, repo, "b" * 40, fixed_ckpt)  # the repo was updated; main now points at b
+    moved_on = run_siglip("embed", lib, "-o", out, "-m", repo, env=env)
+    assert moved_on.returncode == 1 and f"weights: '{'a' * 40}' there, '{'b' * 40}' now" in moved_on.stderr
+    pinned = run_siglip("embed", lib, "-o", out, "-m", repo, "--revision", "a" * 40, env=env)
+    assert pinned.returncode == 0 and "3 unchanged" in pinned.stderr
+
+
+# -- 4. text output follows the same rules -------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["lib", "lib.parquet"])
+def test_text_output_never_replaces_an_image_index(cli, fixed_ckpt, tmp_path, layout):
+    lib = make_library(tmp_path / "photos", 10)
+    out = tmp_path / layout
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    refused = cli("embed", "--text", "a red car", "-o", out, "-m", fixed_ckpt)
+    assert refused.exit_code == 1 and "task: 'EmbedSpec' there, 'texts' now" in refused.stderr
+    assert len(paths(out)) == 10
+    texts = tmp_path / ("texts" if layout == "lib" else "texts.parquet")
+    for words in (["a red car", "a cat"], ["a dog"]):
+        result = cli("embed", *[a for w in words for a in ("--text", w)], "-o", texts, "-m", fixed_ckpt)
+        assert result.exit_code == 0, result.stderr
+    assert pq.read_table(texts).column("text").to_pylist() == ["a dog"]  # a text output is rewritten whole
+    assert cli("embed", "--text", "x", "-o", out, "-m", fixed_ckpt, "--overwrite").exit_code == 0
+
+
+# -- 5. moves are not encoded again ---------------------------------------------------------------------------
+def test_moved_folder_reuses_rows_without_the_model(cli, fixed_ckpt, tmp_path, monkeypatch):
+    lib = tmp_path / "photos"
+    make_library(lib / "2023", 100)
+    out = tmp_path / "lib"
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    before = {os.path.relpath(p, lib / "2023"): r for p, r in by_path(pq.read_table(out)).items()}
+    os.rename(lib / "2023", lib / "holidays-2023")
+
+    def forbidden(*a, **k):
+        raise AssertionError("a moved file must not be decoded or encoded")
+
+    monkeypatch.setattr("siglip_cli.pipeline.Encoder.load", forbidden)
+    monkeypatch.setattr("siglip_cli.loader.decoded_chunks", forbidden)
+    result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
+    assert result.exit_code == 0, result.stderr
+    assert "100 moved" in result.stderr and "100 pruned" in result.stderr and " 0 done" in result.stderr
+    after = by_path(pq.read_table(out))
+    assert len(after) == 100
+    for path, row in after.items():
+        old = before[os.path.relpath(path, lib / "holidays-2023")]
+        assert row["embedding"] == old["embedding"] and row["sha256"] == old["sha256"]
+        assert row["size"] == os.path.getsize(path)
+
+
+# -- 6. readers never see duplicates ----------------------------------------------------------------------
+KILL_AT = '''
+import os, signal
+_replace, _unlink, _count = os.replace, os.unlink, [0]
+def _step(path):
+    if str(path).endswith(".parquet") and os.environ.get("SIGLIP_TEST_KILL_AT"):
+        _count[0] += 1
+        if _count[0] == int(os.environ["SIGLIP_TEST_KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+def replace(src, dst, *a, **k):
+    if os.path.exists(dst):  # a rewrite of a part, or the merge: a step of the end of the run
+        _step(dst)  # killed before the step: step 1 is the state during the run, with every new part in
+    _replace(src, dst, *a, **k)
+def unlink(path, *a, **k):
+    _step(path)
+    _unlink(path, *a, **k)
+os.replace, os.unlink = replace, unlink
+'''
+
+
+@pytest.mark.parametrize("layout", ["lib", "lib.parquet"])
+def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_path, layout):
+    from PIL import Image
+
+    lib = make_library(tmp_path / "photos", 40)
+    base = tmp_path / "base"
+    base.mkdir()
+    env = {"SIGLIP_FLUSH_ROWS": "8"}  # several parts
+    assert run_siglip("embed", lib, "-o", base / layout, "-m", fixed_ckpt, "-j", "0", env=env).returncode == 0
+    old = by_path(read_index(str(base / layout)))
+    files = sorted(lib.rglob("*.png"))
+    for p in files[::5]:  # changed: their rows are superseded in old parts
+        Image.new("RGB", (20, 20), (0, 0, 200)).save(p)
+        os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
+    for p in files[1:8:3]:
+        p.unlink()  # pruned
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILL_AT)
+    final = None
+    for step in range(1, 30):
+        work = tmp_path / f"kill{step}"
+        shutil.copytree(base, work)
+        out = work / layout
+        run = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--prune",
+                         env={**env, "PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": str(step)})
+        seen = read_index(str(out))
+        keys = seen.column("path").to_pylist()
+        assert len(keys) == len(set(keys)), f"duplicates after a kill at step {step}"
+        for path, row in by_path(seen).items():  # each row is the file's old row or its new one
+            if path in old and row["sha256"] == old[path]["sha256"]:
+                assert row["embedding"] == old[path]["embedding"]
+            else:
+                assert os.path.exists(path) and row["size"] == os.path.getsize(path)
+        assert set(keys) >= {str(p) for p in files if p.exists()}  # nothing missing
+        rerun = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--prune", env=env)
+        assert rerun.returncode == 0, rerun.stderr
+        done = pq.read_table(out)  # a plain reader, after the next run: every file once
+        assert sorted(done.column("path").to_pylist()) == sorted(str(p) for p in files if p.exists())
+        final = final or done.sort_by("path")
+        assert done.sort_by("path").column("embedding").equals(final.column("embedding"))
+        if run.returncode == 0:  # the kill came after the last step: every step has been tried
+            break
+    assert step > 2
