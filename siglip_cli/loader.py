@@ -12,6 +12,7 @@ and only a file that kills its worker alone is recorded as corrupt. Everything e
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import re
@@ -31,6 +32,7 @@ import torch
 
 from . import worker
 from .decode import Decoded, ImageSpec, decode
+from .errors import RunError
 from .sources import FileRecord
 from .worker import pixel_shape
 
@@ -56,26 +58,42 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except OSError:  # EPERM: alive, someone else's
         return True
     return True
 
 
-def reap_stale_blocks() -> int:
-    """Unlink the shared-memory blocks of siglip runs that died without cleaning up (kill -9, OOM); returns how many."""
+def reap_stale_blocks(min_age: float = 60.0) -> int:
+    """Unlink the shared-memory blocks of siglip runs that died without cleaning up (kill -9 with the resource
+    tracker, the OOM killer); returns how many.
+
+    A live run holds a shared flock on each of its blocks, so a block nobody holds is a dead run's, even when
+    the runs share /dev/shm but not a PID namespace (docker --ipc=host). A block is only taken when, besides,
+    the pid in its name is not alive here or it is older than min_age: a run may not have locked a block it is
+    creating this very moment.
+    """
     reaped = 0
     try:
-        names = os.listdir(SHM_DIR)
+        names = [(n, int(m.group(1))) for n in os.listdir(SHM_DIR)
+                 if (m := re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+", n))]
     except OSError:
         return 0
-    for name in names:
-        m = re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+", name)
-        if m and not _alive(int(m.group(1))):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                reaped += 1
-            except OSError:
-                pass
+    for name, pid in names:
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if _alive(pid) and time.time() - os.fstat(fd).st_ctime < min_age:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            reaped += 1
+        except OSError:  # held by a live run (BlockingIOError), or gone already
+            pass
+        finally:
+            os.close(fd)
     return reaped
 
 
@@ -93,7 +111,10 @@ def shm_budget() -> int:
 def _free(blocks: list[shared_memory.SharedMemory]) -> None:
     for b in blocks:
         b.close()
-        b.unlink()
+        try:
+            b.unlink()
+        except FileNotFoundError:  # removed by someone else: nothing left to free
+            pass
 
 
 def _allocate(count: int, nbytes: int) -> list[shared_memory.SharedMemory] | None:
@@ -102,6 +123,7 @@ def _allocate(count: int, nbytes: int) -> list[shared_memory.SharedMemory] | Non
     try:
         for _ in range(count):
             blocks.append(shared_memory.SharedMemory(f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", True, nbytes))
+            fcntl.flock(blocks[-1]._fd, fcntl.LOCK_SH)  # "in use", for the reaper of other runs
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(blocks[-1]._fd, 0, nbytes)
     except OSError:
@@ -203,32 +225,52 @@ class _Decoder:
     """Chunks through the pool in order; a stall times out one file, a crash blames only a file that crashes
     again when decoded alone (a crash can also come from the machine: memory, /dev/shm)."""
 
+    # Recoveries in a row that finish no chunk before the run gives up: workers that die whatever they do.
+    MAX_FRUITLESS = 5
+
     def __init__(self, pool: _Pool, spec: ImageSpec, timeout: float):
         self.pool, self.spec, self.timeout = pool, spec, timeout
         self.poll = min(0.5, timeout / 4)
+        self.fruitless = 0
 
     def submit(self, c: _Chunk) -> None:
         self.pool.board[c.lane * worker.LANE] = 0.0
         c.rows = [i for i in range(len(c.records)) if i not in c.settled]
         c.future = None
         if c.rows:
-            c.future = self.pool.submit([c.records[i] for i in c.rows], c.rows, self.spec, c.slot and c.slot.name, c.lane)
+            try:
+                c.future = self.pool.submit([c.records[i] for i in c.rows], c.rows, self.spec, c.slot and c.slot.name, c.lane)
+            except (BrokenProcessPool, RuntimeError) as e:  # a worker died since the last look: recovered as any crash
+                c.future = Future()
+                c.future.set_exception(BrokenProcessPool(str(e)))
 
     def _running(self, c: _Chunk) -> tuple[float, int]:
         """(seconds on its current file, that file's row) for a chunk's worker; (0, -1) when none is running."""
-        base = c.lane * worker.LANE
-        start = self.pool.board[base]
-        return (time.monotonic() - start, int(self.pool.board[base + 1])) if start else (0.0, -1)
+        base, board = c.lane * worker.LANE, self.pool.board
+        while True:  # the worker clears the start, writes the row, then the start: equal starts frame a true row
+            start, row, again = board[base], board[base + 1], board[base]
+            if start == again:
+                return (time.monotonic() - start, int(row)) if start else (0.0, -1)
+
+    def _fresh(self) -> None:
+        """Restart the pool and check that a worker starts at all: when none can, the machine is at fault, and
+        no file may be blamed for it."""
+        self.pool.restart()
+        try:
+            self.pool.submit([], [], self.spec, None, -1).result(timeout=max(60.0, self.timeout))
+        except Exception as e:
+            raise RunError(f"decode worker processes die before decoding anything ({type(e).__name__}); "
+                           "free some memory, or decode in the main process with -j 0") from None
 
     def alone(self, rec: FileRecord) -> Decoded:
         """Decode one file by itself in a fresh worker, pixels by pipe: the test of whether the file is to blame."""
         try:
             return self.pool.submit([rec], [0], self.spec, None, -1).result(timeout=self.timeout)[0]
         except BrokenProcessPool:
-            self.pool.restart()
+            self._fresh()
             return _crashed(rec)
         except FutureTimeout:
-            self.pool.restart()
+            self._fresh()
             return _stalled(rec, self.timeout)
         except Exception as e:  # the result could not come back (a bug): one row, not the run
             return Decoded(rec, error=f"cannot decode: {type(e).__name__}: {e}")
@@ -252,12 +294,17 @@ class _Decoder:
                     suspects = [(head, row) for row in head.rows]
                 self._recover(inflight, suspects)
                 continue
+            self.fruitless = 0
             items = dict(head.settled)
             items.update(zip(head.rows, got))
             return [items[i] for i in range(len(head.records))]
 
     def _recover(self, inflight: list[_Chunk], suspects: list[tuple[_Chunk, int]]) -> None:
-        self.pool.restart()
+        self.fruitless += 1
+        if self.fruitless > self.MAX_FRUITLESS:
+            raise RunError("decode worker processes keep dying without finishing a file; "
+                           "free some memory, or decode in the main process with -j 0")
+        self._fresh()
         for c, row in suspects:
             if row not in c.settled:
                 c.settled[row] = self.alone(c.records[row])
@@ -278,16 +325,16 @@ def decoded_chunks(
         return
     reap_stale_blocks()
     shape = pixel_shape(spec)
-    chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
-    if blocks is None:
-        print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
-              "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
-    window = len(blocks) if blocks else 2 * workers
-    board = multiprocessing.get_context("spawn").RawArray("d", window * worker.LANE)
-    pool = _Pool(workers, board)
-    decoder = _Decoder(pool, spec, timeout)
-    views = None
+    blocks, pool, views = None, None, None
     try:
+        chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
+        if blocks is None:
+            print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
+                  "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
+        window = len(blocks) if blocks else 2 * workers
+        board = multiprocessing.get_context("spawn").RawArray("d", window * worker.LANE)
+        pool = _Pool(workers, board)
+        decoder = _Decoder(pool, spec, timeout)
         source = _chunks(records, chunk)
         free = list(range(window))
         inflight: list[_Chunk] = []
@@ -316,7 +363,8 @@ def decoded_chunks(
             refill()
     finally:
         views = None  # drop the last view, or closing its block fails
-        pool.close()
+        if pool is not None:
+            pool.close()
         _free(blocks or [])
 
 

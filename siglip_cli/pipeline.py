@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from . import __version__
@@ -163,8 +164,10 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         if wait:
             arrays, ok = finite(batch, wait())
             payload = task.host(arrays) if ok else {}
-        sink.write(image_rows(schema, batch.items, ok, payload))
-        progress.advance(len(ok), len(batch.items) - len(ok), store.skipped if store else 0)
+        rows = image_rows(schema, batch.items, ok, payload)
+        sink.write(rows)
+        good = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0  # rows that could not be recorded are errors
+        progress.advance(good, rows.num_rows - good, store.skipped if store else 0)
 
     # One batch in flight: batch i+1 is on the device while the host writes batch i and collates i+2.
     in_flight = None

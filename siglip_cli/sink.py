@@ -65,9 +65,11 @@ def scatter(field: pa.Field, values, ok: Sequence[int], n: int) -> pa.Array:
     return column.take(pa.array(where, pa.int32()))  # a null index gives a null row
 
 
-def _fits(value: int | None, bits: int) -> int | None:
-    """A size or time read from a file, or None when it is unknown or out of the column's range (a lying header)."""
-    return value if value is not None and 0 <= value < 1 << (bits - 1) else None
+def _fits(value: int | None, bits: int, signed: bool = False) -> int | None:
+    """A size (never negative) or a time (before 1970 is negative) read from a file, or None when it is unknown
+    or out of the column's range (a lying header)."""
+    low = -(1 << (bits - 1)) if signed else 0
+    return value if value is not None and low <= value < 1 << (bits - 1) else None
 
 
 def _utf8(text: str | None) -> str | None:
@@ -85,7 +87,7 @@ def _common(items: list) -> list[pa.Array]:
     """The columns every image row has, from the decoded items; raises on a value that cannot be stored."""
     recs = [d.record for d in items]
     shown, raw = zip(*(display_path(r.path) for r in recs))
-    mtimes = [None if r.mtime_ns is None else _fits(r.mtime_ns // 1000, 64) for r in recs]
+    mtimes = [None if r.mtime_ns is None else _fits(r.mtime_ns // 1000, 64, signed=True) for r in recs]
     return [
         pa.array(shown, pa.string()),
         pa.array(["error" if d.error else "ok" for d in items], pa.string()),

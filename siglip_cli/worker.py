@@ -20,10 +20,10 @@ import numpy as np
 from .decode import Decoded, ImageSpec, decode
 from .sources import FileRecord
 
-# The progress board: one lane per chunk in flight, three numbers each. The worker writes when it started
-# its current file (time.monotonic(), the same clock in every process; 0 when idle), the file's index in
-# the chunk and its own pid, so the parent can time out one file, not a whole chunk, and knows whom to blame.
-LANE = 3
+# The progress board: one lane per chunk in flight, two numbers each. The worker writes when it started its
+# current file (time.monotonic(), the same clock in every process; 0 when idle) and the file's row in the
+# chunk, so the parent can time out one file, not a whole chunk, and knows which file a dead worker was on.
+LANE = 2
 _board = None
 _slots: dict[str, shared_memory.SharedMemory] = {}
 
@@ -81,7 +81,9 @@ def decode_into(records: list[FileRecord], rows: list[int], spec: ImageSpec, slo
     base = lane * LANE
     for rec, row in zip(records, rows):
         if board is not None:
-            board[base + 1], board[base + 2], board[base] = row, os.getpid(), time.monotonic()
+            board[base] = 0.0  # see _Decoder._running: start, row, start
+            board[base + 1] = row
+            board[base] = time.monotonic()
         d = decode(rec, spec)
         if out is not None and d.pixels is not None:
             try:

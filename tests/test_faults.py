@@ -184,6 +184,30 @@ def test_blocks_of_dead_runs_are_removed_at_start(fixed_ckpt, tmp_path):
     assert not os.path.exists(f"/dev/shm/siglip-{dead.pid}-0123abcd")
 
 
+def test_blocks_held_by_a_live_run_elsewhere_are_kept(tmp_path):
+    """Runs in other PID namespaces share /dev/shm (docker --ipc=host): their pids mean nothing here, their locks do."""
+    import fcntl
+    from multiprocessing import resource_tracker, shared_memory
+
+    from siglip_cli.loader import reap_stale_blocks
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    held = shared_memory.SharedMemory(f"siglip-{dead.pid}-00000001", create=True, size=4096)
+    fcntl.flock(held._fd, fcntl.LOCK_SH)  # as a live run in another namespace holds its blocks
+    orphan = shared_memory.SharedMemory(f"siglip-{dead.pid}-00000002", create=True, size=4096)
+    for b in (held, orphan):
+        resource_tracker.unregister(b._name, "shared_memory")
+    orphan.close()
+    try:
+        reap_stale_blocks()
+        assert os.path.exists(f"/dev/shm/siglip-{dead.pid}-00000001")
+        assert not os.path.exists(f"/dev/shm/siglip-{dead.pid}-00000002")
+    finally:
+        held.close()
+        held.unlink()
+
+
 # -- 3. workers import no torch ----------------------------------------------------------------------------
 def test_decode_workers_do_not_import_torch(fixed_ckpt, tmp_path):
     log = tmp_path / "workers.log"
@@ -255,6 +279,68 @@ builtins.open = open
     assert got["flaky.jpg"]["status"] == "ok"  # its worker died once, but it decodes fine alone
     assert "crashed" in got["zz-crash-always.jpg"]["error"]
     assert sum(r["status"] == "ok" for r in got.values()) == 7
+
+
+def test_slots_shrink_to_the_room_there_is(monkeypatch):
+    from siglip_cli.loader import _free, _slots
+
+    image = 64 * 64 * 3
+    monkeypatch.setenv("SIGLIP_SHM_BYTES", str(3 * image))
+    chunk, blocks = _slots(2, 8, image)
+    try:
+        assert chunk == 1 and len(blocks) == 2  # 2 workers: 4 slots of 8 images would not fit; 2 of 1 do
+    finally:
+        _free(blocks)
+    monkeypatch.setenv("SIGLIP_SHM_BYTES", str(image - 1))
+    assert _slots(2, 8, image) == (8, None)  # not one image: pixels go by pipe
+
+
+CRASH_ALWAYS = IN_WORKERS + '''
+_open2 = builtins.open
+def open(file, *args, **kwargs):
+    if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith("crash-always.jpg"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return _open2(file, *args, **kwargs)
+builtins.open = open
+'''
+
+
+def test_a_crash_while_the_consumer_is_busy(tmp_path, monkeypatch):
+    """A worker dies while the main process is busy with an earlier chunk (the GPU is the bottleneck)."""
+    from siglip_cli.decode import ImageSpec
+    from siglip_cli.loader import decoded_chunks
+    from siglip_cli.sources import FileRecord
+
+    lib = library(tmp_path / "lib", 10)
+    (lib / "img05-crash-always.jpg").write_bytes(jpeg_bytes())
+    monkeypatch.setenv("PYTHONPATH", hook_dir(tmp_path, CRASH_ALWAYS)["PYTHONPATH"])
+    records = [FileRecord(str(p)) for p in sorted(lib.iterdir())]
+    got = []
+    for part in decoded_chunks(records, ImageSpec(height=16, width=16), workers=2, chunk=2, timeout=30):
+        got += [(os.path.basename(d.record.path), d.error) for d in part]
+        time.sleep(0.5)  # the encoder at work
+    assert [name for name, _ in got] == sorted(p.name for p in lib.iterdir())
+    errors = {name: e for name, e in got if e}
+    assert list(errors) == ["img05-crash-always.jpg"] and "crashed" in errors["img05-crash-always.jpg"]
+
+
+def test_workers_that_cannot_start_are_one_line_not_a_hang(fixed_ckpt, tmp_path):
+    code = "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os._exit(3)\n"
+    result = run_siglip("embed", library(tmp_path / "lib", 4), "-o", tmp_path / "out", "-m", fixed_ckpt, "-j", "2",
+                        env=hook_dir(tmp_path, code), timeout=180)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "die before decoding anything" in result.stderr and "-j 0" in result.stderr
+
+
+def test_files_from_before_1970_stay_unchanged(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 2)
+    old = lib / "img00.jpg"
+    os.utime(old, (-5 * 365 * 86400, -5 * 365 * 86400))  # a scanned slide dated 1965
+    out = tmp_path / "out"
+    assert run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    assert rows(out)["img00.jpg"]["mtime"].year == 1965
+    again = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert again.returncode == 0 and "2 unchanged" in again.stderr
 
 
 # -- 5. write errors are one line -------------------------------------------------------------------------

@@ -42,7 +42,7 @@ HINTS = {
 
 def write_error(path: str, e: OSError) -> RunError:
     """A failed write as one line that names the output and the cause."""
-    cause = HINTS.get(e.errno) or (os.strerror(e.errno) if e.errno else str(e).splitlines()[0])
+    cause = HINTS.get(e.errno) or (os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0])
     return RunError(f"cannot write {path}: {cause}")
 
 
