@@ -93,7 +93,7 @@ def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
     for j in np.flatnonzero(~good):
         d = batch.items[batch.ok[j]]
         d.error = ("the model gave NaN or infinite values for this image (a float16/bfloat16 overflow?); "
-                   "rerun with --dtype float32 --retry-errors")
+                   "--dtype float32 avoids it (into a new output, or with --overwrite)")
     return {k: v[good] for k, v in arrays.items()}, [i for i, g in zip(batch.ok, good) if g]
 
 
