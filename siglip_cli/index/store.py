@@ -7,9 +7,11 @@ import os
 from collections import defaultdict
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import RunError
+from ..sources import display_path
 from .files import METADATA_KEY, write_atomic, write_error
 from .layouts import layout_for
 from .lock import Lock
@@ -93,7 +95,9 @@ class Store:
                 by_segment[m.segment].append(m)
             tables = []
             for seg, group in sorted(by_segment.items()):
-                table = pq.read_table(self.segments[seg])
+                shown = sorted({display_path(m.source)[0] for m in group})
+                # Only the rows wanted, a row group at a time: a big single-file index is never read whole.
+                table = pq.read_table(self.segments[seg], filters=pc.field("path").isin(shown))
                 row = {p: i for i, p in enumerate(paths_of(table))}
                 tables.append(copy_rows(table, [row[m.source] for m in group], [m.record for m in group]))
             schema = tables[-1].schema
