@@ -44,7 +44,7 @@ def embeddings(path) -> np.ndarray:
 
 def test_image_embeddings_match_reference(cli, ckpt, photos, tmp_path):
     out = tmp_path / "out.parquet"
-    result = cli("embed", photos, "-o", out, "-m", ckpt, "--device", "cpu", "-j", "2", "-b", "24")
+    result = cli("embed", photos, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32", "-j", "2", "-b", "24")
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     paths = table.column("path").to_pylist()
@@ -60,7 +60,7 @@ def test_image_embeddings_match_reference(cli, ckpt, photos, tmp_path):
 def test_text_embeddings_match_reference(cli, ckpt, tmp_path):
     out = tmp_path / "texts.parquet"
     args = [a for t in TEXTS for a in ("--text", t)]
-    result = cli("embed", *args, "-o", out, "-m", ckpt, "--device", "cpu")
+    result = cli("embed", *args, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32")
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     assert table.column("text").to_pylist() == TEXTS

@@ -49,7 +49,7 @@ def reference_probs(ckpt, paths, texts, templates=("This is a photo of {}.",)) -
 def test_top5_ram_tags_match_reference(cli, ckpt, photos, ram_tags, tmp_path):
     out = tmp_path / "tags.parquet"
     result = cli("tag", photos, "--vocab", ram_tags, "--top-k", "5", "--threshold", "0", "-o", out,
-                 "-m", ckpt, "--device", "cpu", "-j", "2", "-b", "32")
+                 "-m", ckpt, "--device", "cpu", "--dtype", "float32", "-j", "2", "-b", "32")
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     paths = table.column("path").to_pylist()
@@ -67,7 +67,7 @@ def test_top5_ram_tags_match_reference(cli, ckpt, photos, ram_tags, tmp_path):
 def test_classify_picks_reference_argmax(cli, ckpt, photos, tmp_path):
     labels = ["fish", "bird", "snake", "dog", "Cat", "car", "musical instrument"]
     paths = sorted(photos.glob("*.JPEG"))[:40]
-    result = cli("classify", *paths, "--labels", ",".join(labels), "-o", "-", "-m", ckpt, "-q", "-k", "3")
+    result = cli("classify", *paths, "--labels", ",".join(labels), "-o", "-", "-m", ckpt, "-q", "-k", "3", "--dtype", "float32")
     assert result.exit_code == 0, result.stderr
     got = [json.loads(line) for line in result.stdout.splitlines()]
     ref = reference_probs(ckpt, paths, labels)
@@ -86,7 +86,7 @@ def test_template_ensemble_matches_reference(cli, fixed_ckpt, photos, tmp_path):
     out = tmp_path / "t.parquet"
     args = [a for t in templates for a in ("--template", t)]
     assert cli("tag", *paths, "--vocab", tmp_path / "v.txt", *args, "--all-scores", "-o", out,
-               "-m", fixed_ckpt).exit_code == 0
+               "-m", fixed_ckpt, "--dtype", "float32").exit_code == 0
     table = pq.read_table(out)
     dense = np.stack(table.column("scores").to_numpy(zero_copy_only=False)).astype(np.float32)
     np.testing.assert_allclose(dense, reference_probs(fixed_ckpt, paths, tags, templates), atol=1e-3)  # float16
@@ -195,3 +195,27 @@ def test_classify_usage_errors_exit_2(cli, tmp_path, args, message):
     img = make_image(tmp_path / "a.png")
     result = cli("classify", img, *args)
     assert result.exit_code == 2 and message in result.stderr
+
+
+def test_bfloat16_scores_use_the_float32_scale_and_bias(cli, fixed_ckpt, photos, tmp_path):
+    """In bfloat16 the model's logit scale 2.3 would round to 2.296875: scores must use the stored float32."""
+    tags = ["fish", "bird", "snake", "dog"]
+    (tmp_path / "v.txt").write_text("\n".join(tags))
+    paths = sorted(photos.glob("*.JPEG"))[:6]
+    out, texts = tmp_path / "t.parquet", tmp_path / "texts.parquet"
+    assert cli("tag", *paths, "--vocab", tmp_path / "v.txt", "--threshold", "0", "--with-embeddings", "--no-cache",
+               "-o", out, "-m", fixed_ckpt, "--dtype", "bfloat16").exit_code == 0
+    prompts = [a for t in tags for a in ("--text", f"This is a photo of {t}.")]
+    assert cli("embed", *prompts, "-o", texts, "-m", fixed_ckpt, "--dtype", "bfloat16").exit_code == 0
+    meta = json.loads(pq.read_schema(out).metadata[b"siglip"])
+    scale, bias = float(np.exp(np.float32(2.3))), -2.0
+    assert meta["dtype"] == "bfloat16" and meta["logit_scale"] == pytest.approx(scale, rel=1e-7)
+    assert meta["logit_bias"] == bias
+    table = pq.read_table(out)
+    img = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    txt = np.stack(pq.read_table(texts).column("embedding").to_numpy(zero_copy_only=False))
+    want = 1 / (1 + np.exp(-(img @ txt.T * scale + bias)))  # the float32 formula on the bf16 embeddings
+    got = np.array([[{t["tag"]: t["score"] for t in row}[tag] for tag in tags] for row in table.column("tags").to_pylist()])
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    rounded = 1 / (1 + np.exp(-(img @ txt.T * np.exp(2.296875) + bias)))
+    assert np.abs(rounded - want).max() > 1e-4  # what scores with the rounded scale would be off by
