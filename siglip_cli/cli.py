@@ -39,6 +39,18 @@ def _dtype(value: str) -> str:
     return value
 
 
+def _backend(value: str) -> str:
+    if value not in ("auto", "torch", "openvino"):
+        raise typer.BadParameter("expected auto, torch or openvino")
+    return value
+
+
+def _quantize(value: str) -> str:
+    if value not in ("none", "int8", "int8-weights", "int4"):
+        raise typer.BadParameter("expected none, int8, int8-weights or int4")
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"siglip {__version__}")
@@ -53,7 +65,9 @@ Ext = Annotated[Optional[List[str]], typer.Option("--ext", help="Extensions to p
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. [env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="auto|cuda|cuda:N|mps|cpu (auto picks the best present).", callback=_device)]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bfloat16 on CUDA, float32 elsewhere).", callback=_dtype)]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere).", callback=_dtype)]
+Backend = Annotated[str, typer.Option("--backend", help="auto|torch|openvino: what runs the image tower (auto: OpenVINO on a CPU when the openvino extra is installed).", callback=_backend)]
+Quantize = Annotated[str, typer.Option("--quantize", help="none|int8|int8-weights|int4 (OpenVINO on a CPU): int8 quantizes weights and activations, calibrated on the run's first photos; int8-weights and int4 compress the weights only.", callback=_quantize)]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: 256 on CUDA, 16 on CPU).", show_default=False)]
 Workers = Annotated[int, typer.Option("--workers", "-j", min=0, help="Decode worker processes (0: decode in the main process).", default_factory=default_workers, show_default=f"{default_workers()} here")]
 MaxPatches = Annotated[Optional[int], typer.Option("--max-patches", min=1, help="NaFlex checkpoints: patches per image (default: the checkpoint's).", show_default=False)]
@@ -130,7 +144,8 @@ def _run_images(head, opts: dict) -> None:
     if not (opts["paths"] or opts["files_from"]):
         raise typer.BadParameter("no images: give image files or folders, or --files-from")
     cfg = RunConfig(
-        model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"], opts["compile"]),
+        model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"], opts["compile"],
+                          backend=opts["backend"], quantize=opts["quantize"]),
         sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
         output=OutputConfig(_output(opts["output"]), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["prune_anyway"], opts["rehash"], opts["retry_errors"]), head=head,
@@ -157,6 +172,7 @@ def embed(
     text: Annotated[Optional[List[str]], typer.Option("--text", "-t", help="Embed this text instead of images (repeatable).", show_default=False)] = None,
     texts_file: Annotated[Optional[str], typer.Option("--texts-file", help="Embed the texts in FILE, one a line (- is stdin).", show_default=False)] = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    backend: Backend = "auto", quantize: Quantize = "none",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
@@ -174,7 +190,7 @@ def embed(
             raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
         return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches), sources=SourceConfig(),
+        model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend), sources=SourceConfig(),
         output=OutputConfig(_output(output), float16, overwrite, wait), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
     _execute(cfg, texts)
@@ -197,6 +213,7 @@ def tag(
     no_cache: NoCache = False,
     files_from: FilesFrom = None, ext: Ext = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    backend: Backend = "auto", quantize: Quantize = "none",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
@@ -225,6 +242,7 @@ def classify(
     no_cache: NoCache = False,
     files_from: FilesFrom = None, ext: Ext = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    backend: Backend = "auto", quantize: Quantize = "none",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
@@ -256,6 +274,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
     ext: Ext = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    backend: Backend = "auto", quantize: Quantize = "none",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     compile: Compile = False, exact: Exact = False,
 ) -> None:
@@ -269,7 +288,7 @@ def bench(
 
         tag_spec = _usage(lambda: TagSpec(read_vocab(vocab), cache=False))
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches, compile),
+        model=ModelConfig(model, revision, device, dtype, max_patches, compile, backend=backend, quantize=quantize),
         sources=_sources(paths, None, ext), output=OutputConfig(), batch_size=batch_size, workers=workers,
         quiet=True, exact=exact,
     )

@@ -109,6 +109,8 @@ class ModelConfig:
     max_patches: int | None = None  # NaFlex checkpoints only
     compile: bool = False  # torch.compile the image tower
     commit: str | None = None  # the Hub commit `revision` resolved to (set by the pipeline; loading uses it)
+    backend: str = "auto"  # auto | torch | openvino (the image tower on a CPU)
+    quantize: str = "none"  # none | int8 | int8-weights | int4 (OpenVINO)
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_backend(cfg: ModelConfig, device: torch.device, naflex: bool) -> str:
+    """'torch' or 'openvino' for the image tower. auto: OpenVINO on a CPU when the extra is installed (not with
+    --compile, a torch feature); NaFlex checkpoints always run on torch."""
+    from .encoders import openvino
+
+    want = cfg.backend
+    if want == "auto":
+        want = "openvino" if device.type == "cpu" and openvino.available() and not cfg.compile else "torch"
+    if want == "openvino":
+        if not openvino.available():
+            raise RunError("--backend openvino needs the openvino extra: pip install 'siglip-cli[openvino]'")
+        if device.type != "cpu":
+            raise RunError(f"--backend openvino runs on the CPU, not {device.type}; use --device cpu")
+        if naflex:
+            if cfg.backend == "openvino" or cfg.quantize != "none":
+                print("siglip: note: NaFlex checkpoints (variable patch grids) run on torch, not OpenVINO",
+                      file=sys.stderr)
+            want = "torch"
+    if cfg.quantize != "none" and want != "openvino":
+        raise RunError(f"--quantize {cfg.quantize} needs the OpenVINO backend on a CPU "
+                       "(pip install 'siglip-cli[openvino]', --device cpu) and a fixed-resolution checkpoint")
+    return want
+
+
 def resolve_weights(name: str, revision: str | None) -> str:
     """What decides the weights, known without loading them: the Hub commit that `revision` (default: main)
     points at, or a local folder's fingerprint (its files' names, sizes and modification times).
@@ -237,6 +261,7 @@ class Encoder:
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
         self._features = self._naflex if self.naflex else self._fixed
         self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
+        self.backend, self.quantize = "torch", "none"  # what runs the image tower (encoders/ may change it)
         if cfg.compile:
             self._compile()
 
@@ -246,7 +271,7 @@ class Encoder:
 
         show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
         """
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
         _hf_quiet(show_downloads)
         device = resolve_device(cfg.device)
@@ -261,7 +286,10 @@ class Encoder:
             print(note, file=sys.stderr)
         revision = cfg.commit or cfg.revision  # the commit the run's signature was made with
         try:
-            model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=dtype, attn_implementation="sdpa")
+            naflex = AutoConfig.from_pretrained(cfg.name, revision=revision).model_type == "siglip2"
+            backend = resolve_backend(cfg, device, naflex)
+            load = torch.float32 if backend == "openvino" else dtype  # OpenVINO converts float32 weights
+            model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
             processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
             tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=revision)
         except (OSError, ValueError, KeyError) as e:
@@ -272,7 +300,13 @@ class Encoder:
             ) from None
         if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
             raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
-        return cls(model, processor, tokenizer, cfg, device, dtype, stored_scalars(cfg.name, revision))
+        encoder = cls(model, processor, tokenizer, cfg, device, load, stored_scalars(cfg.name, revision))
+        if backend == "openvino":
+            from .config import usable_cpus
+            from .encoders import openvino
+
+            openvino.attach(encoder, dtype, cfg.quantize, usable_cpus())
+        return encoder
 
     def _compile(self) -> None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir

@@ -40,7 +40,8 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
         "tool": "siglip", "tool_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "model": info.name, "revision": info.revision, "commit": info.commit, "architecture": info.architecture,
         "dim": info.dim, "normalization": "l2", "preprocessing": info.preprocessing, "text_length": info.text_length,
-        "dtype": str(encoder.dtype).removeprefix("torch."), "logit_scale": encoder.logit_scale,
+        "dtype": str(encoder.dtype).removeprefix("torch."), "backend": encoder.backend, "quantize": encoder.quantize,
+        "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias, **extra,
     }
 
@@ -62,7 +63,7 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
     sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
            "model": os.path.abspath(name) if local else name, "weights": weights, "dtype": dtype,
-           "max_patches": cfg.model.max_patches}
+           "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}
     if cfg.head is not None:
         sig["exact"] = cfg.exact
         for f in dataclasses.fields(cfg.head):

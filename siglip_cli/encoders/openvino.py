@@ -1,0 +1,148 @@
+"""The OpenVINO backend for CPUs: the image tower converted once per model, input size and quantization, and
+cached on disk, so that a nightly run starts in seconds; run at the chosen precision (f32, or bf16 where the
+CPU has it), optionally with NNCF's int8/int4 weight compression or int8 quantization calibrated on the run's
+own first photos.
+
+The converted graph includes the uint8 -> float scaling and the L2 normalization, so it takes the loader's
+uint8 NHWC batch as it is. NaFlex checkpoints (variable patch grids) stay on torch, with a one-line note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import RunError
+
+CACHE_VERSION = 1
+QUANTIZE = ("none", "int8", "int8-weights", "int4")
+
+
+def available() -> bool:
+    """Whether the openvino extra is installed."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+class _Tower(torch.nn.Module):
+    """uint8 NHWC pixels -> L2-normalized image embeddings: what gets converted."""
+
+    def __init__(self, model, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("a", a.detach().float().cpu().clone())
+        self.register_buffer("b", b.detach().float().cpu().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float() * self.a[:, None, None] + self.b[:, None, None]
+        return F.normalize(self.model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)
+
+
+def _versions() -> dict:
+    import openvino
+
+    nncf = importlib.util.find_spec("nncf") is not None and __import__("nncf").__version__
+    return {"openvino": openvino.__version__, "nncf": nncf}
+
+
+def cache_path(encoder, quantize: str) -> str:
+    """Where the converted tower of this model, input size and quantization lives."""
+    from ..vocab import cache_dir
+
+    spec = encoder.spec
+    key = json.dumps([CACHE_VERSION, encoder.fingerprint, "image", [spec.height, spec.width], quantize, _versions()])
+    return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24], "image.xml")
+
+
+def _say(message: str) -> None:
+    print(f"siglip: {message}", file=sys.stderr)
+
+
+class OpenVINOTower:
+    """The image tower as a compiled OpenVINO model; built (or read from the cache) at the first batch, whose
+    photos calibrate int8 activation quantization."""
+
+    def __init__(self, encoder, quantize: str, precision: str, threads: int):
+        self.encoder, self.quantize, self.precision, self.threads = encoder, quantize, precision, threads
+        self.path = cache_path(encoder, quantize)
+        self.compiled = None
+
+    def _convert(self, sample: np.ndarray):
+        # stdout may be the run's data (-o -): the converters' chatter and progress go to stderr, or nowhere
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self._convert_quietly(sample)
+
+    def _convert_quietly(self, sample: np.ndarray):
+        import openvino as ov
+
+        t = time.perf_counter()
+        tower = _Tower(self.encoder.model, self.encoder._a, self.encoder._b).eval()  # loaded in float32
+        h, w = self.encoder.spec.height, self.encoder.spec.width
+        with torch.no_grad():
+            model = ov.convert_model(tower, example_input=torch.from_numpy(sample[:1]), input=[(-1, h, w, 3)])
+        if self.quantize != "none":
+            import nncf
+
+            nncf.set_log_level(logging.ERROR)
+
+            if self.quantize == "int8":
+                calibration = nncf.Dataset([sample[i : i + 1] for i in range(len(sample))])
+                model = nncf.quantize(model, calibration, subset_size=len(sample), model_type=nncf.ModelType.TRANSFORMER,
+                                      fast_bias_correction=True)
+            elif self.quantize == "int8-weights":
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            else:  # int4 in groups of 128 where the layer's width allows, smaller groups where not
+                from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+                adjust = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST,
+                                                       min_adjusted_group_size=16)
+                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, ratio=1.0,
+                                              group_size=128, all_layers=True, advanced_parameters=adjust)
+        tmp = f"{self.path}.{os.getpid()}.tmp.xml"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        os.replace(tmp[:-4] + ".bin", self.path[:-4] + ".bin")
+        os.replace(tmp, self.path)  # the .xml last: its presence means the pair is whole
+        _say(f"converted the image tower for OpenVINO ({self.quantize}) in {time.perf_counter() - t:.0f}s; "
+             f"cached in {os.path.dirname(self.path)}")
+        return model
+
+    def _build(self, sample: np.ndarray) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        if os.path.exists(self.path):
+            model = core.read_model(self.path)
+        else:
+            try:
+                model = self._convert(sample)
+            except Exception as e:  # a converter or quantizer that fails: one line, and the way around it
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RunError(f"cannot convert the model for OpenVINO: {first}; run with --backend torch") from None
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": self.threads}
+        self.compiled = core.compile_model(model, "CPU", config)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x.numpy()
+        if self.compiled is None:
+            self._build(pixels)
+        return torch.from_numpy(self.compiled(pixels)[0])
+
+
+def attach(encoder, dtype: torch.dtype, quantize: str, threads: int) -> None:
+    """Run the encoder's image tower (loaded in float32) on OpenVINO at the precision of dtype."""
+    precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
+    encoder._features = OpenVINOTower(encoder, quantize, precision, threads)
+    encoder.dtype, encoder.backend, encoder.quantize = dtype, "openvino", quantize
