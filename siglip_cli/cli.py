@@ -190,7 +190,7 @@ def embed(
             raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
         return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend), sources=SourceConfig(),
+        model=ModelConfig(model, revision, device, dtype, max_patches), sources=SourceConfig(),  # texts: torch
         output=OutputConfig(_output(output), float16, overwrite, wait), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
     _execute(cfg, texts)

@@ -1,0 +1,71 @@
+"""The OpenVINO backend: the same embeddings as torch float32, a cache that spares the conversion, quantization
+that is recorded and never mixed into an index made without it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'siglip-cli[openvino]')")
+
+
+def vectors(path) -> np.ndarray:
+    return np.stack(pq.read_table(path).column("embedding").to_numpy(zero_copy_only=False))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_openvino_matches_torch_float32(cli, ckpt, photos, tmp_path, cache):
+    paths = sorted(photos.glob("*.JPEG"))[:40]
+    torch_out, ov_out = tmp_path / "torch.parquet", tmp_path / "ov.parquet"
+    assert cli("embed", *paths, "-o", torch_out, "-m", ckpt, "--backend", "torch", "--dtype", "float32").exit_code == 0
+    result = cli("embed", *paths, "-o", ov_out, "-m", ckpt, "--backend", "openvino", "--dtype", "float32", "-b", "7")
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(pq.read_schema(ov_out).metadata[b"siglip"])
+    if ckpt.name.startswith("siglip-naflex"):  # documented fallback: a note, and torch's rows
+        assert "NaFlex checkpoints (variable patch grids) run on torch" in result.stderr
+        assert meta["backend"] == "torch"
+    else:
+        assert meta["backend"] == "openvino" and meta["dtype"] == "float32"
+    cos = (vectors(torch_out) * vectors(ov_out)).sum(axis=1)
+    assert cos.min() >= 0.9999, cos.min()
+
+
+def test_converted_tower_is_cached(cli, fixed_ckpt, photos, tmp_path, cache):
+    paths = sorted(photos.glob("*.JPEG"))[:4]
+    first = cli("embed", *paths, "-o", tmp_path / "a.parquet", "-m", fixed_ckpt, "--backend", "openvino")
+    assert first.exit_code == 0 and "converted the image tower for OpenVINO" in first.stderr
+    assert list(cache.glob("openvino/*/image.xml")) and list(cache.glob("openvino/*/image.bin"))
+    second = cli("embed", *paths, "-o", tmp_path / "b.parquet", "-m", fixed_ckpt, "--backend", "openvino")
+    assert second.exit_code == 0 and "converted" not in second.stderr  # read from the cache
+    np.testing.assert_array_equal(vectors(tmp_path / "a.parquet"), vectors(tmp_path / "b.parquet"))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-weights", "int4"])
+def test_quantized_runs_are_recorded_and_never_mixed(cli, fixed_ckpt, photos, tmp_path, cache, mode):
+    paths = sorted(photos.glob("*.JPEG"))[:16]
+    plain, quantized = tmp_path / "plain", tmp_path / "q"
+    assert cli("embed", *paths, "-o", plain, "-m", fixed_ckpt, "--dtype", "float32").exit_code == 0
+    result = cli("embed", *paths, "-o", quantized, "-m", fixed_ckpt, "--dtype", "float32", "--quantize", mode)
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(pq.read_schema(next(quantized.glob("*.parquet"))).metadata[b"siglip"])
+    assert meta["quantize"] == mode and meta["signature"]["quantize"] == mode
+    cos = (vectors(plain) * vectors(quantized)).sum(axis=1)
+    assert cos.mean() > 0.9 and cos.min() < 1.0  # close to float32, and really quantized
+    mixed = cli("embed", *paths, "-o", plain, "-m", fixed_ckpt, "--dtype", "float32", "--quantize", mode)
+    assert mixed.exit_code == 1 and f"quantize: 'none' there, '{mode}' now" in mixed.stderr
+    back = cli("embed", *paths, "-o", quantized, "-m", fixed_ckpt, "--dtype", "float32")
+    assert back.exit_code == 1 and f"quantize: '{mode}' there, 'none' now" in back.stderr
+
+
+def test_quantize_needs_openvino_on_a_cpu(cli, fixed_ckpt, photos, tmp_path):
+    result = cli("embed", sorted(photos.glob("*.JPEG"))[0], "-o", tmp_path / "o.parquet", "-m", fixed_ckpt,
+                 "--backend", "torch", "--quantize", "int8")
+    assert result.exit_code == 1 and "--quantize int8 needs the OpenVINO backend" in result.stderr
