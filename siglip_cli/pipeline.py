@@ -62,7 +62,7 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     local = os.path.isdir(name)
     dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
     sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
-           "model": os.path.abspath(name) if local else name, "weights": weights, "dtype": dtype,
+           "model": "local folder" if local else name, "weights": weights, "dtype": dtype,
            "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}
     if cfg.head is not None:
         sig["exact"] = cfg.exact

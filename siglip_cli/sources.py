@@ -65,8 +65,8 @@ def _walk(folder: str, extensions: tuple[str, ...], seen: set[tuple[int, int]]) 
             is_dir = entry.is_dir()
         except OSError:
             is_dir = False
-        if is_dir:
-            yield from _walk(path, extensions, seen)
+        if is_dir:  # a symlinked folder is walked under its real path: one key per file, whichever way it is reached
+            yield from _walk(os.path.realpath(path), extensions, seen)
         elif entry.name.lower().endswith(extensions):
             yield _record(path)
 
@@ -93,10 +93,11 @@ def canonical(path: str) -> str:
 
     The name is not resolved: a symlinked photo is its own entry, as when its folder is walked.
     """
-    folder, name = os.path.split(os.path.abspath(path))
-    if not name:  # the root folder
-        return folder
-    return os.path.join(os.path.realpath(folder), name)
+    folder, name = os.path.split(path)
+    if name in ("", ".", ".."):  # a folder, not a file's name
+        return os.path.realpath(path)
+    # realpath before any `..` is applied: `link/../a.jpg` is a.jpg beside the link's target, as the OS sees it
+    return os.path.join(os.path.realpath(folder or "."), name)
 
 
 def is_dir(path: str) -> bool:

@@ -51,9 +51,18 @@ def test_prune_refuses_a_missing_or_empty_root(cli, fixed_ckpt, tmp_path, layout
         assert pq.read_table(out).num_rows == 0
 
 
+def flat_library(folder, n: int):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(folder / f"p{i:02d}.png")
+    return folder
+
+
 def test_prune_refuses_to_remove_most_rows_and_only_prunes_under_its_roots(cli, fixed_ckpt, tmp_path):
-    a = make_library(tmp_path / "a", 10)
-    b = make_library(tmp_path / "b", 4)
+    a = flat_library(tmp_path / "a", 10)
+    b = flat_library(tmp_path / "b", 4)
     out = tmp_path / "lib"
     assert cli("embed", a, b, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
     for p in sorted(a.rglob("*.png"))[:6]:
@@ -84,7 +93,42 @@ def test_nightly_example_survives_a_missing_share(fixed_ckpt, tmp_path):
     assert len(paths(tmp_path / "index" / "embeddings")) == 6
 
 
+def test_prune_refuses_an_empty_share_mounted_inside_a_root(cli, fixed_ckpt, tmp_path):
+    photos = tmp_path / "photos"
+    flat_library(photos / "local", 160)
+    nas = flat_library(photos / "nas", 100)
+    album = flat_library(photos / "album", 2)
+    out = tmp_path / "lib"
+    assert cli("embed", photos, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    shutil.rmtree(nas)
+    nas.mkdir()  # the share is not mounted: its mountpoint is empty
+    refused = cli("embed", photos, "-o", out, "-m", fixed_ckpt, "--prune")
+    assert refused.exit_code == 1 and f"not pruning: {nas} is empty, but the index has 100 rows" in refused.stderr
+    assert len(paths(out)) == 262
+    shutil.rmtree(nas)
+    shutil.copytree(tmp_path / "photos" / "local", nas)  # mounted again (other photos); an album emptied by hand
+    for p in album.iterdir():
+        p.unlink()
+    result = cli("embed", photos, "-o", out, "-m", fixed_ckpt, "--prune")
+    assert result.exit_code == 0 and "2 pruned" in result.stderr, result.stderr
+
+
 # -- 2. one row per file, however it is named ---------------------------------------------------------------
+def test_symlinks_and_dotdot_are_one_row_per_file(cli, fixed_ckpt, tmp_path):
+    real = flat_library(tmp_path / "real", 3)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    os.symlink(real, lib / "a_link")  # a symlinked subfolder inside the root
+    os.symlink(real, tmp_path / "alias")
+    out = tmp_path / "out"
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path}/alias/../real/p00.png\n{real}/p01.png\n")  # `..` after a symlink: beside its target
+    for args in ([lib], [real], [real / "p02.png"], ["--files-from", listed]):
+        result = cli("embed", *args, "-o", out, "-m", fixed_ckpt)
+        assert result.exit_code == 0, result.stderr
+    assert paths(out) == sorted(str(real / f"p{i:02d}.png") for i in range(3))
+
+
 def test_same_folder_given_three_ways_is_one_row_per_file(fixed_ckpt, tmp_path):
     lib = make_library(tmp_path / "photos", 5)
     os.symlink(lib, tmp_path / "link")
@@ -113,9 +157,15 @@ def test_changed_local_weights_or_dtype_are_refused(cli, fixed_ckpt, tmp_path):
     assert other.exit_code == 1 and "dtype: 'float32' there, 'bfloat16' now" in other.stderr
     exact = cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32", "--exact")
     assert exact.exit_code == 1 and "exact: False there, True now" in exact.stderr
+    copied = tmp_path / "elsewhere" / "model-copy"
+    shutil.copytree(model, copied, copy_function=shutil.copy)  # another path, new mtimes, same weights
+    assert "3 unchanged" in cli("embed", lib, "-o", out, "-m", copied, "--dtype", "float32").stderr
+    from safetensors.torch import load_file, save_file
+
     weights = model / "model.safetensors"
-    weights.write_bytes(weights.read_bytes())  # re-saved weights: a new fingerprint
-    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
+    tensors = load_file(weights)
+    tensors["logit_bias"] = tensors["logit_bias"] + 0.5  # fine-tuned weights, saved over the old
+    save_file(tensors, weights, metadata={"format": "pt"})
     changed = cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32")
     assert changed.exit_code == 1 and "weights: 'local:" in changed.stderr and "--overwrite" in changed.stderr
     rebuilt = cli("embed", lib, "-o", out, "-m", model, "--dtype", "float32", "--overwrite")
@@ -178,7 +228,7 @@ def test_moved_folder_reuses_rows_without_the_model(cli, fixed_ckpt, tmp_path, m
 
     monkeypatch.setattr("siglip_cli.pipeline.Encoder.load", forbidden)
     monkeypatch.setattr("siglip_cli.loader.decoded_chunks", forbidden)
-    result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
+    result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "--prune")  # moves are not "gone": no refusal
     assert result.exit_code == 0, result.stderr
     assert "100 moved" in result.stderr and "100 pruned" in result.stderr and " 0 done" in result.stderr
     after = by_path(pq.read_table(out))
@@ -253,3 +303,28 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_p
         if run.returncode == 0:  # the kill came after the last step: every step has been tried
             break
     assert step > 2
+
+
+def test_a_move_after_a_killed_run_copies_the_row_of_its_content(fixed_ckpt, tmp_path):
+    from PIL import Image
+
+    lib = flat_library(tmp_path / "photos", 6)
+    out = tmp_path / "lib"
+    assert run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    first = by_path(read_index(str(out)))
+    target = lib / "p00.png"
+    original = target.read_bytes()
+    Image.new("RGB", (8, 8), (0, 0, 250)).save(target)  # p00 changes...
+    os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILL_AT)
+    killed = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0",
+                        env={"PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": "1"})  # ...and the run dies at its end
+    assert killed.returncode != 0
+    (lib / "restored.png").write_bytes(original)  # the old p00, back under another name
+    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert result.returncode == 0 and "1 moved" in result.stderr, result.stderr
+    now = by_path(pq.read_table(out))
+    assert now[str(lib / "restored.png")]["embedding"] == first[str(target)]["embedding"]
+    assert now[str(lib / "restored.png")]["sha256"] == first[str(target)]["sha256"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 from typing import Iterable
@@ -104,3 +105,20 @@ def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> in
             raise write_error(path, e) from None
         raise
     return rows
+
+
+def write_json(path: str, value) -> bool:
+    """Write a small JSON file atomically (a cache: failing to write it only costs time). True when written."""
+    tmp = tmp_name(path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False

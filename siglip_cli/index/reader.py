@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .files import METADATA_KEY
 from .layouts import is_file_output, _parts
+
+
+def _signature(schema: pa.Schema):
+    """The settings a part was made with: parts of other settings do not belong with the newest."""
+    try:
+        return json.loads(schema.metadata[METADATA_KEY]).get("signature")
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def read_index(path: str, columns: list[str] | None = None) -> pa.Table:
@@ -19,11 +29,21 @@ def read_index(path: str, columns: list[str] | None = None) -> pa.Table:
     """
     if is_file_output(path) or not os.path.isdir(path):
         return pq.read_table(path, columns=columns)
-    parts = _parts(path)
-    if not parts:
+    tables = []
+    for part in reversed(_parts(path)):  # newest first: it decides the settings that count
+        try:
+            schema = pq.read_schema(part)
+            if tables and _signature(schema) != tables[0][1]:
+                continue  # a part of other settings, left by a rebuild (--overwrite) still going or killed
+            if "path" not in schema.names:  # a text output: rewritten whole, its newest part is all of it
+                return pq.read_table(part, columns=columns)
+            need = None if columns is None else list(dict.fromkeys(columns + ["path", "path_bytes"]))
+            tables.append((pq.read_table(part, columns=need), _signature(schema)))
+        except FileNotFoundError:  # removed by a run finishing meanwhile: it held only superseded rows
+            continue
+    if not tables:
         raise FileNotFoundError(f"{path} holds no siglip parts")
-    need = None if columns is None else list(dict.fromkeys(columns + ["path", "path_bytes"]))
-    tables = [pq.read_table(p, columns=need) for p in parts]
+    tables = [t for t, _ in reversed(tables)]
     schema = tables[-1].schema
     table = pa.concat_tables([t.cast(schema) for t in tables])
     order = pa.array(range(table.num_rows), pa.int64())

@@ -68,7 +68,7 @@ class Index:
 
     entries: dict[str, Entry] = field(default_factory=dict)
     stale: dict[int, set[str]] = field(default_factory=dict)
-    content: dict[tuple[int, str], str] = field(default_factory=dict)  # (size, sha256) of ok rows -> path
+    content: dict[tuple[int, str], tuple[str, int]] = field(default_factory=dict)  # (size, sha256) -> a good row
     sizes: set[int] = field(default_factory=set)
     moves: list[Move] = field(default_factory=list)
     skipped: int = 0
@@ -85,7 +85,7 @@ class Index:
                 self.stale.setdefault(old.segment, set()).add(path)
             self.entries[path] = Entry(segment, size, mtime, sha, status == "ok")
             if status == "ok" and size is not None and sha:
-                self.content[(size, sha)] = path
+                self.content[(size, sha)] = (path, segment)  # that row, in that segment, holds this content
                 self.sizes.add(size)
 
     # -- during the run -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ class Index:
                 continue
             done.add(rec.path)
             for root in roots:
-                if under(rec.path, root.key):
+                if rec.error is None and under(rec.path, root.key):  # an unreadable root is not a seen one
                     self.seen[root.key] = self.seen.get(root.key, 0) + 1
             old = self.entries.get(rec.path)
             if old is None:
@@ -118,10 +118,10 @@ class Index:
     def _move(self, rec: FileRecord) -> Move | None:
         if rec.error or rec.size not in self.sizes:
             return None  # no good row of that size: no hash to compute
-        source = self.content.get((rec.size, file_hash(rec.path)))
-        if source is None or source == rec.path:
+        found = self.content.get((rec.size, file_hash(rec.path)))
+        if found is None or found[0] == rec.path:
             return None
-        return Move(rec, source, self.entries[source].segment)
+        return Move(rec, *found)
 
     # -- at the end ---------------------------------------------------------------------------------
     def check_roots(self, roots: list[Root]) -> None:
@@ -136,22 +136,80 @@ class Index:
                                "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone")
 
     def prune(self, roots: list[Root], anyway: bool = False) -> int:
-        """Mark for removal the rows under this run's roots whose files no longer exist; returns how many.
+        """Mark for removal the rows under this run's roots whose files are gone; returns how many.
 
-        Refuses (RunError, nothing marked) when a root is missing or empty, or when more than half of the rows
-        under the roots would go, unless `anyway`.
+        Refuses (RunError, nothing marked), unless `anyway`, when a root is missing or empty, when a folder
+        that held rows is now empty (a share mounted inside a root), or when more than half of the rows under
+        a root would go. Moved files' old rows go without counting towards that half.
         """
         if not anyway:
             self.check_roots(roots)
-        held = [p for p in self.entries if any(under(p, r.key) for r in roots)]
-        gone = [p for p in held if not os.path.lexists(p)]
-        if gone and len(gone) * 2 > len(held) and not anyway:
-            names = ", ".join(r.given for r in roots)
-            raise RunError(f"not pruning: {len(gone):,} of the {len(held):,} rows under {names} would go, more than "
-                           "half (a missing mount?); rows kept. Pass --prune-anyway if those photos are gone")
-        for p in gone:
+        moved = {m.source for m in self.moves}
+        gone: list[str] = []
+        for root in roots:
+            held = [p for p in self.entries if under(p, root.key)]
+            lost = [p for p in held if _gone(p)]
+            if not anyway:
+                lost_here = [p for p in lost if p not in moved]
+                _check_empty_folders(lost_here, root)
+                if lost_here and len(lost_here) * 2 > len(held):
+                    raise RunError(f"not pruning: {len(lost_here):,} of the {len(held):,} rows under {root.given} "
+                                   "would go, more than half (a missing mount?); rows kept. Pass --prune-anyway "
+                                   "if those photos are gone")
+            gone += lost
+        for p in set(gone):
             self.stale.setdefault(self.entries[p].segment, set()).add(p)
-        return len(gone)
+        return len(set(gone))
+
+
+def _gone(path: str) -> bool:
+    """Whether a file is certainly gone: a file that cannot be checked (EACCES, EIO, a stale NFS handle) is not."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+# An emptied folder that held this many rows is treated as a share that is not mounted (fewer: an album whose
+# photos were deleted). A mountpoint named in /etc/fstab that is empty and not mounted is refused at any size.
+EMPTY_FOLDER_ROWS = 100
+
+
+def _fstab_mountpoints(fstab: str = "/etc/fstab") -> set[str]:
+    try:
+        with open(fstab) as f:
+            return {fields[1] for line in f if (fields := line.split()) and not fields[0].startswith("#") and len(fields) > 1}
+    except OSError:
+        return set()
+
+
+def _check_empty_folders(lost: list[str], root: Root) -> None:
+    """An empty folder that held many rows, or an empty fstab mountpoint, is what an unmounted share inside a
+    root looks like: refuse."""
+    checked: set[str] = set()
+    mountpoints = None
+    for path in lost:
+        folder = os.path.dirname(path)
+        while not os.path.isdir(folder) and under(folder, root.key) and folder != root.key:
+            folder = os.path.dirname(folder)  # the nearest folder still there
+        if folder in checked:
+            continue
+        checked.add(folder)
+        try:
+            empty = not os.listdir(folder)
+        except OSError:
+            continue
+        if not empty:
+            continue
+        held = sum(1 for p in lost if under(p, folder))
+        if mountpoints is None:
+            mountpoints = _fstab_mountpoints()
+        if held >= EMPTY_FOLDER_ROWS or (folder in mountpoints and not os.path.ismount(folder)):
+            raise RunError(f"not pruning: {folder} is empty, but the index has {held:,} rows under it "
+                           "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone")
 
 
 def _unchanged(old: Entry, rec: FileRecord, rehash: bool) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 
 import pyarrow as pa
@@ -65,8 +66,12 @@ class Store:
                 raise RunError(f"{seg} is not a siglip output; move it away or choose another output") from None
             if theirs != self.signature:
                 if not overwrite:
+                    pin = ""
+                    old = (theirs or {}).get("weights", "")
+                    if re.fullmatch(r"[0-9a-f]{40}", old or "") and old != self.signature.get("weights"):
+                        pin = f" (--revision {old} keeps the weights it was made with)"
                     raise RunError(f"{self.path} was made with different settings ({differences(theirs, self.signature)}); "
-                                   "rerun with those settings, choose another output, or pass --overwrite to start afresh")
+                                   f"rerun with those settings{pin}, choose another output, or pass --overwrite to start afresh")
                 self.foreign.add(i)
             elif self.images:
                 self.index.add(i, pq.read_table(seg, columns=COLUMNS))
@@ -84,25 +89,38 @@ class Store:
         return self.layout.next_part()
 
     def copy_moves(self) -> int:
-        """Write the rows of moved files, copied from their old paths' rows with the new path, size and mtime."""
+        """Write the rows of moved files, copied from their old rows with the new path, size and mtime.
+
+        Each segment is read once, a batch at a time, keeping only the rows wanted: memory stays bounded
+        however big the index and however many files moved.
+        """
         from ..sink import copy_rows
 
-        moves = self.index.moves
-        for start in range(0, len(moves), MOVE_BATCH):
-            batch = moves[start:start + MOVE_BATCH]
-            by_segment = defaultdict(list)
-            for m in batch:
-                by_segment[m.segment].append(m)
-            tables = []
-            for seg, group in sorted(by_segment.items()):
-                shown = sorted({display_path(m.source)[0] for m in group})
-                # Only the rows wanted, a row group at a time: a big single-file index is never read whole.
-                table = pq.read_table(self.segments[seg], filters=pc.field("path").isin(shown))
-                row = {p: i for i, p in enumerate(paths_of(table))}
-                tables.append(copy_rows(table, [row[m.source] for m in group], [m.record for m in group]))
-            schema = tables[-1].schema
-            write_atomic(self.next_part(), tables, schema)
-        return len(moves)
+        by_segment = defaultdict(list)
+        for m in self.index.moves:
+            by_segment[m.segment].append(m)
+        pending: list[pa.Table] = []
+        rows = 0
+        for seg, group in sorted(by_segment.items()):
+            wanted = defaultdict(list)
+            for m in group:
+                wanted[m.source].append(m)
+            shown = pa.array(sorted({display_path(p)[0] for p in wanted}), pa.string())
+            for batch in pq.ParquetFile(self.segments[seg]).iter_batches(batch_size=1024):
+                hits = batch.filter(pc.is_in(batch.column("path"), value_set=shown))
+                if not hits.num_rows:
+                    continue
+                table = pa.Table.from_batches([hits])
+                take = [(i, m) for i, p in enumerate(paths_of(table)) for m in wanted.get(p, [])]
+                if take:
+                    pending.append(copy_rows(table, [i for i, _ in take], [m.record for _, m in take]))
+                    rows += len(take)
+                if rows >= MOVE_BATCH:
+                    write_atomic(self.next_part(), pending, pending[-1].schema)
+                    pending, rows = [], 0
+        if pending:
+            write_atomic(self.next_part(), pending, pending[-1].schema)
+        return len(self.index.moves)
 
     def prune(self, roots, anyway: bool = False) -> int:
         return self.index.prune(roots, anyway)
