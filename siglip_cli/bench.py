@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from .config import ARCHS, ModelConfig, RunConfig
+from .errors import RunError
 from .loader import chunk_size, decoded_chunks, pixel_shape
-from .model import Encoder, resolve_device, resolve_dtype
+from .model import Encoder, cpu_bf16_native, resolve_backend, resolve_device, resolve_dtype
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -38,6 +39,9 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     hidden, mlp, layers, heads, patch, size = ARCHS[arch]
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    backend = resolve_backend(cfg, device, naflex=False)
+    load = torch.float32 if backend == "openvino" else dtype
+    torch.manual_seed(0)  # the same random weights in every run: backends compare, conversions cache
     config = SiglipConfig(
         vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
                            num_attention_heads=heads, patch_size=patch, image_size=size),
@@ -46,7 +50,7 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
                          num_attention_heads=heads, max_position_embeddings=64, projection_size=hidden),
     )
     with torch.device(device):
-        model = SiglipModel._from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = SiglipModel._from_config(config, attn_implementation="sdpa", dtype=load)
         # so400m's trained scale (exp 4.72 = 112) and bias: tag scores of random weights then fall below any
         # threshold, as most of a vocabulary does on a real photo, instead of all sitting near 0.5.
         model.logit_scale.data.fill_(4.72)
@@ -57,7 +61,13 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
     vocab.update({f"<0x{i:02X}>": 6 + i for i in range(256)})
     tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True)
-    return Encoder(model, processor, tokenizer, dataclasses.replace(cfg, name=f"random:{arch}"), device, dtype)
+    encoder = Encoder(model, processor, tokenizer, dataclasses.replace(cfg, name=f"random:{arch}"), device, load)
+    if backend == "openvino":
+        from .config import usable_cpus
+        from .encoders import openvino
+
+        openvino.attach(encoder, dtype, cfg.quantize, usable_cpus())
+    return encoder
 
 
 def synthetic_photos(folder: str, n: int = 64) -> list[str]:
@@ -81,10 +91,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def ceiling(encoder: Encoder, batch_size: int, seconds: float) -> tuple[float, float]:
-    """Images/s of the image tower alone on pixels already on the device; and the first call's seconds."""
+def ceiling(encoder: Encoder, batch_size: int, seconds: float, sample: np.ndarray | None = None) -> tuple[float, float]:
+    """Images/s of the image tower alone on pixels already on the device; and the first call's seconds.
+
+    sample: real decoded photos (fixed-size checkpoints), repeated to a batch; they also calibrate --quantize int8.
+    """
     shape = pixel_shape(encoder.spec)
-    x = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, device=encoder.device)
+    if sample is not None and not encoder.naflex:
+        x = torch.from_numpy(np.resize(sample, (batch_size, *shape))).to(encoder.device)
+    else:
+        x = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, device=encoder.device)
     args = [x]
     if encoder.naflex:
         side = int(encoder.spec.max_patches ** 0.5)
@@ -152,7 +168,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
         n = bench.images or 20 * batch_size
         # Each file once per pass; passes repeat the list until n images (the OS cache serves repeats).
         records = [FileRecord(p) for p in itertools.islice(itertools.cycle(paths), n)]
-        top, first_call_s = ceiling(encoder, batch_size, bench.seconds)
+        top, first_call_s = ceiling(encoder, batch_size, bench.seconds, decode_sample(paths, spec, batch_size))
         decode = decode_rate(records, spec, cfg.workers, batch_size, cfg.timeout)
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size, head=EmbedSpec())
         e2e = end_to_end(run_cfg, encoder, records, folder)
@@ -168,6 +184,98 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
             tag = end_to_end(dataclasses.replace(cfg, batch_size=batch_size, head=tag_spec), encoder, records, folder)
             result.update(tag=round(tag, 1), tag_vs_embed=round(tag / e2e, 3), n_tags=len(tag_spec.vocab.tags))
     return result
+
+
+def decode_sample(paths: list[str], spec, n: int) -> np.ndarray | None:
+    """Up to n distinct photos decoded to the model's input size (None for NaFlex): the tower's real inputs."""
+    from .decode import decode
+    from .sources import FileRecord
+
+    if spec.naflex:
+        return None
+    pixels = [d.pixels for p in paths[:n] if (d := decode(FileRecord(p), spec)).error is None]
+    return np.stack(pixels) if pixels else None
+
+
+def variants(device: torch.device) -> list[tuple[str, str, str]]:
+    """(backend, dtype, quantize) that this machine can run, torch float32 first: the reference."""
+    from .encoders import openvino
+
+    bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native())
+    out = [("torch", "float32", "none")] + ([("torch", "bfloat16", "none")] if bf16 else [])
+    if device.type == "cpu" and openvino.available():
+        out += [("openvino", "float32", "none")] + ([("openvino", "bfloat16", "none")] if bf16 else [])
+        out += [("openvino", "bfloat16" if bf16 else "float32", q) for q in ("int8-weights", "int8", "int4")]
+    return out
+
+
+@torch.inference_mode()
+def _embed(encoder: Encoder, sample: np.ndarray, batch_size: int) -> np.ndarray:
+    out = [encoder._features(torch.from_numpy(sample[i : i + batch_size]).to(encoder.device)).float().cpu()
+           for i in range(0, len(sample), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def matrix(bench: BenchConfig) -> dict:
+    """Every backend, dtype and quantization this machine can run, on the same photos and weights: images/s of
+    the tower alone and end to end, and each one's cosine to torch float32 on the same pixels."""
+    from .pipeline import default_batch_size
+    from .sources import FileRecord, iter_files
+    from .tasks import EmbedSpec
+
+    cfg = bench.run
+    device = resolve_device(cfg.model.device)
+    rows, ref = [], None
+    with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:
+        src = cfg.sources
+        paths = [r.path for r in iter_files(src.paths, None, src.extensions) if r.error is None] if src.paths else []
+        generated = not paths
+        if generated:
+            paths = synthetic_photos(folder)
+        for backend, dtype, quantize in variants(device):
+            model = dataclasses.replace(cfg.model, backend=backend, dtype=dtype, quantize=quantize, compile=False)
+            encoder = random_encoder(bench.arch, model) if bench.arch else Encoder.load(model)
+            if encoder.naflex:
+                raise RunError("bench --backends compares fixed-resolution checkpoints (NaFlex runs on torch only)")
+            batch_size = cfg.batch_size or default_batch_size(encoder.device)
+            spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
+            sample = decode_sample(paths, spec, max(64, batch_size))
+            t = time.perf_counter()
+            emb = _embed(encoder, sample, batch_size)  # the first batch calibrates int8: real photos
+            prepare_s = time.perf_counter() - t
+            ref = emb if ref is None else ref
+            cos = (emb * ref).sum(axis=1)
+            top, _ = ceiling(encoder, batch_size, bench.seconds, sample)
+            n = bench.images or 10 * batch_size
+            records = [FileRecord(p) for p in itertools.islice(itertools.cycle(paths), n)]
+            run_cfg = dataclasses.replace(cfg, model=model, batch_size=batch_size, head=EmbedSpec())
+            out = os.path.join(folder, f"{backend}-{dtype}-{quantize}")
+            os.makedirs(out)
+            e2e = end_to_end(run_cfg, encoder, records, out)
+            rows.append({"backend": backend, "dtype": dtype, "quantize": quantize, "tower": round(top, 1),
+                         "end_to_end": round(e2e, 1), "ratio": round(e2e / top, 3),
+                         "vs_float32": round(e2e / rows[0]["end_to_end"], 2) if rows else 1.0,
+                         "min_cos": round(float(cos.min()), 6), "mean_cos": round(float(cos.mean()), 6),
+                         "first_batch_s": round(prepare_s, 1)})
+            del encoder
+    return {"device": _device_name(device), "model": f"random:{bench.arch}" if bench.arch else cfg.model.name,
+            "images": n, "photos_compared": len(sample), "distinct_files": len(paths), "generated_images": generated,
+            "batch_size": batch_size, "workers": cfg.workers, "variants": rows}
+
+
+def matrix_table(result: dict) -> str:
+    """The backends side by side, as the README's table."""
+    lines = ["| hardware | model | backend | dtype | quantize | tower img/s | end to end img/s | vs torch float32 "
+             "| end to end / tower | min cos | mean cos |", "| --- " * 11 + "|"]
+    for v in result["variants"]:
+        lines.append(f"| {result['device']} | {result['model']} | {v['backend']} | {v['dtype']} | {v['quantize']} "
+                     f"| {v['tower']:.1f} | {v['end_to_end']:.1f} | {v['vs_float32']:.2f}x | {v['ratio']:.2f} "
+                     f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} |")
+    lines.append(f"\n{result['images']:,} images end to end ({result['distinct_files']} distinct files"
+                 f"{', generated' if result['generated_images'] else ''}), cosines on {result['photos_compared']} "
+                 f"photos against torch float32 on the same pixels; batch {result['batch_size']}, "
+                 f"{result['workers']} workers")
+    return "\n".join(lines)
 
 
 def _device_name(device: torch.device) -> str:

@@ -272,6 +272,7 @@ def bench(
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Also measure `tag` with this vocabulary, against `embed`.", show_default=False)] = None,
     seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="Time the model alone for at least this long.")] = 3.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+    backends: Annotated[bool, typer.Option("--backends", help="Compare every backend, dtype and quantization this machine can run: images/s and cosine to torch float32.")] = False,
     ext: Ext = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     backend: Backend = "auto", quantize: Quantize = "none",
@@ -295,11 +296,13 @@ def bench(
     try:
         from . import bench as benchmark
 
-        result = benchmark.run(benchmark.BenchConfig(cfg, arch, images, seconds), tag_spec)
+        config = benchmark.BenchConfig(cfg, arch, images, seconds)
+        result = benchmark.matrix(config) if backends else benchmark.run(config, tag_spec)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
-    typer.echo(json.dumps(result, indent=2) if json_out else benchmark.table(result))
+    show = benchmark.matrix_table if backends else benchmark.table
+    typer.echo(json.dumps(result, indent=2) if json_out else show(result))
 
 
 def main() -> None:
