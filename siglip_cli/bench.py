@@ -40,7 +40,6 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     backend = resolve_backend(cfg, device, naflex=False)
-    load = torch.float32 if backend == "openvino" else dtype
     torch.manual_seed(0)  # the same random weights in every run: backends compare, conversions cache
     config = SiglipConfig(
         vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
@@ -50,11 +49,14 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
                          num_attention_heads=heads, max_position_embeddings=64, projection_size=hidden),
     )
     with torch.device(device):
-        model = SiglipModel._from_config(config, attn_implementation="sdpa", dtype=load)
+        # built in float32 then cast, so that every dtype has the same weights (rounded)
+        model = SiglipModel._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         # so400m's trained scale (exp 4.72 = 112) and bias: tag scores of random weights then fall below any
         # threshold, as most of a vocabulary does on a real photo, instead of all sitting near 0.5.
         model.logit_scale.data.fill_(4.72)
         model.logit_bias.data.fill_(-16.5)
+    load = torch.float32 if backend == "openvino" else dtype
+    model = model.to(load)
     processor = SiglipImageProcessorPil(size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3,
                                         image_std=[0.5] * 3)
     # A byte-level Gemma tokenizer: enough to embed a vocabulary when measuring `tag`.

@@ -27,3 +27,20 @@ def test_bench_table_on_given_images(cli, fixed_ckpt, photos):
 def test_bench_unknown_arch_exits_2(cli):
     result = cli("bench", "--arch", "huge-patch3")
     assert result.exit_code == 2 and "unknown architecture" in result.stderr
+
+
+def test_bench_backends_side_by_side(cli, photos):
+    result = cli("bench", photos, "--arch", "tiny", "--backends", "-n", "16", "-j", "1", "--seconds", "0.2", "--json")
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    rows = {(v["backend"], v["dtype"], v["quantize"]): v for v in out["variants"]}
+    first = out["variants"][0]
+    assert (first["backend"], first["dtype"], first["quantize"]) == ("torch", "float32", "none")
+    assert first["min_cos"] == 1.0 and first["vs_float32"] == 1.0
+    assert all(v["tower"] > 0 and v["end_to_end"] > 0 and -1 <= v["min_cos"] <= 1 for v in rows.values())
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return
+    assert rows[("openvino", "float32", "none")]["min_cos"] >= 0.9999  # the same numbers, another runtime
+    assert {q for _, _, q in rows} == {"none", "int8-weights", "int8", "int4"}

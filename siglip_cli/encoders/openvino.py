@@ -52,15 +52,16 @@ def _versions() -> dict:
     import openvino
 
     nncf = importlib.util.find_spec("nncf") is not None and __import__("nncf").__version__
-    return {"openvino": openvino.__version__, "nncf": nncf}
+    return {"openvino": openvino.__version__, "nncf": nncf, "torch": torch.__version__}
 
 
-def cache_path(encoder, quantize: str) -> str:
-    """Where the converted tower of this model, input size and quantization lives."""
+def cache_path(encoder, batch: int, quantize: str) -> str:
+    """Where the converted tower of this model, batch and input size, and quantization lives."""
     from ..vocab import cache_dir
 
     spec = encoder.spec
-    key = json.dumps([CACHE_VERSION, encoder.fingerprint, "image", [spec.height, spec.width], quantize, _versions()])
+    key = json.dumps([CACHE_VERSION, encoder.fingerprint, "image", [batch, spec.height, spec.width], quantize,
+                      _versions()])
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24], "image.xml")
 
 
@@ -70,12 +71,15 @@ def _say(message: str) -> None:
 
 class OpenVINOTower:
     """The image tower as a compiled OpenVINO model; built (or read from the cache) at the first batch, whose
-    photos calibrate int8 activation quantization."""
+    photos calibrate int8 activation quantization.
+
+    The graph has a static batch, the first call's (about 10% faster than a dynamic one on a CPU): smaller
+    batches are padded, larger ones split.
+    """
 
     def __init__(self, encoder, quantize: str, precision: str, threads: int):
         self.encoder, self.quantize, self.precision, self.threads = encoder, quantize, precision, threads
-        self.path = cache_path(encoder, quantize)
-        self.compiled = None
+        self.compiled, self.batch, self.path = None, 0, ""
 
     def _convert(self, sample: np.ndarray):
         # stdout may be the run's data (-o -): the converters' chatter and progress go to stderr, or nowhere
@@ -88,17 +92,15 @@ class OpenVINOTower:
 
         t = time.perf_counter()
         tower = _Tower(self.encoder.model, self.encoder._a, self.encoder._b).eval()  # loaded in float32
-        h, w = self.encoder.spec.height, self.encoder.spec.width
         with torch.no_grad():
-            model = ov.convert_model(tower, example_input=torch.from_numpy(sample[:1]), input=[(-1, h, w, 3)])
+            model = ov.convert_model(tower, example_input=torch.from_numpy(sample), input=[sample.shape])
         if self.quantize != "none":
             import nncf
 
             nncf.set_log_level(logging.ERROR)
-
             if self.quantize == "int8":
-                calibration = nncf.Dataset([sample[i : i + 1] for i in range(len(sample))])
-                model = nncf.quantize(model, calibration, subset_size=len(sample), model_type=nncf.ModelType.TRANSFORMER,
+                calibration = nncf.Dataset([sample])  # the run's first batch of real photos
+                model = nncf.quantize(model, calibration, subset_size=1, model_type=nncf.ModelType.TRANSFORMER,
                                       fast_bias_correction=True)
             elif self.quantize == "int8-weights":
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
@@ -121,6 +123,8 @@ class OpenVINOTower:
     def _build(self, sample: np.ndarray) -> None:
         import openvino as ov
 
+        self.batch = len(sample)
+        self.path = cache_path(self.encoder, self.batch, self.quantize)
         core = ov.Core()
         if os.path.exists(self.path):
             model = core.read_model(self.path)
@@ -138,7 +142,13 @@ class OpenVINOTower:
         pixels = x.numpy()
         if self.compiled is None:
             self._build(pixels)
-        return torch.from_numpy(self.compiled(pixels)[0])
+        out = []
+        for i in range(0, len(pixels), self.batch):
+            part = pixels[i : i + self.batch]
+            if len(part) < self.batch:  # the last batch of a run: padded with copies of its first image
+                part = np.concatenate([part, np.repeat(part[:1], self.batch - len(part), axis=0)])
+            out.append(self.compiled(part)[0][: len(pixels) - i])
+        return torch.from_numpy(np.concatenate(out))
 
 
 def attach(encoder, dtype: torch.dtype, quantize: str, threads: int) -> None:
