@@ -176,6 +176,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
         e2e = end_to_end(run_cfg, encoder, records, folder)
         result = {
             "device": _device_name(encoder.device), "model": encoder.info.name, "dtype": str(encoder.dtype)[6:],
+            "backend": encoder.backend, "quantize": encoder.quantize,
             "compile": cfg.model.compile, "exact": cfg.exact, "batch_size": batch_size, "workers": cfg.workers,
             "images": n, "distinct_files": len(paths), "generated_images": generated,
             "load_s": round(load_s, 2), "first_call_s": round(first_call_s, 2),
@@ -288,10 +289,11 @@ def _device_name(device: torch.device) -> str:
 
 def table(result: dict) -> str:
     """The result as the README's table row, with its header."""
-    head = "| hardware | model | dtype | compile | ceiling | decode | end to end | ratio |"
-    row = (f"| {result['device']} | {result['model']} | {result['dtype']} | {'yes' if result['compile'] else 'no'} "
+    head = "| hardware | model | backend | dtype | quantize | compile | ceiling | decode | end to end | ratio |"
+    row = (f"| {result['device']} | {result['model']} | {result['backend']} | {result['dtype']} | {result['quantize']} "
+           f"| {'yes' if result['compile'] else 'no'} "
            f"| {result['ceiling']:.0f} | {result['decode']:.0f} | {result['end_to_end']:.0f} | {result['ratio']:.2f} |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |", row]
+    lines = [head, "| --- " * 10 + "|", row]
     if "tag" in result:
         lines.append(f"\ntag with {result['n_tags']:,} tags: {result['tag']:.0f} images/s, "
                      f"{result['tag_vs_embed']:.0%} of embed")

@@ -92,8 +92,10 @@ class OpenVINOTower:
 
         t = time.perf_counter()
         tower = _Tower(self.encoder.model, self.encoder._a, self.encoder._b).eval()  # loaded in float32
-        with torch.no_grad():
-            model = ov.convert_model(tower, example_input=torch.from_numpy(sample), input=[sample.shape])
+        h, w = sample.shape[1:3]
+        with torch.no_grad():  # traced on one image (fast), then fixed to the run's batch
+            model = ov.convert_model(tower, example_input=torch.from_numpy(sample[:1]), input=[(-1, h, w, 3)])
+        model.reshape([len(sample), h, w, 3])
         if self.quantize != "none":
             import nncf
 
