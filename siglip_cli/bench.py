@@ -87,6 +87,15 @@ def synthetic_photos(folder: str, n: int = 64) -> list[str]:
     return paths
 
 
+def bench_images(cfg: RunConfig, folder: str) -> tuple[list[str], bool]:
+    """The images given (readable ones), or generated ones in folder; and whether they were generated."""
+    from .sources import iter_files
+
+    src = cfg.sources
+    paths = [r.path for r in iter_files(src.paths, None, src.extensions) if r.error is None] if src.paths else []
+    return (paths, False) if paths else (synthetic_photos(folder), True)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,7 +160,7 @@ def end_to_end(cfg: RunConfig, encoder: Encoder, records, folder: str) -> float:
 def run(bench: BenchConfig, tag_spec=None) -> dict:
     """Measure everything on the same device and settings; returns the numbers (images/s) and the setting."""
     from .pipeline import default_batch_size
-    from .sources import FileRecord, iter_files
+    from .sources import FileRecord
     from .tasks import EmbedSpec
 
     cfg = bench.run
@@ -162,11 +171,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
     encoder.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
     with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:
-        src = cfg.sources
-        paths = [r.path for r in iter_files(src.paths, None, src.extensions) if r.error is None] if src.paths else []
-        generated = not paths
-        if generated:
-            paths = synthetic_photos(folder)
+        paths, generated = bench_images(cfg, folder)
         n = bench.images or 20 * batch_size
         # Each file once per pass; passes repeat the list until n images (the OS cache serves repeats).
         records = [FileRecord(p) for p in itertools.islice(itertools.cycle(paths), n)]
@@ -223,18 +228,14 @@ def matrix(bench: BenchConfig) -> dict:
     """Every backend, dtype and quantization this machine can run, on the same photos and weights: images/s of
     the tower alone and end to end, and each one's cosine to torch float32 on the same pixels."""
     from .pipeline import default_batch_size
-    from .sources import FileRecord, iter_files
+    from .sources import FileRecord
     from .tasks import EmbedSpec
 
     cfg = bench.run
     device = resolve_device(cfg.model.device)
     rows, ref = [], None
     with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:
-        src = cfg.sources
-        paths = [r.path for r in iter_files(src.paths, None, src.extensions) if r.error is None] if src.paths else []
-        generated = not paths
-        if generated:
-            paths = synthetic_photos(folder)
+        paths, generated = bench_images(cfg, folder)
         for backend, dtype, quantize in variants(device):
             model = dataclasses.replace(cfg.model, backend=backend, dtype=dtype, quantize=quantize, compile=False)
             encoder = random_encoder(bench.arch, model) if bench.arch else Encoder.load(model)

@@ -20,6 +20,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Text-embedding and OpenVINO caches of the session's own, never the user's ~/.cache/siglip."""
+    if "SIGLIP_CACHE_DIR" not in os.environ:
+        os.environ["SIGLIP_CACHE_DIR"] = str(tmp_path_factory.mktemp("siglip-cache"))
+
+
 def _tokenizer():
     """A character-level Gemma tokenizer with byte fallback, configured like the SigLIP 2 checkpoints'."""
     from transformers import GemmaTokenizer

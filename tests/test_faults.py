@@ -259,11 +259,7 @@ def test_tiny_dev_shm_in_a_container(fixed_ckpt, tmp_path):
     assert all(r["status"] == "ok" for r in rows(out).values()) and len(rows(out)) == 12
 
 
-def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
-    lib = library(tmp_path / "lib", 6)
-    (lib / "flaky.jpg").write_bytes(jpeg_bytes())
-    (lib / "zz-crash-always.jpg").write_bytes(jpeg_bytes())
-    code = IN_WORKERS + '''
+CRASH_ALWAYS = IN_WORKERS + '''
 _open2 = builtins.open
 def open(file, *args, **kwargs):
     if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith("crash-always.jpg"):
@@ -271,9 +267,15 @@ def open(file, *args, **kwargs):
     return _open2(file, *args, **kwargs)
 builtins.open = open
 '''
+
+
+def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
+    lib = library(tmp_path / "lib", 6)
+    (lib / "flaky.jpg").write_bytes(jpeg_bytes())
+    (lib / "zz-crash-always.jpg").write_bytes(jpeg_bytes())
     out = tmp_path / "out.parquet"
     result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "4",
-                        env=hook_dir(tmp_path, code), timeout=300)
+                        env=hook_dir(tmp_path, CRASH_ALWAYS), timeout=300)
     assert result.returncode == 0, result.stderr
     got = rows(out)
     assert got["flaky.jpg"]["status"] == "ok"  # its worker died once, but it decodes fine alone
@@ -293,16 +295,6 @@ def test_slots_shrink_to_the_room_there_is(monkeypatch):
         _free(blocks)
     monkeypatch.setenv("SIGLIP_SHM_BYTES", str(image - 1))
     assert _slots(2, 8, image) == (8, None)  # not one image: pixels go by pipe
-
-
-CRASH_ALWAYS = IN_WORKERS + '''
-_open2 = builtins.open
-def open(file, *args, **kwargs):
-    if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith("crash-always.jpg"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    return _open2(file, *args, **kwargs)
-builtins.open = open
-'''
 
 
 def test_a_crash_while_the_consumer_is_busy(tmp_path, monkeypatch):
