@@ -113,7 +113,7 @@ def ckpt(request, fixed_ckpt, naflex_ckpt) -> Path:
 def photos() -> Path:
     if not IMAGES.is_dir():
         pytest.skip(f"the shared photos are not at {IMAGES}")
-    return IMAGES
+    return IMAGES.resolve()  # as rows name them: folders resolved (shared/ may be reached through a link)
 
 
 @pytest.fixture(scope="session")
