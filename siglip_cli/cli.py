@@ -33,22 +33,18 @@ def _device(value: str) -> str:
     return value
 
 
-def _dtype(value: str) -> str:
-    if value not in ("auto", "float32", "bfloat16", "float16"):
-        raise typer.BadParameter("expected auto, float32, bfloat16 or float16")
-    return value
+def _one_of(*choices: str):
+    """An option callback that accepts only the given words (exit 2 naming them otherwise)."""
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"expected {', '.join(choices[:-1])} or {choices[-1]}")
+        return value
+    return check
 
 
-def _backend(value: str) -> str:
-    if value not in ("auto", "torch", "openvino"):
-        raise typer.BadParameter("expected auto, torch or openvino")
-    return value
-
-
-def _quantize(value: str) -> str:
-    if value not in ("none", "int8", "int8-weights", "int4"):
-        raise typer.BadParameter("expected none, int8, int8-weights or int4")
-    return value
+_dtype = _one_of("auto", "float32", "bfloat16", "float16")
+_backend = _one_of("auto", "torch", "openvino")
+_quantize = _one_of("none", "int8", "int8-weights", "int4")
 
 
 def _version(value: bool) -> None:
