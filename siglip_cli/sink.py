@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .decode import Decoded
 from .sources import FileRecord, display_path
 from .index import METADATA_KEY, write_atomic
 
@@ -132,21 +133,10 @@ def copy_rows(table: pa.Table, rows: list[int], records: list[FileRecord]) -> pa
     """Rows of a segment, given to other files with the same content (moves): new path, size and mtime."""
     taken = table.take(pa.array(rows, pa.int64()))
     recs = [FileRecord(r.path, r.size, r.mtime_ns) for r in records]
-    fresh = dict(zip([f.name for f in IMAGE_FIELDS], _common([_Moved(r) for r in recs])))
+    fresh = dict(zip([f.name for f in IMAGE_FIELDS], _common([Decoded(r) for r in recs])))
     for name in ("path", "path_bytes", "size", "mtime"):
         taken = taken.set_column(taken.schema.get_field_index(name), taken.schema.field(name), fresh[name])
     return taken
-
-
-@dataclasses.dataclass
-class _Moved:
-    """Just enough of a decoded item for _common: the file, its status, no error."""
-
-    record: FileRecord
-    error: str | None = None
-    width: int = -1
-    height: int = -1
-    sha256: str | None = None
 
 
 class PartSink:
