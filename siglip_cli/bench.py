@@ -116,7 +116,12 @@ def ceiling(encoder: Encoder, batch_size: int, seconds: float, sample: np.ndarra
     if encoder.naflex:
         side = int(encoder.spec.max_patches ** 0.5)
         args += [torch.ones(batch_size, shape[0], dtype=torch.int32, device=encoder.device),
-                 torch.tensor([[side, shape[0] // side]] * batch_size)]
+                 torch.tensor([[side, shape[0] // side]] * batch_size), True]  # every patch real: no mask
+    with encoder.on_device():
+        return _timed(encoder, args, batch_size, seconds)
+
+
+def _timed(encoder: Encoder, args: list, batch_size: int, seconds: float) -> tuple[float, float]:
     t = time.perf_counter()
     encoder._features(*args)
     _sync(encoder.device)

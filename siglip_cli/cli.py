@@ -28,8 +28,8 @@ app = typer.Typer(
 
 
 def _device(value: str) -> str:
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-        raise typer.BadParameter("expected auto, cpu, mps, cuda or cuda:N")
+    if not re.fullmatch(r"auto|(cpu|mps|cuda(:\d+)?)(,(cpu|mps|cuda(:\d+)?))*", value):
+        raise typer.BadParameter("expected auto, cpu, mps, cuda, cuda:N, or a list such as cuda:0,cuda:1")
     return value
 
 
@@ -60,7 +60,7 @@ FilesFrom = Annotated[Optional[str], typer.Option("--files-from", help="Read mor
 Ext = Annotated[Optional[List[str]], typer.Option("--ext", help="Extensions to pick up in folders (repeatable; default: common image types).", show_default=False)]
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. [env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)]
-Device = Annotated[str, typer.Option("--device", help="auto|cuda|cuda:N|mps|cpu (auto picks the best present).", callback=_device)]
+Device = Annotated[str, typer.Option("--device", help="auto|cuda|cuda:N|mps|cpu, or a list (cuda:0,cuda:1). auto and cuda use every visible GPU.", callback=_device)]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere).", callback=_dtype)]
 Backend = Annotated[str, typer.Option("--backend", help="auto|torch|openvino: what runs the image tower (auto: OpenVINO on a CPU when the openvino extra is installed).", callback=_backend)]
 Quantize = Annotated[str, typer.Option("--quantize", help="none|int8|int8-weights|int4 (OpenVINO on a CPU): int8 quantizes weights and activations, calibrated on the run's first photos; int8-weights and int4 compress the weights only.", callback=_quantize)]
@@ -299,6 +299,20 @@ def bench(
         raise typer.Exit(e.exit_code)
     show = benchmark.matrix_table if backends else benchmark.table
     typer.echo(json.dumps(result, indent=2) if json_out else show(result))
+
+
+@app.command()
+def doctor(
+    model: Model = ...,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show what a bug report needs: versions, devices, what auto picks, caches, shared memory, the model.
+
+    Reads only; loads no model."""
+    from . import doctor as check
+
+    report = check.report(model)
+    typer.echo(json.dumps(report, indent=2) if json_out else check.text(report))
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -35,22 +37,54 @@ class ModelInfo:
     preprocessing: str
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA, then MPS, then the CPU; an explicit device that is absent is an error."""
+def resolve_devices(name: str) -> list[torch.device]:
+    """The devices a run encodes on, one encoder each.
+
+    'auto': every visible CUDA GPU, else MPS, else the CPU. 'cuda': every visible GPU; 'cuda:N' one of them;
+    a comma-separated list names several of one kind ('cuda:0,cuda:2'; 'cpu,cpu' runs two CPU encoders, which
+    tests the dispatch but does not speed up a CPU). An explicit device that is absent is an error.
+    """
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
         if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for, but CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RunError("--device mps was asked for, but MPS is not available here; use --device cpu or auto")
-    return device
+            return [torch.device("mps")]
+        return [torch.device("cpu")]
+    devices: list[torch.device] = []
+    for part in name.split(","):
+        device = torch.device(part)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RunError("--device cuda was asked for, but CUDA is not available here; use --device cpu or auto")
+            count = torch.cuda.device_count()
+            if device.index is None:
+                devices += [torch.device("cuda", i) for i in range(count)]
+                continue
+            if device.index >= count:
+                raise RunError(f"--device {part}: this machine has {count} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise RunError("--device mps was asked for, but MPS is not available here; use --device cpu or auto")
+        devices.append(device)
+    if len({d.type for d in devices}) > 1:
+        raise RunError(f"--device {name}: give devices of one kind (several GPUs, or the CPU)")
+    return devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """The first device of resolve_devices: where bench and text embedding run."""
+    return resolve_devices(name)[0]
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether a CUDA device has bfloat16 tensor cores (Ampere, compute capability 8.0, and newer).
+
+    On older cards (T4, V100) bfloat16 is emulated: slow, and SDPA falls back to its math kernel, which
+    materializes the whole attention matrix.
+    """
+    if torch.version.hip:  # ROCm: ask the runtime about that device
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def cpu_bf16_native() -> bool:
@@ -69,13 +103,19 @@ def cpu_bf16_native() -> bool:
         return False
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bfloat16 on CUDA, and on a CPU that does bfloat16 in hardware; float32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_native()):
-            return torch.bfloat16
-        return torch.float32
-    return DTYPES[name]
+def resolve_dtype(name: str, devices: torch.device | list[torch.device]) -> torch.dtype:
+    """'auto': on CUDA, bfloat16 when every device does it natively, float16 otherwise; on a CPU, bfloat16 where
+    the CPU does it in hardware; float32 elsewhere (MPS included). One dtype for all devices: a run's rows
+    must not depend on which GPU made them."""
+    devices = [devices] if isinstance(devices, torch.device) else devices
+    if name != "auto":
+        return DTYPES[name]
+    kind = devices[0].type
+    if kind == "cuda":
+        return torch.bfloat16 if all(cuda_bf16_native(d) for d in devices) else torch.float16
+    if kind == "cpu" and cpu_bf16_native():
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_backend(cfg: ModelConfig, device: torch.device, naflex: bool) -> str:
@@ -288,6 +328,7 @@ class Encoder:
         )
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
         self._features = self._naflex if self.naflex else self._fixed
+        self.chunk = 0  # after running out of memory: images per forward pass (0: the whole batch)
         self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
         self.backend, self.quantize = "torch", "none"  # what runs the image tower (encoders/ may change it)
         if cfg.compile:
@@ -295,18 +336,25 @@ class Encoder:
 
     @classmethod
     def load(cls, cfg: ModelConfig, show_downloads: bool = False) -> "Encoder":
-        """Load a Hub id or a local folder; a model that cannot be had is a RunError with one readable line.
+        """The model on the first of cfg's devices (see load_all)."""
+        return cls.load_all(cfg, show_downloads, first_only=True)[0]
+
+    @classmethod
+    def load_all(cls, cfg: ModelConfig, show_downloads: bool = False, first_only: bool = False) -> list["Encoder"]:
+        """Load a Hub id or a local folder, once, onto each of cfg's devices; a model that cannot be had is a
+        RunError with one readable line.
 
         show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
         _hf_quiet(show_downloads)
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        devices = resolve_devices(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, devices)
+        devices = devices[:1] if first_only else devices
         if cfg.compile:
-            check_compiler(device)
-        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            check_compiler(devices[0])
+        if devices[0].type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
             from .config import usable_cpus
 
             torch.set_num_threads(usable_cpus())  # torch counts the machine's cores, not the container's
@@ -315,7 +363,7 @@ class Encoder:
         revision = cfg.commit or cfg.revision  # the commit the run's signature was made with
         try:
             naflex = AutoConfig.from_pretrained(cfg.name, revision=revision).model_type == "siglip2"
-            backend = resolve_backend(cfg, device, naflex)
+            backend = resolve_backend(cfg, devices[0], naflex)
             load = torch.float32 if backend == "openvino" else dtype  # OpenVINO converts float32 weights
             model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
             processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
@@ -328,13 +376,19 @@ class Encoder:
             ) from None
         if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
             raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
-        encoder = cls(model, processor, tokenizer, cfg, device, load, stored_scalars(cfg.name, revision))
+        scalars = stored_scalars(cfg.name, revision)
+        encoders = []
+        for i, device in enumerate(devices):
+            # Each GPU gets its own copy, made on the host before the first one moves; CPU encoders share one.
+            own = model if device.type == "cpu" or i == len(devices) - 1 else copy.deepcopy(model)
+            encoders.append(cls(own, processor, tokenizer, cfg, device, load, scalars))
         if backend == "openvino":
             from .config import usable_cpus
             from .encoders import openvino
 
-            openvino.attach(encoder, dtype, cfg.quantize, usable_cpus())
-        return encoder
+            for encoder in encoders:  # several CPU encoders share the cores
+                openvino.attach(encoder, dtype, cfg.quantize, max(1, usable_cpus() // len(encoders)))
+        return encoders
 
     def _compile(self) -> None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -353,24 +407,49 @@ class Encoder:
         x = (x * self._a[:, None, None] + self._b[:, None, None]).to(self.dtype)
         return F.normalize(self.model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)
 
-    def _naflex(self, x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    def _naflex(self, x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor, full: bool) -> torch.Tensor:
         n, patches, width = x.shape
         x = x.view(n, patches, width // 3, 3).float() * self._a + self._b
         x = (x.view(n, patches, width) * mask[..., None]).to(self.dtype)  # padding patches are zeros, as in HF
-        out = self.model.get_image_features(pixel_values=x, pixel_attention_mask=mask, spatial_shapes=grids)
+        # No mask when no image has padding (what transformers does then, after asking the device); otherwise the
+        # 4-D key mask transformers would build (n, 1, 1, patches), True = attend, which it takes as it is.
+        attend = None if full else mask.bool()[:, None, None, :]
+        out = self.model.get_image_features(pixel_values=x, pixel_attention_mask=attend, spatial_shapes=grids)
         return F.normalize(out.pooler_output.float(), dim=-1)
+
+    def on_device(self):
+        """A context in which CUDA work goes to this encoder's GPU: torch's current device is per thread and
+        starts as GPU 0, so every CUDA call (allocations, streams, events) is made inside it."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     @torch.inference_mode()
     def encode_images(self, batch: Batch) -> torch.Tensor:
-        """Embeddings (n, D) float32 on the device for the decoded images of a batch (launched, not awaited)."""
+        """Embeddings (n, D) float32 on the device for the decoded images of a batch (launched, not awaited).
+
+        After an out-of-memory error (see shrink) the batch goes through in chunks of self.chunk images.
+        """
         n = len(batch.ok)
-        pad = max(0, self.pad_to - n)
         args = [batch.pixels] if not self.naflex else [batch.pixels, batch.patch_mask, batch.grids]
+        step = self.chunk or n
+        with self.on_device():
+            out = [self._encode([a[i : i + step] for a in args]) for i in range(0, n, step)]
+            return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _encode(self, args: list[torch.Tensor]) -> torch.Tensor:
+        n = len(args[0])
+        pad = max(0, self.pad_to - n)
         if pad:  # only with --compile: a last, smaller batch would otherwise compile a second graph
             args = [torch.cat([a, a[:1].expand(pad, *a.shape[1:])]) for a in args]
+        # Host -> device from the batch's pinned buffer on this device's current stream. The loader gives every
+        # batch a new buffer, and torch's pinned-memory cache does not hand a buffer out again before the copies
+        # recorded on it are done, so the buffer is never overwritten while a copy reads it.
         x = args[0].to(self.device, non_blocking=True)
         if self.naflex:
-            args = (x, args[1].to(self.device, non_blocking=True), args[2])
+            mask, grids = args[1], args[2]
+            # Whether any image has padding patches is known here, on the host: transformers would otherwise ask
+            # the device (mask.all(), twice per batch), a sync that stops the host queueing the next batch.
+            full = bool(mask.all())
+            args = (x, mask.to(self.device, non_blocking=True), grids, full)
         else:
             args = (x,)
         try:
@@ -379,23 +458,42 @@ class Encoder:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise RunError(f"--compile failed: {first}; run without --compile") from None
 
+    def shrink(self, error: BaseException, batch_size: int) -> None:
+        """After the device ran out of memory on a batch: halve the chunk size (the caller redoes the batch, and
+        later batches go in chunks of that size); at one image, a RunError."""
+        chunk = (self.chunk or batch_size) // 2
+        if chunk < 1:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise RunError(f"one image does not fit in the memory of {self.device}: {first}; try --dtype "
+                           "bfloat16 or float16, a smaller --max-patches, or another --device") from None
+        self.chunk = chunk
+        if self.pad_to:
+            self.pad_to = chunk
+        if self.device.type == "cuda":
+            with self.on_device():
+                torch.cuda.empty_cache()  # the failed attempt's blocks, so the smaller chunks fit
+
     def to_host(self, tensors: dict[str, torch.Tensor]):
         """Start copying device tensors back; returns a function that waits for them and gives numpy arrays.
 
-        On CUDA the copies go into pinned memory behind an event, so that the host can finish one batch while
-        the device runs the next; elsewhere they are plain copies.
+        On CUDA the copies go into pinned memory on this device's current stream (the stream the batch was
+        computed on), behind an event recorded on that same stream, so that the host finishes one batch while the
+        device runs the next. The pinned buffers are new for each batch and are read only after the event, so
+        no buffer is reused early. Elsewhere they are plain copies.
         """
         if self.device.type != "cuda":
             arrays = {k: v.cpu().numpy() for k, v in tensors.items()}
             return lambda: arrays
-        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in tensors.items()}
-        for k, v in tensors.items():
-            host[k].copy_(v, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        with self.on_device():
+            stream = torch.cuda.current_stream(self.device)
+            host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in tensors.items()}
+            for k, v in tensors.items():
+                host[k].copy_(v, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
 
         def wait():
-            done.synchronize()
+            done.synchronize()  # the host waits for this event only, on this device
             return {k: v.numpy() for k, v in host.items()}
 
         return wait
@@ -403,16 +501,15 @@ class Encoder:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Embeddings (n, D) float32 on the device: lowercased, right-padded to the trained length, no mask."""
-        out = []
-        for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(
-                [t.lower() for t in texts[i : i + batch_size]],
-                padding="max_length", max_length=self.info.text_length, truncation=True,
-                padding_side="right", return_tensors="pt",
-            )
-            # No attention mask: the text tower was trained without one, and passing it changes the embedding.
-            feats = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device))
-            out.append(F.normalize(feats.pooler_output.float(), dim=-1))
-        if not out:
-            return torch.empty((0, self.info.dim), device=self.device)
-        return torch.cat(out)
+        with self.on_device():
+            out = [self._texts(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+            return torch.cat(out) if out else torch.empty((0, self.info.dim), device=self.device)
+
+    def _texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            [t.lower() for t in texts], padding="max_length", max_length=self.info.text_length, truncation=True,
+            padding_side="right", return_tensors="pt",
+        )
+        # No attention mask: the text tower was trained without one, and passing it changes the embedding.
+        feats = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device))
+        return F.normalize(feats.pooler_output.float(), dim=-1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import hashlib
 import itertools
 import json
 import os
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +20,7 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .loader import Batch, batches
-from .model import Encoder, resolve_device, resolve_dtype, resolve_weights
+from .model import Encoder, resolve_devices, resolve_dtype, resolve_weights
 from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
@@ -60,7 +63,7 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     name = cfg.model.name
     weights = resolve_weights(name, cfg.model.revision)
     local = os.path.isdir(name)
-    dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))).removeprefix("torch.")
+    dtype = str(resolve_dtype(cfg.model.dtype, resolve_devices(cfg.model.device))).removeprefix("torch.")
     sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
            "model": "local folder" if local else name, "weights": weights, "dtype": dtype,
            "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}
@@ -127,8 +130,8 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     first = next(records, None)
     if first is not None:  # only now is the model worth loading
         try:
-            encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet))
-            process(cfg, store, itertools.chain([first], records), progress, encoder)
+            encoders = Encoder.load_all(cfg.model, progress_enabled(cfg.quiet))
+            process(cfg, store, itertools.chain([first], records), progress, encoders)
         except BaseException:
             progress.close()
             raise
@@ -149,19 +152,52 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     return summary
 
 
-def process(cfg: RunConfig, store: Store | None, records, progress: Progress, encoder: Encoder) -> None:
-    """Decode, encode and write the given records: into the store's parts, or as JSON Lines when None."""
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or MPS's RuntimeError saying the same."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "MPS backend out of memory" in str(error))
+
+
+def launch(encoder: Encoder, task, batch: Batch, batch_size: int):
+    """Start a batch on the encoder's device; returns the function that waits for its arrays. Out of memory,
+    the batch is redone in smaller chunks (Encoder.shrink), and so are the batches after it; said once."""
+    before = encoder.chunk
+    while True:
+        try:
+            wait = encoder.to_host(task.device(encoder.encode_images(batch)))
+            break
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            encoder.shrink(e, batch_size)  # a RunError at one image
+    if encoder.chunk != before:
+        print(f"siglip: {encoder.device} ran out of memory at batch size {before or batch_size}; going on in "
+              f"batches of {encoder.chunk} (--batch-size sets it)", file=sys.stderr)
+    return wait
+
+
+def process(cfg: RunConfig, store: Store | None, records, progress: Progress, encoders: list[Encoder]) -> None:
+    """Decode, encode and write the given records: into the store's parts, or as JSON Lines when None.
+
+    With several devices, batch i goes to device i mod k, each device's work is started from a thread of its
+    own, and the batches are finished in input order.
+    """
+    encoder = encoders[0]
     task = make_task(cfg.head, encoder)
+    tasks = [task] + [task.on(e) for e in encoders[1:]]
     meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
-    encoder.pad_to = batch_size if cfg.model.compile else 0
+    for e in encoders:
+        e.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
     progress.begin()
 
     def finish(batch: Batch, wait) -> None:
         ok, payload = batch.ok, {}
+        if isinstance(wait, Future):
+            wait = wait.result()
         if wait:
             arrays, ok = finite(batch, wait())
             payload = task.host(arrays) if ok else {}
@@ -170,17 +206,27 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         good = pc.sum(pc.equal(rows.column("status"), "ok")).as_py() or 0  # rows that could not be recorded are errors
         progress.advance(good, rows.num_rows - good, store.skipped if store else 0)
 
-    # One batch in flight: batch i+1 is on the device while the host writes batch i and collates i+2.
-    in_flight = None
+    # One batch in flight per device: batch i+1 is on the device while the host writes batch i and collates i+2.
+    k = len(encoders)
+    lanes = [ThreadPoolExecutor(1, f"siglip-{e.device}") for e in encoders] if k > 1 else []
+    pending: collections.deque = collections.deque()
     try:
-        for batch in batches(records, spec, batch_size, cfg.workers, encoder.device.type == "cuda", cfg.timeout):
-            wait = encoder.to_host(task.device(encoder.encode_images(batch))) if batch.ok else None
-            if in_flight:
-                finish(*in_flight)
-            in_flight = (batch, wait)
-        if in_flight:
-            finish(*in_flight)
+        pin = encoder.device.type == "cuda"
+        for i, batch in enumerate(batches(records, spec, batch_size, cfg.workers, pin, cfg.timeout)):
+            j = i % k
+            if not batch.ok:
+                pending.append((batch, None))
+            elif lanes:
+                pending.append((batch, lanes[j].submit(launch, encoders[j], tasks[j], batch, batch_size)))
+            else:
+                pending.append((batch, launch(encoder, task, batch, batch_size)))
+            while len(pending) > k:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     finally:
+        for lane in lanes:
+            lane.shutdown(wait=False, cancel_futures=True)
         sink.close()  # even when interrupted: the rows finished so far are kept, and a rerun skips them
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,10 @@ class EmbedTask:
 
     def fields(self) -> list[pa.Field]:
         return [self.field]
+
+    def on(self, encoder: Encoder) -> "EmbedTask":
+        """This task for another device's encoder (no device state: itself)."""
+        return self
 
     def metadata(self) -> dict:
         return {"task": "embed", "embedding_dtype": self.np_dtype}
@@ -87,7 +92,20 @@ def _scored_list(key: str) -> pa.DataType:
     return pa.list_(pa.struct([pa.field(key, pa.string()), pa.field("score", pa.float32())]))
 
 
-class TagTask:
+class _Scored:
+    """A task that scores embeddings against text embeddings held on the encoder's device."""
+
+    encoder: Encoder
+    text: torch.Tensor
+
+    def on(self, encoder: Encoder):
+        """This task for another device's encoder: the text embeddings copied to that device."""
+        twin = copy.copy(self)
+        twin.encoder, twin.text = encoder, self.text.to(encoder.device)
+        return twin
+
+
+class TagTask(_Scored):
     """Writes `tags` (and on request the dense scores and the embedding)."""
 
     def __init__(self, spec: TagSpec, encoder: Encoder):
@@ -129,7 +147,7 @@ class TagTask:
         return out
 
 
-class ClassifyTask:
+class ClassifyTask(_Scored):
     """Writes `label`, `score` and the ranked `top_k`."""
 
     def __init__(self, spec: ClassifySpec, encoder: Encoder):
