@@ -156,7 +156,7 @@ def end_to_end(cfg: RunConfig, encoder: Encoder, records, folder: str) -> float:
     try:
         progress = Progress(False)
         t = time.perf_counter()
-        process(cfg, store, iter(records), progress, encoder)
+        process(cfg, store, iter(records), progress, [encoder])
         return (progress.summary.ok + progress.summary.failed) / (time.perf_counter() - t)
     finally:
         store.close()

@@ -208,7 +208,7 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
 
     # One batch in flight per device: batch i+1 is on the device while the host writes batch i and collates i+2.
     k = len(encoders)
-    lanes = [ThreadPoolExecutor(1, f"siglip-{e.device}") for e in encoders] if k > 1 else []
+    lanes = [ThreadPoolExecutor(1, f"siglip-{i}-{e.device}") for i, e in enumerate(encoders)] if k > 1 else []
     pending: collections.deque = collections.deque()
     try:
         pin = encoder.device.type == "cuda"
