@@ -111,6 +111,10 @@ def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
         return Decoded(record, error="empty file (0 bytes)")
     with open(record.path, "rb") as f:
         data = f.read()
+    return _pixels(record, data, spec)
+
+
+def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
     sha = hashlib.sha256(data).hexdigest()  # for --rehash on later runs
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
@@ -140,12 +144,13 @@ def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
     return Decoded(record, sha, width, height, pixels)
 
 
-def decode(record: FileRecord, spec: ImageSpec) -> Decoded:
-    """Read, orient, convert and resize one file; any failure becomes an error with a readable message."""
+def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> Decoded:
+    """Read, orient, convert and resize one file (or the bytes given for it, as `siglip serve` receives them);
+    any failure becomes an error with a readable message."""
     if record.error:
         return Decoded(record, error=record.error)
     try:
-        return _load(record, spec)
+        return _load(record, spec) if data is None else _pixels(record, data, spec)
     except UnidentifiedImageError:
         if record.path.lower().endswith((".heic", ".heif")) and not HEIF:
             return Decoded(record, error="HEIC/HEIF needs the heif extra: pip install 'siglip-cli[heif]'")
