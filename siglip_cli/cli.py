@@ -301,6 +301,48 @@ def bench(
     typer.echo(json.dumps(result, indent=2) if json_out else show(result))
 
 
+@app.command(epilog=EXIT_CODES)
+def serve(
+    model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
+    max_patches: MaxPatches = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health). [env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
+    vocab: Annotated[Optional[str], typer.Option("--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False)] = None,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="/tag's default threshold (a request may give its own).")] = DEFAULT_THRESHOLD,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch's first item waits for others.")] = 5.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Items waiting, all requests together; beyond it, 429.")] = 1024,
+    max_items: Annotated[int, typer.Option("--max-items", min=1, help="Items in one request; beyond it, 422.")] = 256,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body; beyond it, 413.")] = 32.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request may take; beyond it, 504.")] = 30.0,
+    workers: Workers = ..., max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Serve embeddings, tags and labels over HTTP (pip install 'siglip-cli[serve]'), batched across requests."""
+    from .vocab import read_vocab
+
+    found = _usage(lambda: read_vocab(vocab)) if vocab else None
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        typer.echo("siglip: error: serve needs the serve extra: pip install 'siglip-cli[serve]'", err=True)
+        raise typer.Exit(1)
+    try:
+        from . import serve as server
+        from .model import Encoder
+
+        encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
+                               show_downloads=sys.stderr.isatty())
+        cfg = server.ServeConfig(host, port, api_key, batch_size, max_wait_ms / 1000, max_queue, max_items,
+                                 int(max_body_mb * (1 << 20)), timeout, max(1, workers), max_pixels, vocab=found,
+                                 threshold=threshold)
+        server.run(encoder, cfg)
+    except SiglipError as e:
+        typer.echo(f"siglip: error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
+
+
 @app.command()
 def doctor(
     model: Model = ...,

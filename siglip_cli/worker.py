@@ -95,3 +95,8 @@ def decode_into(records: list[FileRecord], rows: list[int], spec: ImageSpec, slo
     if board is not None:
         board[base] = 0.0
     return results
+
+
+def decode_bytes(data: bytes, spec: ImageSpec) -> Decoded:
+    """Worker task for `siglip serve`: one received image, decoded as `embed` decodes a file."""
+    return decode(FileRecord("<request>"), spec, data)

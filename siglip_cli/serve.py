@@ -1,0 +1,444 @@
+"""`siglip serve`: the CLI's encoder, preprocessing and text rules over HTTP, batched across requests.
+
+Routes: POST /txt/embed, /img/embed (the plan's request shape), /v1/embeddings (OpenAI's), /tag, /classify;
+GET /health, /ready, /metrics. Images arrive as base64 or data: URIs and are decoded in worker processes (the
+CLI's decoding, no torch in them); a bad item answers 4xx naming its index and never reaches the model.
+"""
+
+
+import asyncio
+import base64
+import binascii
+import collections
+import hmac
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batcher import Batcher, QueueFull
+from .config import DEFAULT_TEMPLATE, DEFAULT_THRESHOLD
+from .model import Encoder
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8002
+    api_key: str | None = None
+    batch_size: int = 16
+    max_wait: float = 0.005  # seconds the first item of a batch waits for company
+    max_queue: int = 1024  # items waiting, all requests together; more is 429
+    max_items: int = 256  # items in one request; more is 422
+    max_body: int = 32 << 20  # bytes; more is 413
+    timeout: float = 30.0  # seconds a request may take; more is 504
+    workers: int = 1  # decode processes
+    max_pixels: int = 100_000_000
+    canary_every: float = 10.0  # seconds between the /ready canary's embeddings
+    vocab: object = None  # a Vocab for /tag, or None
+    threshold: float = DEFAULT_THRESHOLD
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, message, and the index of the item at fault."""
+
+    def __init__(self, status: int, message: str, index: int | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.index, self.headers = status, message, index, headers
+
+
+class Metrics:
+    """Prometheus text exposition, by hand: a few counters, gauges and histograms."""
+
+    def __init__(self):
+        self.requests: collections.Counter = collections.Counter()
+        self.items: collections.Counter = collections.Counter()
+        self.latency: dict[str, list] = {}
+        self.batches: dict[str, list] = {}
+
+    @staticmethod
+    def _observe(table: dict, key: str, value: float, buckets) -> None:
+        row = table.setdefault(key, [[0] * len(buckets), 0.0, 0])
+        for i, b in enumerate(buckets):
+            if value <= b:
+                row[0][i] += 1
+        row[1] += value
+        row[2] += 1
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests[(route, status)] += 1
+        self._observe(self.latency, route, seconds, LATENCY_BUCKETS)
+
+    def batch(self, kind: str, size: int) -> None:
+        self.items[kind] += size
+        self._observe(self.batches, kind, size, BATCH_BUCKETS)
+
+    def render(self, depth: int) -> str:
+        out = ["# TYPE siglip_requests_total counter"]
+        out += [f'siglip_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
+        out.append("# TYPE siglip_items_total counter")
+        out += [f'siglip_items_total{{kind="{k}"}} {n}' for k, n in sorted(self.items.items())]
+        out += ["# TYPE siglip_queue_depth gauge", f"siglip_queue_depth {depth}"]
+        for name, table, buckets, label in (("siglip_request_seconds", self.latency, LATENCY_BUCKETS, "route"),
+                                            ("siglip_batch_size", self.batches, BATCH_BUCKETS, "kind")):
+            out.append(f"# TYPE {name} histogram")
+            for key, (counts, total, n) in sorted(table.items()):
+                out += [f'{name}_bucket{{{label}="{key}",le="{b}"}} {c}' for b, c in zip(buckets, counts)]
+                out += [f'{name}_bucket{{{label}="{key}",le="+Inf"}} {n}', f'{name}_sum{{{label}="{key}"}} {total:.6f}',
+                        f'{name}_count{{{label}="{key}"}} {n}']
+        return "\n".join(out) + "\n"
+
+
+DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.ASCII)
+
+
+def image_bytes(value, index: int) -> bytes:
+    """The bytes of one image item: base64, or a data: URI holding base64. Never a remote URL."""
+    if not isinstance(value, str):
+        raise ApiError(422, f"item {index}: an image must be a base64 string or a data: URI", index)
+    if value.startswith(("http://", "https://", "file:", "ftp://")):
+        raise ApiError(400, f"item {index}: the server does not fetch URLs; send the image itself as base64", index)
+    if value.startswith("data:"):
+        m = DATA_URI.match(value)
+        if not m:
+            raise ApiError(400, f"item {index}: only base64 data: URIs are accepted", index)
+        value = value[m.end():]
+    try:
+        data = base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"item {index}: not valid base64", index) from None
+    if not data:
+        raise ApiError(400, f"item {index}: empty image", index)
+    return data
+
+
+def items_of(payload, max_items: int) -> tuple[list, bool]:
+    """The request's `input` as a list, and whether it was given as a list."""
+    if not isinstance(payload, dict) or "input" not in payload:
+        raise ApiError(422, 'the body must be a JSON object with "input"')
+    value = payload["input"]
+    if not isinstance(value, list):
+        return [value], False
+    if not value:
+        raise ApiError(422, '"input" is an empty list')
+    if len(value) > max_items:
+        raise ApiError(422, f'"input" has {len(value)} items; at most {max_items} per request (--max-items)')
+    return value, True
+
+
+class Server:
+    """The state behind the routes: the encoder's batcher, the decode pool, the vocabulary, the metrics."""
+
+    def __init__(self, encoder: Encoder, cfg: ServeConfig):
+        import dataclasses
+
+        self.encoder, self.cfg = encoder, cfg
+        self.metrics = Metrics()
+        self.batcher = Batcher(encoder, cfg.batch_size, cfg.max_wait, cfg.max_queue, self.metrics)
+        self.spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
+        self.pool = self._pool()
+        self.canary_ok = 0.0
+        self.labels: collections.OrderedDict = collections.OrderedDict()  # labels -> text embeddings (LRU)
+        self.tags = self.tag_text = self.thresholds = None
+        if cfg.vocab is not None:
+            from .vocab import text_embeddings
+
+            self.tags = list(cfg.vocab.tags)
+            self.tag_text = text_embeddings(encoder, cfg.vocab.tags, (DEFAULT_TEMPLATE,)).float().cpu().numpy()
+            self.thresholds = [t for t in cfg.vocab.thresholds]
+
+    def _pool(self) -> ProcessPoolExecutor:
+        from . import worker
+
+        return ProcessPoolExecutor(self.cfg.workers, multiprocessing.get_context("spawn"),
+                                   initializer=worker._die_with, initargs=(os.getpid(),))
+
+    async def decode(self, data: bytes, index: int):
+        from . import worker
+
+        loop = asyncio.get_running_loop()
+        pool = self.pool
+        try:
+            d = await loop.run_in_executor(pool, worker.decode_bytes, data, self.spec)
+        except BrokenProcessPool:  # a decoder crashed (on this image or another): a new pool, this item fails
+            if self.pool is pool:
+                self.pool = self._pool()
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise ApiError(400, f"item {index}: the decoder crashed on this image", index) from None
+        if d.error:
+            raise ApiError(400, f"item {index}: {d.error}", index)
+        return d
+
+    async def vectors(self, kind: str, items: list) -> np.ndarray:
+        try:
+            futures = self.batcher.submit(kind, items)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}) from None
+        try:
+            return np.stack(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()  # dropped by the batcher unseen
+            raise
+
+    async def images(self, values: list) -> np.ndarray:
+        datas = [image_bytes(v, i) for i, v in enumerate(values)]
+        decoded = await asyncio.gather(*(self.decode(d, i) for i, d in enumerate(datas)))
+        return await self.vectors("image", list(decoded))
+
+    async def texts(self, values: list) -> np.ndarray:
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ApiError(422, f"item {i}: a text must be a string", i)
+        return await self.vectors("text", values)
+
+    async def label_embeddings(self, labels: tuple[str, ...]) -> np.ndarray:
+        if labels not in self.labels:
+            self.labels[labels] = await self.texts([DEFAULT_TEMPLATE.format(x) for x in labels])
+            while len(self.labels) > 256:
+                self.labels.popitem(last=False)
+        self.labels.move_to_end(labels)
+        return self.labels[labels]
+
+    def scores(self, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+        e = self.encoder
+        return 1 / (1 + np.exp(-(images @ texts.T * np.float32(e.logit_scale) + np.float32(e.logit_bias))))
+
+    async def canary(self) -> None:
+        """Embed a short text now and then: /ready says whether the model still answers."""
+        while True:
+            try:
+                await asyncio.wait_for(self.vectors("text", ["ready?"]), timeout=max(30.0, self.cfg.timeout))
+                self.canary_ok = time.monotonic()
+            except Exception:  # noqa: BLE001 - reported by /ready, not raised
+                pass
+            await asyncio.sleep(self.cfg.canary_every)
+
+    def ready(self) -> tuple[bool, str]:
+        now = time.monotonic()
+        busy = self.batcher.busy_since
+        if not self.batcher.thread.is_alive():
+            return False, "the batching thread has stopped"
+        if busy and now - busy > max(60.0, 2 * self.cfg.timeout):
+            return False, f"one batch has run for {now - busy:.0f}s"
+        if not self.canary_ok or now - self.canary_ok > 3 * self.cfg.canary_every + 30:
+            return False, "no embedding has succeeded recently"
+        return True, "ok"
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def read_json(request, max_body: int):
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_body:
+        raise ApiError(413, f"the body is {int(length):,} bytes; at most {max_body:,} (--max-body-mb)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body:
+            raise ApiError(413, f"the body is over {max_body:,} bytes (--max-body-mb)")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ApiError(400, "the body is not valid JSON") from None
+
+
+async def _disconnected(request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(encoder: Encoder, cfg: ServeConfig):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+    server = Server(encoder, cfg)
+    name, dim = encoder.info.name, encoder.info.dim
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await server.vectors("text", ["ready?"])  # the model answers before the port says ready
+        server.canary_ok = time.monotonic()
+        canary = asyncio.create_task(server.canary())
+        yield
+        canary.cancel()
+        server.close()
+
+    app = FastAPI(title="siglip", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        body = {"error": {"message": e.message, "index": e.index, "code": e.status}}
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def around(request: Request, call_next):
+        t = time.perf_counter()
+        route = request.url.path
+        if cfg.api_key and route != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+                response = JSONResponse({"error": {"message": "missing or wrong bearer token", "code": 401}},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                server.metrics.request(route, 401, time.perf_counter() - t)
+                return response
+        response = await call_next(request)
+        server.metrics.request(route, response.status_code, time.perf_counter() - t)
+        return response
+
+    async def guarded(request: Request, work):
+        """The work of a request, within its deadline, dropped if the client goes away."""
+        payload = await read_json(request, cfg.max_body)
+        task = asyncio.ensure_future(work(payload))
+        gone = asyncio.ensure_future(_disconnected(request))
+        done, _ = await asyncio.wait({task, gone}, timeout=cfg.timeout, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        if gone in done:
+            return Response(status_code=499)  # nobody reads it; the queue no longer holds its items
+        raise ApiError(504, f"the request took over {cfg.timeout:g}s (--timeout)")
+
+    def embedded(vectors: np.ndarray, many: bool) -> dict:
+        if many:
+            return {"embeddings": vectors.tolist(), "model": name, "dim": dim}
+        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim}
+
+    @app.post("/txt/embed")
+    async def txt_embed(request: Request):
+        async def work(payload):
+            values, many = items_of(payload, cfg.max_items)
+            return embedded(await server.texts(values), many)
+        return await guarded(request, work)
+
+    @app.post("/img/embed")
+    async def img_embed(request: Request):
+        async def work(payload):
+            values, many = items_of(payload, cfg.max_items)
+            return embedded(await server.images(values), many)
+        return await guarded(request, work)
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request):
+        async def work(payload):
+            values, _ = items_of(payload, cfg.max_items)
+            fmt = payload.get("encoding_format", "float")
+            if fmt not in ("float", "base64"):
+                raise ApiError(422, 'encoding_format must be "float" or "base64"')
+            images = [i for i, v in enumerate(values) if isinstance(v, str) and v.startswith("data:")]
+            texts = [i for i in range(len(values)) if i not in set(images)]
+            out: list = [None] * len(values)
+
+            async def some(embed, idx):  # errors name the item by its place in the whole request
+                try:
+                    for i, v in zip(idx, await embed([values[i] for i in idx]) if idx else []):
+                        out[i] = v
+                except ApiError as e:
+                    if e.index is not None:
+                        e.message = e.message.replace(f"item {e.index}:", f"item {idx[e.index]}:", 1)
+                        e.index = idx[e.index]
+                    raise
+
+            await asyncio.gather(some(server.images, images), some(server.texts, texts))
+            tokens = sum(len(encoder.tokenizer(values[i].lower())["input_ids"]) for i in texts)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
+                    for i, v in enumerate(out)]
+            return {"object": "list", "data": data, "model": payload.get("model") or name,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return await guarded(request, work)
+
+    @app.post("/tag")
+    async def tag(request: Request):
+        async def work(payload):
+            if server.tag_text is None:
+                raise ApiError(400, "this server has no vocabulary: start it with --vocab FILE")
+            values, many = items_of(payload, cfg.max_items)
+            threshold = _number(payload, "threshold", cfg.threshold, 0.0, 1.0)
+            top_k = _count(payload, "top_k", None)
+            from .heads import select
+
+            scores = server.scores(await server.images(values), server.tag_text)
+            limits = np.array([threshold if t is None else t for t in server.thresholds], np.float32)
+            results = [{"tags": [{"tag": server.tags[i], "score": float(s)} for i, s in zip(idx, val)]}
+                       for idx, val in select(scores, limits, top_k)]
+            return {"model": name, "results": results} if many else {"model": name, **results[0]}
+        return await guarded(request, work)
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        async def work(payload):
+            labels = payload.get("labels") if isinstance(payload, dict) else None
+            if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+                raise ApiError(422, '"labels" must be a list of at least two non-empty strings')
+            values, many = items_of(payload, cfg.max_items)
+            top_k = _count(payload, "top_k", 5)
+            from .heads import select
+
+            text = await server.label_embeddings(tuple(labels))
+            scores = server.scores(await server.images(values), text)
+            results = [{"label": labels[idx[0]], "score": float(val[0]),
+                        "top_k": [{"label": labels[i], "score": float(s)} for i, s in zip(idx, val)]}
+                       for idx, val in select(scores, np.zeros(len(labels), np.float32), top_k)]
+            return {"model": name, "results": results} if many else {"model": name, **results[0]}
+        return await guarded(request, work)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        ok, why = server.ready()
+        return JSONResponse({"ready": ok, "reason": why, "model": name}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.batcher.depth()),
+                                 media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _number(payload: dict, key: str, default: float, lo: float, hi: float) -> float:
+    value = payload.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ApiError(422, f'"{key}" must be a number from {lo:g} to {hi:g}')
+    return float(value)
+
+
+def _count(payload: dict, key: str, default: int | None) -> int | None:
+    value = payload.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(422, f'"{key}" must be a positive integer')
+    return value
+
+
+def run(encoder: Encoder, cfg: ServeConfig) -> None:
+    """Serve until interrupted."""
+    import uvicorn
+
+    app = create_app(encoder, cfg)
+    where = f"http://{cfg.host}:{cfg.port}"
+    print(f"siglip: serving {encoder.info.name} on {where} (dim {encoder.info.dim}, {encoder.device}, "
+          f"{str(encoder.dtype)[6:]})" + (", bearer token required" if cfg.api_key else ""), file=sys.stderr)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
