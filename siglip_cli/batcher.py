@@ -73,6 +73,13 @@ class Batcher:
             self.lock.notify()
         return [j.future for j in jobs]
 
+    def drop(self, futures: list[asyncio.Future]) -> None:
+        """Take a request's items out of the queue (its client gave up); those already running finish unread."""
+        gone = set(map(id, futures))
+        with self.lock:
+            self.jobs = collections.deque(j for j in self.jobs if id(j.future) not in gone)
+            self.lock.notify()
+
     def stop(self) -> None:
         with self.lock:
             self.stopped = True

@@ -307,7 +307,7 @@ def serve(
     max_patches: MaxPatches = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health). [env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). [env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False)] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="/tag's default threshold (a request may give its own).")] = DEFAULT_THRESHOLD,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")] = 16,

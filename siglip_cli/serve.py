@@ -187,9 +187,10 @@ class Server:
             raise ApiError(429, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}) from None
         try:
             return np.stack(await asyncio.gather(*futures))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # past its deadline, or its client went away
+            self.batcher.drop(futures)
             for f in futures:
-                f.cancel()  # dropped by the batcher unseen
+                f.cancel()
             raise
 
     async def images(self, values: list) -> np.ndarray:
@@ -216,14 +217,14 @@ class Server:
         return 1 / (1 + np.exp(-(images @ texts.T * np.float32(e.logit_scale) + np.float32(e.logit_bias))))
 
     async def canary(self) -> None:
-        """Embed a short text now and then: /ready says whether the model still answers."""
+        """Embed a short text now and then (the first at startup): /ready says whether the model still answers."""
         while True:
+            await asyncio.sleep(self.cfg.canary_every)
             try:
                 await asyncio.wait_for(self.vectors("text", ["ready?"]), timeout=max(30.0, self.cfg.timeout))
                 self.canary_ok = time.monotonic()
             except Exception:  # noqa: BLE001 - reported by /ready, not raised
                 pass
-            await asyncio.sleep(self.cfg.canary_every)
 
     def ready(self) -> tuple[bool, str]:
         now = time.monotonic()
@@ -289,7 +290,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
     async def around(request: Request, call_next):
         t = time.perf_counter()
         route = request.url.path
-        if cfg.api_key and route != "/health":
+        if cfg.api_key and route not in ("/health", "/ready"):  # probes need no token
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
                 response = JSONResponse({"error": {"message": "missing or wrong bearer token", "code": 401}},

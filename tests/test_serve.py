@@ -1,0 +1,274 @@
+"""`siglip serve` over loopback, started as a user starts it: parity with `siglip embed`, bad input answered
+4xx naming the item, the limits (413, 422, 429, 504, 401), and a bounded load test."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_devices import table
+
+httpx = pytest.importorskip("httpx", reason="the test extra's httpx")
+pytest.importorskip("fastapi", reason="the serve extra")
+pytest.importorskip("uvicorn", reason="the serve extra")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen, port: int):
+        self.proc, self.url = proc, f"http://127.0.0.1:{port}"
+
+    def post(self, path: str, body, **kw):
+        return httpx.post(self.url + path, json=body, timeout=60, **kw)
+
+    def get(self, path: str, **kw):
+        return httpx.get(self.url + path, timeout=10, **kw)
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
+
+
+def start(ckpt, *args) -> Served:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "serve", "-m", str(ckpt), "--port", str(port),
+                             "--device", "cpu", "--dtype", "float32", "-j", "1", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    served = Served(proc, port)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if served.get("/ready").status_code == 200:
+                return served
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("serve was not ready in 120 s")
+
+
+def stop(served: Served) -> None:
+    served.proc.terminate()
+    try:
+        served.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(fixed_ckpt):
+    s = start(fixed_ckpt, "--max-items", "16", "--max-body-mb", "1", "--vocab", VOCAB_FILE(fixed_ckpt))
+    yield s
+    stop(s)
+
+
+def VOCAB_FILE(ckpt) -> str:
+    path = ckpt / "vocab.txt"
+    path.write_text("cat\ndog\ncar\ntree\nsky\n")
+    return str(path)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def photo_files(photos, n: int):
+    return sorted(photos.glob("*.JPEG"))[:n]
+
+
+def png_header_bomb(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds a few bytes: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def jpeg(size=(64, 48), color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# -- parity -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["fixed", "naflex"])
+def test_image_vectors_equal_embed_rows(cli, fixed_ckpt, naflex_ckpt, photos, tmp_path, layout, server):
+    ckpt = fixed_ckpt if layout == "fixed" else naflex_ckpt
+    files = photo_files(photos, 6)
+    out = tmp_path / "rows.parquet"
+    assert cli("embed", *files, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32", "--backend", "torch",
+               "-q").exit_code == 0
+    rows = dict(zip(table(out)["path"], table(out)["embedding"]))
+    served = server if layout == "fixed" else start(naflex_ckpt)
+    try:
+        got = served.post("/img/embed", {"input": [b64(f.read_bytes()) for f in files]}).json()["embeddings"]
+        one = served.post("/img/embed", {"input": b64(files[0].read_bytes())}).json()  # the plan's shape
+    finally:
+        if served is not server:
+            stop(served)
+    want = np.array([rows[str(f)] for f in files])
+    assert (np.array(got) * want).sum(axis=1).min() >= 0.9999
+    assert float(np.dot(one["embedding"], want[0])) >= 0.9999 and one["dim"] == len(one["embedding"])
+
+
+def test_a_text_alone_equals_it_in_a_batch(server):
+    texts = ["a red car", "This is a photo of a Great Grey Owl.", "two dogs", ""]
+    batch = np.array(server.post("/txt/embed", {"input": texts}).json()["embeddings"])
+    for i, t in enumerate(texts):
+        alone = np.array(server.post("/txt/embed", {"input": t}).json()["embedding"])
+        assert np.abs(alone - batch[i]).max() <= 1e-6
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1, atol=1e-5)
+
+
+def test_openai_embeddings(server, photos):
+    img = "data:image/jpeg;base64," + b64(photo_files(photos, 1)[0].read_bytes())
+    r = server.post("/v1/embeddings", {"input": ["a red car", img], "model": "siglip", "encoding_format": "base64"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [d["index"] for d in body["data"]] == [0, 1] and body["usage"]["prompt_tokens"] > 0
+    vec = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), "<f4")
+    text = server.post("/txt/embed", {"input": "a red car"}).json()["embedding"]
+    assert np.abs(vec - np.array(text)).max() <= 1e-6
+    image = server.post("/img/embed", {"input": img}).json()["embedding"]
+    plain = server.post("/v1/embeddings", {"input": img}).json()["data"][0]["embedding"]
+    assert np.abs(np.array(plain) - np.array(image)).max() <= 1e-6
+
+
+def test_tag_and_classify_score_like_the_cli(cli, fixed_ckpt, photos, tmp_path, server):
+    files = photo_files(photos, 3)
+    out = tmp_path / "tags.parquet"
+    assert cli("tag", *files, "--vocab", fixed_ckpt / "vocab.txt", "--threshold", "0", "-o", out, "-m", fixed_ckpt,
+               "--device", "cpu", "--dtype", "float32", "--backend", "torch", "-q").exit_code == 0
+    want = table(out)["tags"]
+    got = server.post("/tag", {"input": [b64(f.read_bytes()) for f in files], "threshold": 0}).json()["results"]
+    for w, g in zip(want, got):
+        assert [t["tag"] for t in w] == [t["tag"] for t in g["tags"]]
+        np.testing.assert_allclose([t["score"] for t in w], [t["score"] for t in g["tags"]], atol=1e-5)
+    top = server.post("/tag", {"input": b64(files[0].read_bytes()), "threshold": 0, "top_k": 2}).json()
+    assert len(top["tags"]) == 2
+    c = server.post("/classify", {"input": b64(files[0].read_bytes()), "labels": ["cat", "dog", "car"]}).json()
+    assert c["label"] == c["top_k"][0]["label"] and len(c["top_k"]) == 3
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+BAD = {
+    "invalid base64": "!!not base64!!",
+    "not an image": b64(b"hello, this is text"),
+    "truncated image": b64(jpeg((400, 300))[:300]),
+    "decompression bomb": b64(png_header_bomb(40000, 40000)),
+    "remote url": "https://example.com/cat.jpg",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_a_bad_item_is_a_400_naming_it(server, kind):
+    good = b64(jpeg())
+    r = server.post("/img/embed", {"input": [good, BAD[kind]]})
+    assert r.status_code == 400, (kind, r.status_code, r.text)
+    assert r.json()["error"]["index"] == 1
+    assert server.post("/img/embed", {"input": good}).status_code == 200  # and the server goes on
+
+
+def test_a_tiny_image_is_embedded_like_any_other(server):
+    """A 1x1 image is a valid image (`siglip embed` gives it a row): a vector, never a stall."""
+    r = server.post("/img/embed", {"input": b64(jpeg((1, 1)))})
+    assert r.status_code == 200 and len(r.json()["embedding"]) == r.json()["dim"]
+
+
+def test_limits(server):
+    assert server.post("/img/embed", {"input": []}).status_code == 422
+    assert server.post("/txt/embed", {"input": ["x"] * 17}).status_code == 422
+    assert server.post("/txt/embed", {"nothing": 1}).status_code == 422
+    assert server.post("/txt/embed", {"input": [1, 2]}).json()["error"]["index"] == 0
+    big = httpx.post(server.url + "/img/embed", content=b'{"input": "' + b"A" * (2 << 20) + b'"}', timeout=30)
+    assert big.status_code == 413
+    assert httpx.post(server.url + "/txt/embed", content=b"{not json", timeout=10).status_code == 400
+    assert server.post("/tag", {"input": b64(jpeg()), "threshold": 2}).status_code == 422
+    assert server.get("/health").json() == {"status": "ok"}
+
+
+def test_queue_deadline_and_token(fixed_ckpt):
+    s = start(fixed_ckpt, "--max-queue", "2", "--max-wait-ms", "1500", "--batch-size", "64", "--timeout", "0.4",
+              "--api-key", "s3cret")
+    try:
+        auth = {"Authorization": "Bearer s3cret"}
+        assert s.post("/txt/embed", {"input": "x"}).status_code == 401
+        assert s.post("/txt/embed", {"input": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert s.get("/health").status_code == 200 and s.get("/ready").status_code == 200  # probes need no token
+        full = s.post("/txt/embed", {"input": ["a", "b", "c"]}, headers=auth)
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+        late = s.post("/txt/embed", {"input": "x"}, headers=auth)  # waits 1.5 s for company; allowed 0.4
+        assert late.status_code == 504
+        metrics = s.get("/metrics", headers=auth).text
+        assert 'siglip_requests_total{route="/txt/embed",status="504"} 1' in metrics
+        assert "siglip_queue_depth 0" in metrics  # the late request's item was dropped from the queue
+    finally:
+        stop(s)
+
+
+# -- load -------------------------------------------------------------------------------------------------
+def test_load(server, photos):
+    """32 clients for about 10 s, texts and images mixed with 5% bad items: every good request answered 200
+    with the right vector, every bad one a 4xx, no 5xx; ready afterwards; memory flat between the halves."""
+    files = photo_files(photos, 8)
+    images = [b64(f.read_bytes()) for f in files]
+    texts = [f"a photo number {i}" for i in range(8)]
+    want_img = np.array([server.post("/img/embed", {"input": i}).json()["embedding"] for i in images])
+    want_txt = np.array(server.post("/txt/embed", {"input": texts}).json()["embeddings"])
+    bad = list(BAD.values())
+    problems, counts, rss = [], {"good": 0, "bad": 0}, []
+
+    async def client(seed: int, until: float, http):
+        rng = random.Random(seed)
+        while time.monotonic() < until:
+            i = rng.randrange(8)
+            if rng.random() < 0.05:
+                r = await http.post("/img/embed", json={"input": rng.choice(bad)})
+                counts["bad"] += 1
+                if not 400 <= r.status_code < 500:
+                    problems.append(("bad", r.status_code, r.text[:200]))
+            elif rng.random() < 0.5:
+                r = await http.post("/img/embed", json={"input": images[i]})
+                counts["good"] += 1
+                if r.status_code != 200 or float(np.dot(r.json()["embedding"], want_img[i])) < 0.9999:
+                    problems.append(("image", r.status_code, r.text[:200]))
+            else:
+                r = await http.post("/txt/embed", json={"input": texts[i]})
+                counts["good"] += 1
+                if r.status_code != 200 or np.abs(np.array(r.json()["embedding"]) - want_txt[i]).max() > 1e-5:
+                    problems.append(("text", r.status_code, r.text[:200]))
+
+    async def run(seconds: float):
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
+            until = time.monotonic() + seconds
+            await asyncio.gather(*(client(s, until, http) for s in range(32)))
+
+    for _ in range(2):
+        asyncio.run(run(5))
+        rss.append(server.rss())
+    assert not problems, problems[:5]
+    assert counts["good"] > 100 and counts["bad"] > 0
+    assert server.get("/ready").json()["ready"] is True
+    assert rss[1] - rss[0] < 64 << 20, f"server memory grew {(rss[1] - rss[0]) >> 20} MB in the second half"
