@@ -223,6 +223,17 @@ def test_queue_deadline_and_token(fixed_ckpt):
         metrics = s.get("/metrics", headers=auth).text
         assert 'siglip_requests_total{route="/txt/embed",status="504"} 1' in metrics
         assert "siglip_queue_depth 0" in metrics  # the late request's item was dropped from the queue
+        # a client that goes away: its item leaves the queue before it runs
+        body = b'{"input": "gone"}'
+        with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.1)
+        time.sleep(0.3)
+        metrics = s.get("/metrics", headers=auth).text
+        assert "siglip_queue_depth 0" in metrics
+        assert 'siglip_requests_total{route="/txt/embed",status="499"} 1' in metrics
+        assert 'siglip_items_total{kind="text"} 1' in metrics  # the startup canary's only: neither ran
     finally:
         stop(s)
 
