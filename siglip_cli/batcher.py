@@ -137,15 +137,18 @@ class Batcher:
         return self.images([j.item for j in batch])
 
     def images(self, items: list[Decoded]) -> np.ndarray:
-        """Embeddings of decoded images, in the shape the CLI's loader gives them to the encoder."""
-        from .pipeline import launch
-        from .tasks import EmbedSpec, EmbedTask
+        return embed_decoded(self.encoder, items, self.batch_size)
 
-        spec = self.encoder.spec
-        pixels = torch.empty((len(items), *pixel_shape(spec)), dtype=torch.uint8)
-        dst = pixels.numpy()
-        for i, d in enumerate(items):
-            dst[i, : len(d.pixels)] = d.pixels
-        batch = _batch(spec, pixels, list(items), list(range(len(items))), [d.grid for d in items])
-        task = EmbedTask(EmbedSpec(), self.encoder)
-        return launch(self.encoder, task, batch, self.batch_size)()["embedding"]
+
+def embed_decoded(encoder: Encoder, items: list[Decoded], batch_size: int) -> np.ndarray:
+    """Embeddings of decoded images (float32, L2-normalized), given to the encoder as the CLI's loader does."""
+    from .pipeline import launch
+    from .tasks import EmbedSpec, EmbedTask
+
+    spec = encoder.spec
+    pixels = torch.empty((len(items), *pixel_shape(spec)), dtype=torch.uint8)
+    dst = pixels.numpy()
+    for i, d in enumerate(items):
+        dst[i, : len(d.pixels)] = d.pixels
+    batch = _batch(spec, pixels, list(items), list(range(len(items))), [d.grid for d in items])
+    return launch(encoder, EmbedTask(EmbedSpec(), encoder), batch, batch_size)()["embedding"]

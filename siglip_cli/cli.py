@@ -343,6 +343,74 @@ def serve(
         raise typer.Exit(e.exit_code)
 
 
+Index = Annotated[str, typer.Argument(help="An index made by `siglip embed` or `siglip tag --with-embeddings` (folder or file).", show_default=False)]
+ResultsOut = Annotated[Optional[str], typer.Option("--output", "-o", help="FILE.parquet, or - for JSON Lines on stdout (default: a table on a terminal, JSON Lines in a pipe).", show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout.")]
+Html = Annotated[Optional[str], typer.Option("--html", help="Also write a self-contained page of thumbnails to this file.", show_default=False)]
+
+
+def _results(work, output, as_json, html, title) -> None:
+    try:
+        from . import report
+
+        table = work()
+        if html:
+            report.write_html(html, table, title)
+        report.emit(table, output, as_json)
+    except SiglipError as e:
+        typer.echo(f"siglip: error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
+
+
+@app.command(epilog=EXIT_CODES)
+def search(
+    index: Index,
+    query: Annotated[Optional[List[str]], typer.Argument(help="Text queries (their vectors are added).", show_default=False)] = None,
+    image: Annotated[Optional[List[str]], typer.Option("--image", help="An image query (repeatable): a file in the index reuses its stored vector.", show_default=False)] = None,
+    minus: Annotated[Optional[List[str]], typer.Option("--minus", help="A text to move away from (repeatable).", show_default=False)] = None,
+    minus_image: Annotated[Optional[List[str]], typer.Option("--minus-image", help="An image to move away from (repeatable).", show_default=False)] = None,
+    image_weight: Annotated[float, typer.Option("--image-weight", help="Weight of the image parts against the texts' 1.")] = 1.0,
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="How many results.")] = 10,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop results scoring below this.", show_default=False)] = None,
+    path: Annotated[Optional[List[str]], typer.Option("--path", help="Only rows whose path matches this glob (repeatable).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embed text queries with this model instead of the index's.", show_default=False)] = None,
+    device: Device = "auto",
+    output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
+) -> None:
+    """Search an index by text, by image, or both: exact top-k over the stored vectors.
+
+    A single text query scores SigLIP's own sigmoid probability; image queries and combinations score the cosine."""
+    def work():
+        from . import search as s
+        from .vectors import load
+
+        q = s.Query(tuple(query or ()), tuple(image or ()), tuple(minus or ()), tuple(minus_image or ()),
+                    image_weight, k, min_score, tuple(path or ()), model, device)
+        return s.search(load(index), q)
+
+    _results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")
+
+
+@app.command(epilog=EXIT_CODES)
+def dedup(
+    index: Index,
+    similar: Annotated[bool, typer.Option("--similar", help="Group similar shots (bursts, cosine >= 0.92) instead of near-identical copies (>= 0.99).")] = False,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Cosine at which two photos join a group (overrides the presets).", show_default=False)] = None,
+    output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
+) -> None:
+    """Find groups of near-duplicate photos in an index (never deletes anything).
+
+    By default near-identical copies (resized, recompressed: cosine >= 0.99); --similar groups shots of one scene."""
+    def work():
+        from . import search as s
+        from .vectors import load
+
+        limit = threshold if threshold is not None else (s.SIMILAR if similar else s.NEAR_IDENTICAL)
+        return s.dedup(load(index), limit)
+
+    _results(work, output, json_out, html, "siglip dedup")
+
+
 @app.command()
 def doctor(
     model: Model = ...,

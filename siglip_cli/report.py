@@ -1,0 +1,102 @@
+"""Results of `search` and `dedup` for people and programs: a table on a terminal, JSON Lines, Parquet, and
+a self-contained HTML page of thumbnails."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import sys
+
+import pyarrow as pa
+
+THUMB = 256  # pixels, the longer side
+
+
+def emit(table: pa.Table, output: str | None, as_json: bool) -> None:
+    """-o FILE.parquet: Parquet; --json or -o -: JSON Lines on stdout; otherwise an aligned table."""
+    if output and output != "-":
+        from .index import write_atomic
+
+        write_atomic(output, [table], table.schema)
+        print(f"siglip: {table.num_rows} rows -> {output}", file=sys.stderr)
+        return
+    if as_json or output == "-" or not sys.stdout.isatty():
+        for row in table.to_pylist():
+            sys.stdout.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        return
+    cols = [c for c in table.column_names if c not in ("representative",)]
+    rows = [[_cell(v) for v in r] for r in zip(*(table.column(c).to_pylist() for c in cols))]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def thumbnail(path: str) -> str | None:
+    """A small JPEG of the image as a data: URI, or None when it cannot be read now."""
+    from PIL import Image, ImageOps
+
+    from .decode import to_rgb
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (THUMB, THUMB))
+            im = to_rgb(ImageOps.exif_transpose(im))
+            im.thumbnail((THUMB, THUMB))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - a missing or unreadable photo is shown as such
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa}
+.grid{display:flex;flex-wrap:wrap;gap:12px}.card{width:260px;background:#fff;border:1px solid #ddd;padding:6px}
+.card img{max-width:256px;max-height:256px;display:block;margin:auto}.missing{height:120px;display:flex;
+align-items:center;justify-content:center;color:#a00;background:#eee}.meta{font-size:12px;word-break:break-all}
+.rep{border:2px solid #2a7}.group{margin-bottom:2em}h2{font-size:16px}"""
+
+
+def _card(row: dict, label: str, rep: bool = False) -> str:
+    uri = thumbnail(row["path"])
+    img = f'<img src="{uri}" alt="{html.escape(os.path.basename(row["path"]))}">' if uri else \
+        '<div class="missing">cannot read this file now</div>'
+    size = f'{row.get("width")}x{row.get("height")}, {row.get("size") or 0:,} bytes'
+    return (f'<div class="card{" rep" if rep else ""}">{img}<div class="meta"><b>{html.escape(label)}</b><br>'
+            f'{html.escape(row["path"])}<br>{size}</div></div>')
+
+
+def write_html(path: str, table: pa.Table, title: str) -> None:
+    """Search results as a grid, or dedup groups side by side (the representative framed); thumbnails are
+    embedded, so the page opens anywhere."""
+    rows = table.to_pylist()
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if "group" in table.column_names:
+        groups: dict[int, list] = {}
+        for r in rows:
+            groups.setdefault(r["group"], []).append(r)
+        for g, members in groups.items():
+            parts.append(f'<div class="group"><h2>group {g}: {len(members)} files</h2><div class="grid">')
+            parts += [_card(r, f'{"keep? " if r["representative"] else ""}cos {r["score"]:.4f}', r["representative"])
+                      for r in members]
+            parts.append("</div></div>")
+    else:
+        parts.append('<div class="grid">')
+        parts += [_card(r, f'#{r["rank"]}  score {r["score"]:.4f}') for r in rows]
+        parts.append("</div>")
+    parts.append("</body></html>\n")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(parts))
+    os.replace(tmp, path)
+    print(f"siglip: {len(rows)} results -> {path}", file=sys.stderr)

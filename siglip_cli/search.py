@@ -1,0 +1,182 @@
+"""`siglip search` and `siglip dedup` over an index's vectors (see vectors.py): exact, blocked, bounded memory."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import RunError
+from .vectors import Vectors, as_tensor, top_k
+
+# dedup's two starting points (cosine): copies that were resized or recompressed, and shots of one scene
+NEAR_IDENTICAL = 0.99
+SIMILAR = 0.92
+
+
+@dataclass(frozen=True)
+class Query:
+    texts: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
+    minus: tuple[str, ...] = ()  # texts to move away from
+    minus_images: tuple[str, ...] = ()
+    image_weight: float = 1.0
+    k: int = 10
+    min_score: float | None = None
+    paths: tuple[str, ...] = ()  # globs: only rows whose path matches one
+    model: str | None = None  # override the index's model
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def _encoder(v: Vectors, q: Query):
+    from .config import ModelConfig
+    from .model import Encoder
+
+    meta = v.meta
+    name = q.model or meta.get("model")
+    revision = None if q.model else (meta.get("commit") or meta.get("revision"))
+    dtype = meta.get("dtype", "float32") if meta.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
+    try:
+        return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
+    except RunError as e:
+        raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
+
+
+def _stored(v: Vectors, path: str) -> np.ndarray | None:
+    from .sources import canonical
+
+    key = canonical(path)
+    hits = np.flatnonzero(np.asarray(v.rows.column("path").to_pylist(), dtype=object) == key) if len(v.rows) else []
+    return np.asarray(v.matrix[hits[0]], np.float32) if len(hits) else None
+
+
+def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray, bool]:
+    """The unit query vector, and whether its score is SigLIP's probability (one text query alone)."""
+    from .batcher import embed_decoded
+    from .decode import decode
+    from .sources import FileRecord
+
+    encoder = None
+
+    def model():
+        nonlocal encoder
+        if encoder is None:
+            encoder = (encoder_factory or _encoder)(v, q)
+        return encoder
+
+    def texts(items):
+        return model().encode_texts(list(items)).cpu().numpy() if items else np.zeros((0, v.matrix.shape[1]), np.float32)
+
+    def images(paths):
+        out = []
+        for p in paths:
+            stored = _stored(v, p)
+            if stored is None:  # not in the index: embedded now, as embed would
+                d = decode(FileRecord(os.path.abspath(p)), model().spec)
+                if d.error:
+                    raise RunError(f"--image {p}: {d.error}")
+                stored = embed_decoded(model(), [d], 1)[0]
+            out.append(stored / np.linalg.norm(stored))
+        return np.array(out, np.float32).reshape(-1, v.matrix.shape[1])
+
+    plus = np.concatenate([texts(q.texts), q.image_weight * images(q.images)])
+    minus = np.concatenate([texts(q.minus), q.image_weight * images(q.minus_images)])
+    if not len(plus):
+        raise RunError("give a text query, or --image PATH")
+    vec = plus.sum(axis=0) - minus.sum(axis=0)
+    norm = np.linalg.norm(vec)
+    if norm == 0:
+        raise RunError("the query's parts cancel out")
+    return (vec / norm).astype(np.float32), len(q.texts) == 1 and not (q.images or q.minus or q.minus_images)
+
+
+def search(v: Vectors, q: Query, encoder_factory=None) -> pa.Table:
+    """The k best rows: rank, score, path, width, height, size."""
+    vec, probability = query_vector(v, q, encoder_factory)
+    keep = None
+    if q.paths:
+        paths = v.rows.column("path").to_pylist()
+        keep = np.array([any(fnmatch.fnmatchcase(p, g) for g in q.paths) for p in paths], bool)
+    idx, cos = top_k(v.matrix, vec, q.k, keep)
+    if probability:
+        scores = 1 / (1 + np.exp(-(cos * np.float32(v.meta["logit_scale"]) + np.float32(v.meta["logit_bias"]))))
+    else:
+        scores = cos
+    if q.min_score is not None:
+        idx, scores = idx[scores >= q.min_score], scores[scores >= q.min_score]
+    rows = v.rows.take(pa.array(idx, pa.int64()))
+    return pa.table({"rank": pa.array(np.arange(1, len(idx) + 1), pa.int32()),
+                     "score": pa.array(scores.astype(np.float32)), **{c: rows.column(c) for c in rows.column_names}},
+                    metadata={"score": "sigmoid probability" if probability else "cosine"})
+
+
+def pairs(matrix: np.ndarray, threshold: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j with cosine >= threshold: (i, j, cosine). Upper triangle only, in blocks; a first pass
+    in bfloat16 where the CPU does it natively (or on the GPU) with a margin, every candidate rechecked in float32."""
+    import torch
+
+    from .model import cpu_bf16_native
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    fast = torch.bfloat16 if device.type == "cuda" or cpu_bf16_native() else torch.float32
+    margin = 0.02 if fast != torch.float32 else 0.0
+    n = len(matrix)
+    out_i, out_j, out_s = [], [], []
+    for a in range(0, n, block):
+        A = as_tensor(matrix[a : a + block]).to(device)
+        A32, Af = A.float(), A.to(fast)
+        for b in range(a, n, block):
+            B = A if b == a else as_tensor(matrix[b : b + block]).to(device)
+            S = Af @ B.to(fast).T
+            hit = (S >= threshold - margin).nonzero()
+            if b == a:
+                hit = hit[hit[:, 0] < hit[:, 1]]
+            if not len(hit):
+                continue
+            exact = (A32[hit[:, 0]] * B.float()[hit[:, 1]]).sum(dim=1)  # the recheck, in float32
+            ok = exact >= threshold
+            out_i.append((hit[ok, 0] + a).cpu().numpy())
+            out_j.append((hit[ok, 1] + b).cpu().numpy())
+            out_s.append(exact[ok].cpu().numpy())
+    cat = lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t)  # noqa: E731
+    return cat(out_i, np.int64), cat(out_j, np.int64), cat(out_s, np.float32)
+
+
+def dedup(v: Vectors, threshold: float) -> pa.Table:
+    """Groups of near-duplicates: one row per member (group, path, score to the group's representative, size,
+    resolution, whether it is the representative: the member with the most pixels, then the largest file)."""
+    i, j, _ = pairs(v.matrix, threshold)
+    parent = np.arange(len(v.matrix))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(i.tolist(), j.tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, list[int]] = {}
+    for x in sorted(set(i.tolist()) | set(j.tolist())):
+        members.setdefault(root(x), []).append(x)
+    rows = v.rows.to_pydict()
+    pixels = [(w or 0) * (h or 0) for w, h in zip(rows["width"], rows["height"])]
+    out = {"group": [], "representative": [], "score": [], **{c: [] for c in rows}}
+    for g, group in enumerate(sorted(members.values(), key=lambda m: rows["path"][m[0]]), start=1):
+        rep = max(group, key=lambda x: (pixels[x], rows["size"][x] or 0, -x))
+        r = np.asarray(v.matrix[rep], np.float32)
+        for x in sorted(group, key=lambda x: (x != rep, rows["path"][x])):
+            out["group"].append(g)
+            out["representative"].append(x == rep)
+            out["score"].append(float(np.dot(np.asarray(v.matrix[x], np.float32), r)))
+            for c in rows:
+                out[c].append(rows[c][x])
+    schema = pa.schema([("group", pa.int32()), ("representative", pa.bool_()), ("score", pa.float32()),
+                        *[v.rows.schema.field(c) for c in rows]])
+    return pa.table(out, schema=schema)

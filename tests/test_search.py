@@ -1,0 +1,174 @@
+"""`siglip search` and `siglip dedup` on indexes made by `siglip embed`: exact against numpy, scores as `tag`
+gives them, planted duplicates found and nothing else, the sidecar rebuilt when the index changes, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from siglip_cli.index import read_index
+from siglip_cli.vectors import top_k
+
+from test_devices import table
+
+TORCH = ["--device", "cpu", "--dtype", "float32", "--backend", "torch", "-q"]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, photos):
+    """The shared photos (linked), and resized + recompressed copies of the first ten."""
+    lib = tmp_path_factory.mktemp("lib")
+    src = sorted(photos.glob("*.JPEG"))
+    for p in src:
+        os.symlink(p, lib / p.name)
+    for i, p in enumerate(src[:10]):
+        im = Image.open(p).convert("RGB")
+        im.resize((im.width // 2, im.height // 2)).save(lib / f"copy{i}_small.jpg", quality=60)
+    return lib
+
+
+@pytest.fixture(scope="module")
+def indexes(library, fixed_ckpt, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from siglip_cli.cli import app
+
+    out = tmp_path_factory.mktemp("idx")
+    made = {}
+    for kind, extra in (("float32", []), ("float16", ["--float16"])):
+        made[kind] = out / kind
+        r = CliRunner().invoke(app, ["embed", str(library), "-o", str(made[kind]), "-m", str(fixed_ckpt), *TORCH, *extra])
+        assert r.exit_code == 0, r.output
+    return made
+
+
+def stored(index) -> tuple[list[str], np.ndarray]:
+    t = read_index(str(index))
+    return t.column("path").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16"])
+def test_image_query_is_exact_and_ranks_itself_first(cli, indexes, library, kind):
+    paths, vecs = stored(indexes[kind])
+    query = library / "n01440764_tench.JPEG"
+    r = cli("search", indexes[kind], "--image", query, "-k", "20", "--json")
+    assert r.exit_code == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    q = vecs[paths.index(str(query))]
+    q = q / np.linalg.norm(q)
+    brute = vecs @ q
+    want = np.argsort(-brute, kind="stable")[:20]
+    assert [g["path"] for g in got] == [paths[i] for i in want]  # recall 1.0, same order
+    np.testing.assert_allclose([g["score"] for g in got], brute[want], atol=1e-5)
+    assert got[0]["path"] == str(query) and got[0]["score"] == pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_blocked_top_k_equals_brute_force(dtype):
+    rng = np.random.default_rng(1)
+    m = rng.standard_normal((50_000, 64)).astype(dtype)
+    m /= np.linalg.norm(m.astype(np.float32), axis=1, keepdims=True).astype(dtype)
+    q = rng.standard_normal(64).astype(np.float32)
+    q /= np.linalg.norm(q)
+    keep = rng.random(50_000) < 0.5
+    idx, cos = top_k(m, q, 25, keep, block=4096)
+    brute = np.where(keep, m.astype(np.float32) @ q, -np.inf)
+    want = np.argsort(-brute, kind="stable")[:25]
+    assert set(idx) == set(want)
+    np.testing.assert_allclose(cos, brute[want], rtol=1e-5, atol=1e-6)
+
+
+def test_text_query_scores_equal_tag(cli, indexes, library, fixed_ckpt, tmp_path):
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("a photo of a dog\n")
+    tags = tmp_path / "tags.parquet"
+    assert cli("tag", library, "--vocab", vocab, "--template", "{}", "--threshold", "0", "-o", tags, "-m", fixed_ckpt,
+               *TORCH).exit_code == 0
+    want = {p: t[0]["score"] for p, t in zip(table(tags)["path"], table(tags)["tags"])}
+    r = cli("search", indexes["float32"], "a photo of a dog", "-k", "1000", "--json", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(got) == len(want)
+    for g in got:
+        assert g["score"] == pytest.approx(want[g["path"]], abs=1e-5)
+
+
+def test_filters_combinations_and_outputs(cli, indexes, library, tmp_path):
+    idx = indexes["float32"]
+    r = cli("search", idx, "beach", "--image", library / "n01440764_tench.JPEG", "--minus", "people",
+            "--path", "*copy*", "-k", "5", "--min-score", "-1", "-o", tmp_path / "r.parquet", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    t = pq.read_table(tmp_path / "r.parquet")
+    assert t.num_rows == 5 and all("copy" in p for p in t.column("path").to_pylist())
+    assert t.column("rank").to_pylist() == [1, 2, 3, 4, 5]
+    page = tmp_path / "r.html"
+    r = cli("search", idx, "--image", library / "copy1_small.jpg", "-k", "4", "--html", page, "-o", "-")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 4
+    assert page.read_text().count("<img src=\"data:image/jpeg;base64,") == 4
+
+
+def test_search_errors(cli, tmp_path, indexes):
+    assert cli("search", tmp_path / "nothing", "x").exit_code == 1
+    r = cli("search", indexes["float32"], "--device", "cpu")
+    assert r.exit_code == 1 and "give a text query" in r.stderr
+
+
+def test_dedup_finds_the_planted_copies_and_nothing_else(cli, indexes, tmp_path):
+    for kind in ("float32", "float16"):
+        r = cli("dedup", indexes[kind], "--json")
+        assert r.exit_code == 0, r.stderr
+        rows = [json.loads(line) for line in r.stdout.splitlines()]
+        groups = {}
+        for row in rows:
+            groups.setdefault(row["group"], set()).add(os.path.basename(row["path"]))
+        src = sorted(n for n in os.listdir(os.path.dirname(rows[0]["path"])) if n.endswith(".JPEG"))
+        want = sorted(sorted({f"copy{i}_small.jpg", src[i]}) for i in range(10))
+        assert sorted(sorted(g) for g in groups.values()) == want
+        reps = [row for row in rows if row["representative"]]
+        assert len(reps) == 10 and all(row["path"].endswith(".JPEG") for row in reps)  # the larger original
+    page = tmp_path / "d.html"
+    assert cli("dedup", indexes["float32"], "--html", page, "-o", tmp_path / "d.parquet").exit_code == 0
+    assert page.read_text().count("<img") == 20 and pq.read_table(tmp_path / "d.parquet").num_rows == 20
+
+
+def test_sidecar_is_rebuilt_when_the_index_changes(cli, library, fixed_ckpt, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in sorted(os.listdir(library))[:5]:
+        shutil.copy(library / name, lib / name)
+    idx = tmp_path / "idx"
+    assert cli("embed", lib, "-o", idx, "-m", fixed_ckpt, *TORCH).exit_code == 0
+    one = cli("search", idx, "--image", lib / sorted(os.listdir(lib))[0], "-k", "10", "--json")
+    assert len(one.stdout.splitlines()) == 5
+    key = (idx / ".siglip-vectors" / "key.json").read_text()
+    again = cli("search", idx, "--image", lib / sorted(os.listdir(lib))[0], "-k", "10", "--json")
+    assert again.stdout == one.stdout and (idx / ".siglip-vectors" / "key.json").read_text() == key  # reused
+    shutil.copy(library / "n01440764_tench.JPEG", lib / "new.jpg")  # not a copy of the five
+    assert cli("embed", lib, "-o", idx, "-m", fixed_ckpt, *TORCH).exit_code == 0
+    r = cli("search", idx, "--image", lib / "new.jpg", "-k", "10", "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 6 and rows[0]["path"] == str(lib / "new.jpg")
+    assert (idx / ".siglip-vectors" / "key.json").read_text() != key
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium here")
+def test_html_renders_in_a_browser(cli, indexes, library, tmp_path):
+    page = tmp_path / "r.html"
+    assert cli("search", indexes["float32"], "--image", library / "copy1_small.jpg", "-k", "6", "--html", page,
+               "-o", "-").exit_code == 0
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    # the DOM after rendering: every image decoded to its natural size (a broken one has naturalWidth 0)
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", "<script>window.onload=()=>{document.title="
+                     "[...document.images].map(i=>i.complete&&i.naturalWidth>0).join(',')}</script></body>"))
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"file://{probe}"],
+                         capture_output=True, text=True, timeout=120)
+    title = out.stdout.split("<title>")[1].split("</title>")[0]
+    assert title.split(",") == ["true"] * 6
