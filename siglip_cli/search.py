@@ -49,17 +49,14 @@ def _encoder(v: Vectors, q: Query):
 def _stored(v: Vectors, path: str) -> np.ndarray | None:
     from .sources import canonical
 
-    key = canonical(path)
-    hits = np.flatnonzero(np.asarray(v.rows.column("path").to_pylist(), dtype=object) == key) if len(v.rows) else []
-    return np.asarray(v.matrix[hits[0]], np.float32) if len(hits) else None
+    import pyarrow.compute as pc
+
+    at = pc.index(v.rows.column("path"), canonical(path)).as_py()
+    return np.asarray(v.matrix[at], np.float32) if at >= 0 else None
 
 
 def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray, bool]:
     """The unit query vector, and whether its score is SigLIP's probability (one text query alone)."""
-    from .batcher import embed_decoded
-    from .decode import decode
-    from .sources import FileRecord
-
     encoder = None
 
     def model():
@@ -76,6 +73,10 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
         for p in paths:
             stored = _stored(v, p)
             if stored is None:  # not in the index: embedded now, as embed would
+                from .batcher import embed_decoded
+                from .decode import decode
+                from .sources import FileRecord
+
                 d = decode(FileRecord(os.path.abspath(p)), model().spec)
                 if d.error:
                     raise RunError(f"--image {p}: {d.error}")
