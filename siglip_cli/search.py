@@ -102,7 +102,7 @@ def search(v: Vectors, q: Query, encoder_factory=None) -> pa.Table:
     if q.paths:
         paths = v.rows.column("path").to_pylist()
         keep = np.array([any(fnmatch.fnmatchcase(p, g) for g in q.paths) for p in paths], bool)
-    idx, cos = top_k(v.matrix, vec, q.k, keep)
+    idx, cos = top_k(v.matrix, vec, q.k, keep, fast=v.fast)
     if probability:
         scores = 1 / (1 + np.exp(-(cos * np.float32(v.meta["logit_scale"]) + np.float32(v.meta["logit_bias"]))))
     else:

