@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 from .errors import RunError
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
-from .index.reader import read_index
 
 SIDECAR_VERSION = 2
 # bfloat16 keeps 8 significant bits: a dot product of two unit vectors rounded to it is off by at most
@@ -112,27 +111,98 @@ def _open(place: str, meta: dict) -> Vectors:
     return Vectors(matrix, pq.read_table(os.path.join(place, "rows.parquet")), meta, fast)
 
 
+def _sources(index: str) -> list[str]:
+    """The files holding the index's current rows, oldest first (reader.read_index's rules: parts of other
+    settings than the newest are left out)."""
+    from .index.reader import _signature
+
+    if is_file_output(index) or not os.path.isdir(index):
+        return [index]
+    parts, newest = [], None
+    for part in reversed(_parts(index)):
+        try:
+            sig = _signature(pq.read_schema(part))
+        except FileNotFoundError:
+            continue
+        if parts and sig != newest:
+            continue
+        newest = newest if parts else sig
+        parts.append(part)
+    return parts[::-1]
+
+
+def _path_bytes(file: str) -> pa.ChunkedArray:
+    """A file's path_bytes column (the exact names that are not UTF-8), or nulls where it has none."""
+    pf = pq.ParquetFile(file)
+    if "path_bytes" in pf.schema_arrow.names:
+        return pf.read(columns=["path_bytes"]).column(0)
+    return pa.chunked_array([pa.nulls(pf.metadata.num_rows, pa.binary())])
+
+
+def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
+    """Row numbers (across the files, in order) of each path's newest ok row, and those rows' small columns."""
+    light = pa.concat_tables([pq.read_table(f, columns=ROW_COLUMNS + ["status"]) for f in files])
+    names = pa.concat_arrays([c for f in files for c in _path_bytes(f).chunks]) if files else pa.array([], pa.binary())
+    n = pa.array(np.arange(light.num_rows), pa.int64())
+    keyed = pa.table({"path": light.column("path"), "path_bytes": names, "n": n})
+    last = keyed.group_by(["path", "path_bytes"], use_threads=False).aggregate([("n", "max")]).column("n_max")
+    rows = np.sort(last.to_numpy())
+    if len(rows):
+        rows = rows[pc.equal(light.column("status").take(pa.array(rows)), "ok").to_numpy(zero_copy_only=False)]
+    return rows, light.take(pa.array(rows, pa.int64())).select(ROW_COLUMNS)
+
+
+def _row_groups(files: list[str]):
+    """The embedding column of the files, a row group at a time and in order, decoded by one thread per usable
+    CPU a few groups ahead (Parquet's list decoding is the slow part of a build; memory: those few groups)."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .config import usable_cpus
+
+    def read(file: str, group: int) -> pa.Table:
+        return pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
+
+    jobs = [(f, g) for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    ahead = max(1, usable_cpus())
+    with ThreadPoolExecutor(ahead) as pool:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            pending.append(pool.submit(read, *job))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _build(index: str, place: str, key: dict) -> None:
-    table = read_index(index, ["path", "status", "embedding", "width", "height", "size"])
-    table = table.filter(pc.equal(table.column("status"), "ok"))
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    values = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim) if len(column) else np.zeros((0, dim))
+    """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (bfloat16 bits), one batch at a
+    time, with plain writes: memory stays at one batch whatever the index's size."""
+    import torch
+
+    files = _sources(index)
+    rows, light = _current(files)
+    vector = pq.read_schema(files[-1]).field("embedding").type
+    dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
     parent = os.path.dirname(place)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
     try:
-        import torch
-
-        out = np.lib.format.open_memmap(os.path.join(tmp, "vectors.npy"), "w+", values.dtype, values.shape)
-        fast = np.lib.format.open_memmap(os.path.join(tmp, "fast.npy"), "w+", np.int16, values.shape)
-        for i in range(0, len(values), 1 << 16):
-            out[i : i + (1 << 16)] = values[i : i + (1 << 16)]
-            fast[i : i + (1 << 16)] = as_tensor(values[i : i + (1 << 16)]).to(torch.bfloat16).view(torch.int16).numpy()
-        out.flush()
-        fast.flush()
-        del out, fast
-        pq.write_table(table.select(ROW_COLUMNS), os.path.join(tmp, "rows.parquet"))
+        with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
+            for f, t in ((out, dtype), (fast, np.dtype(np.int16))):
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
+                                                         "fortran_order": False, "shape": (len(rows), dim)})
+            offset = 0
+            for batch in _row_groups(files):
+                lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
+                if hi > lo:
+                    column = batch.column(0).combine_chunks().cast(vector)
+                    values = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+                    block = np.ascontiguousarray(values[rows[lo:hi] - offset], dtype)
+                    out.write(block.data)
+                    fast.write(torch.from_numpy(block).to(torch.bfloat16).view(torch.int16).numpy().data)
+                offset += batch.num_rows
+        pq.write_table(light, os.path.join(tmp, "rows.parquet"))
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(key, f)
         if os.path.exists(place):
@@ -154,13 +224,36 @@ def as_tensor(rows: np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(rows))
 
 
+def _blocks(matrix: np.ndarray, block: int):
+    """(start, rows) of a matrix in blocks. A memory-mapped .npy is read into one reused buffer (the page cache
+    keeps the file, the process does not: scanning a 2 GB sidecar costs one block of memory)."""
+    if not isinstance(matrix, np.memmap) or matrix.filename is None:
+        for start in range(0, len(matrix), block):
+            yield start, matrix[start : start + block]
+        return
+    width = int(np.prod(matrix.shape[1:]))
+    buf = np.empty((min(block, len(matrix)), width), matrix.dtype)
+    with open(matrix.filename, "rb", buffering=0) as f:
+        f.seek(matrix.offset)
+        for start in range(0, len(matrix), block):
+            n = min(block, len(matrix) - start)
+            view = memoryview(buf[:n]).cast("B")
+            got = 0
+            while got < len(view):
+                more = f.readinto(view[got:])
+                if not more:
+                    raise RunError(f"{matrix.filename} is shorter than its header says; delete it to rebuild it")
+                got += more
+            yield start, buf[:n]
+
+
 def _scores(matrix: np.ndarray, q, block: int, bf16: bool) -> np.ndarray:
     """matrix @ q for every row, in blocks: float32 from the stored dtype, or bfloat16 from int16 bits."""
     import torch
 
     out = np.empty(len(matrix), np.float32)
-    for start in range(0, len(matrix), block):
-        part = as_tensor(matrix[start : start + block])
+    for start, rows in _blocks(matrix, block):
+        part = as_tensor(rows)
         part = part.view(torch.bfloat16) if bf16 else part.float()
         out[start : start + len(part)] = (part @ q).float().numpy()
     return out
