@@ -164,7 +164,8 @@ def launch(encoder: Encoder, task, batch: Batch, batch_size: int):
     before = encoder.chunk
     while True:
         try:
-            wait = encoder.to_host(task.device(encoder.encode_images(batch)))
+            with encoder.on_device():  # the task's work too: every allocation of this batch on its own GPU
+                wait = encoder.to_host(task.device(encoder.encode_images(batch)))
             break
         except Exception as e:
             if not out_of_memory(e):
@@ -183,6 +184,10 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
     own, and the batches are finished in input order.
     """
     encoder = encoders[0]
+    if encoder.device.type == "cuda":
+        # This thread's current device: the loader's pinned buffers are allocated here, and on GPU 0 (the
+        # default) they would create a CUDA context there even when the run is on cuda:1 only.
+        torch.cuda.set_device(encoder.device)
     task = make_task(cfg.head, encoder)
     tasks = [task] + [task.on(e) for e in encoders[1:]]
     meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
