@@ -299,14 +299,42 @@ def check_compiler(device: torch.device) -> None:
         raise RunError(f"--compile needs {need} and none was found; install one, or run without --compile")
 
 
+def _towers(config):
+    """The (vision, text) tower classes of a SigLIP checkpoint's config, or () for another kind of model."""
+    import transformers
+
+    names = {"siglip": ("SiglipVisionModel", "SiglipTextModel"), "siglip2": ("Siglip2VisionModel", "Siglip2TextModel")}
+    return tuple(getattr(transformers, n) for n in names.get(config.model_type, ()))
+
+
+def _cannot_load(name: str, error: BaseException, what: str = "") -> str:
+    """One line: the model, the cause, and the fix."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = str(error)
+    missing = [p for p in ("sentencepiece", "protobuf") if p in text.lower() and ("install" in text.lower()
+               or isinstance(error, ImportError))]
+    if missing:
+        return (f"cannot load {what}{name!r}: it needs the {' and '.join(missing)} package(s), which are missing "
+                f"here; pip install {' '.join(missing)} (or reinstall siglip-cli, which depends on them)")
+    return (f"cannot load {what}{name!r}: {first} (give a Hub id such as google/siglip2-so400m-patch14-384, or a "
+            "folder saved with save_pretrained)")
+
+
 class Encoder:
     """A checkpoint on its device: L2-normalized image and text embeddings, and the logit scale and bias."""
 
     def __init__(self, model, processor, tokenizer, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                 scalars: dict[str, float] | None = None):
-        self.device, self.dtype, self.tokenizer = device, dtype, tokenizer
-        self.model = model.to(device).eval()
-        self.naflex = model.config.model_type == "siglip2"
+                 scalars: dict[str, float] | None = None, config=None):
+        """model: a whole SiglipModel / Siglip2Model, or only its vision tower (then `config` is the checkpoint's
+        whole config, `scalars` hold the logit scale and bias, and the text tower and the tokenizer are loaded
+        from cfg's checkpoint the first time texts are encoded)."""
+        whole = hasattr(model, "vision_model")
+        self.config = model.config if whole else config
+        self.device, self.dtype, self.text_dtype = device, dtype, model.dtype
+        self.vision = (model.vision_model if whole else model).to(device).eval()
+        self._text = model.text_model.to(device).eval() if whole else None
+        self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
+        self.naflex = self.config.model_type == "siglip2"
         self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
         scale = float(getattr(processor, "rescale_factor", 1 / 255))
         mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
@@ -314,13 +342,16 @@ class Encoder:
         # (x * scale - mean) / std == x * a + b, folded once
         self._a, self._b = scale / std, -mean / std
         # float32 as stored (see stored_scalars); logit_scale is stored as a log
-        scalars = scalars or {}
-        self.logit_scale = math.exp(scalars.get("logit_scale", model.logit_scale.detach().float().item()))
-        self.logit_bias = scalars.get("logit_bias", model.logit_bias.detach().float().item())
-        text_length = int(getattr(model.config.text_config, "max_position_embeddings", TEXT_LENGTH))
+        scalars = dict(scalars or {})
+        if whole:
+            scalars.setdefault("logit_scale", model.logit_scale.detach().float().item())
+            scalars.setdefault("logit_bias", model.logit_bias.detach().float().item())
+        self.logit_scale, self.logit_bias = math.exp(scalars["logit_scale"]), scalars["logit_bias"]
+        text_length = int(getattr(self.config.text_config, "max_position_embeddings", TEXT_LENGTH))
+        architecture = (getattr(self.config, "architectures", None) or [type(model).__name__])[0]
         self.info = ModelInfo(
-            name=cfg.name, revision=cfg.revision, commit=cfg.commit or getattr(model.config, "_commit_hash", None),
-            architecture=type(model).__name__, dim=int(model.config.vision_config.hidden_size), text_length=text_length,
+            name=cfg.name, revision=cfg.revision, commit=cfg.commit or getattr(self.config, "_commit_hash", None),
+            architecture=architecture, dim=int(self.config.vision_config.hidden_size), text_length=text_length,
             preprocessing=(
                 f"naflex patch={self.spec.patch_size} max_patches={self.spec.max_patches}" if self.naflex
                 else f"resize {self.spec.width}x{self.spec.height}"
@@ -346,7 +377,7 @@ class Encoder:
 
         show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
         """
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         _hf_quiet(show_downloads)
         devices = resolve_devices(cfg.device)
@@ -362,26 +393,26 @@ class Encoder:
             print(note, file=sys.stderr)
         revision = cfg.commit or cfg.revision  # the commit the run's signature was made with
         try:
-            naflex = AutoConfig.from_pretrained(cfg.name, revision=revision).model_type == "siglip2"
+            config = AutoConfig.from_pretrained(cfg.name, revision=revision)
+            naflex = config.model_type == "siglip2"
             backend = resolve_backend(cfg, devices[0], naflex)
             load = torch.float32 if backend == "openvino" else dtype  # OpenVINO converts float32 weights
-            model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
+            scalars = stored_scalars(cfg.name, revision)
+            towers = _towers(config)
+            if towers and len(scalars) == 2:  # the image tower alone: the text tower loads when texts are encoded
+                model = towers[0].from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
+            else:  # weights whose scale and bias cannot be read on their own (.bin files): the whole model
+                model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
             processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
-            tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=revision)
-        except (OSError, ValueError, KeyError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise RunError(
-                f"cannot load model {cfg.name!r}: {first} "
-                "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
-            ) from None
-        if not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias"):
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise RunError(_cannot_load(cfg.name, e)) from None
+        if not towers and (not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias")):
             raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
-        scalars = stored_scalars(cfg.name, revision)
         encoders = []
         for i, device in enumerate(devices):
             # Each GPU gets its own copy, made on the host before the first one moves; CPU encoders share one.
             own = model if device.type == "cpu" or i == len(devices) - 1 else copy.deepcopy(model)
-            encoders.append(cls(own, processor, tokenizer, cfg, device, load, scalars))
+            encoders.append(cls(own, processor, None, cfg, device, load, scalars, config))
         if backend == "openvino":
             from .config import usable_cpus
             from .encoders import openvino
@@ -389,6 +420,32 @@ class Encoder:
             for encoder in encoders:  # several CPU encoders share the cores
                 openvino.attach(encoder, dtype, cfg.quantize, max(1, usable_cpus() // len(encoders)))
         return encoders
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, loaded the first time texts are encoded (image runs never need it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name, revision = self._source
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+            except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
+                raise RunError(_cannot_load(name, e, "the tokenizer of ")) from None
+        return self._tokenizer
+
+    @property
+    def text(self):
+        """The text tower on this device, loaded the first time texts are encoded."""
+        if self._text is None:
+            name, revision = self._source
+            try:
+                tower = _towers(self.config)[1].from_pretrained(name, revision=revision, dtype=self.text_dtype,
+                                                                attn_implementation="sdpa")
+            except (OSError, ValueError, KeyError, ImportError) as e:
+                raise RunError(_cannot_load(name, e, "the text tower of ")) from None
+            self._text = tower.to(self.device).eval()
+        return self._text
 
     def _compile(self) -> None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -405,7 +462,7 @@ class Encoder:
     def _fixed(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float()
         x = (x * self._a[:, None, None] + self._b[:, None, None]).to(self.dtype)
-        return F.normalize(self.model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)
+        return F.normalize(self.vision(pixel_values=x).pooler_output.float(), dim=-1)
 
     def _naflex(self, x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor, full: bool) -> torch.Tensor:
         n, patches, width = x.shape
@@ -414,7 +471,7 @@ class Encoder:
         # No mask when no image has padding (what transformers does then, after asking the device); otherwise the
         # 4-D key mask transformers would build (n, 1, 1, patches), True = attend, which it takes as it is.
         attend = None if full else mask.bool()[:, None, None, :]
-        out = self.model.get_image_features(pixel_values=x, pixel_attention_mask=attend, spatial_shapes=grids)
+        out = self.vision(pixel_values=x, pixel_attention_mask=attend, spatial_shapes=grids)
         return F.normalize(out.pooler_output.float(), dim=-1)
 
     def on_device(self):
@@ -511,5 +568,5 @@ class Encoder:
             padding_side="right", return_tensors="pt",
         )
         # No attention mask: the text tower was trained without one, and passing it changes the embedding.
-        feats = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device))
+        feats = self.text(input_ids=tokens["input_ids"].to(self.device))
         return F.normalize(feats.pooler_output.float(), dim=-1)

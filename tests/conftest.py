@@ -93,6 +93,49 @@ def build_naflex(folder: Path) -> Path:
     return folder
 
 
+def build_v1(folder: Path) -> Path:
+    """SiglipModel + a sentencepiece SiglipTokenizer (spiece.model, no tokenizer.json) + a bicubic processor:
+    the layout of the SigLIP 1 checkpoints (google/siglip-*). The tokenizer is trained here, in well under a
+    second, on a few lines."""
+    import io
+
+    import sentencepiece as spm
+    import torch
+    from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    lines = ["a red car on a road", "this is a photo of a great grey owl", "two dogs playing in the snow",
+             "a photo of a cat", "the quick brown fox jumps over the lazy dog", string.ascii_lowercase,
+             string.digits] * 20
+    spiece = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=spiece, vocab_size=120,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(spiece.getvalue())
+    tok = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=64)
+    torch.manual_seed(2)
+    text = _text_config(len(tok))
+    text.update(pad_token_id=1, eos_token_id=1, bos_token_id=None)
+    config = SiglipConfig(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16))
+    model = SiglipModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(2.3)
+        model.logit_bias.fill_(-2.0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=3, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def v1_ckpt(tmp_path_factory) -> Path:
+    pytest.importorskip("sentencepiece", reason="SigLIP 1 tokenizers need sentencepiece (a dependency)")
+    return build_v1(tmp_path_factory.mktemp("siglip-v1"))
+
+
 @pytest.fixture(scope="session")
 def fixed_ckpt(tmp_path_factory) -> Path:
     return build_fixed(tmp_path_factory.mktemp("siglip-fixed"))
@@ -107,6 +150,12 @@ def naflex_ckpt(tmp_path_factory) -> Path:
 def ckpt(request, fixed_ckpt, naflex_ckpt) -> Path:
     """Each test that takes it runs on both checkpoint layouts."""
     return fixed_ckpt if request.param == "fixed" else naflex_ckpt
+
+
+@pytest.fixture(params=["v1", "fixed", "naflex"])
+def any_ckpt(request, v1_ckpt, fixed_ckpt, naflex_ckpt) -> Path:
+    """SigLIP 1, and SigLIP 2 in both layouts."""
+    return {"v1": v1_ckpt, "fixed": fixed_ckpt, "naflex": naflex_ckpt}[request.param]
 
 
 @pytest.fixture(scope="session")

@@ -156,7 +156,7 @@ def test_mps_out_of_memory_is_recognized():
 def test_naflex_needs_no_mask_from_the_device(cli, naflex_ckpt, tmp_path, monkeypatch):
     """A batch whose images all fill their patches runs with no mask; any other with the 4-D mask built on the
     host's knowledge. Either way the embeddings equal transformers' own (which asks the device)."""
-    from transformers import Siglip2Model
+    from transformers import Siglip2VisionModel
 
     from test_parity import reference_image_embeddings
 
@@ -165,13 +165,13 @@ def test_naflex_needs_no_mask_from_the_device(cli, naflex_ckpt, tmp_path, monkey
     rng = np.random.default_rng(0)
     for name, size in (("a_square", (96, 96)), ("b_square", (200, 200)), ("c_square", (64, 64)), ("d_wide", (300, 90))):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(lib / f"{name}.png")
-    masks, clean = [], Siglip2Model.get_image_features
+    masks, clean = [], Siglip2VisionModel.forward
 
     def spy(self, *args, pixel_attention_mask=None, **kw):
         masks.append(None if pixel_attention_mask is None else tuple(pixel_attention_mask.shape))
         return clean(self, *args, pixel_attention_mask=pixel_attention_mask, **kw)
 
-    monkeypatch.setattr(Siglip2Model, "get_image_features", spy)
+    monkeypatch.setattr(Siglip2VisionModel, "forward", spy)
     out = tmp_path / "o.parquet"
     assert cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--device", "cpu", "-b", "2", *TORCH, "-q").exit_code == 0
     assert masks == [None, (2, 1, 1, 256)]

@@ -42,7 +42,8 @@ def embeddings(path) -> np.ndarray:
     return np.stack(pq.read_table(path).column("embedding").to_numpy(zero_copy_only=False))
 
 
-def test_image_embeddings_match_reference(cli, ckpt, photos, tmp_path):
+def test_image_embeddings_match_reference(cli, any_ckpt, photos, tmp_path):
+    ckpt = any_ckpt
     out = tmp_path / "out.parquet"
     result = cli("embed", photos, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32", "-j", "2", "-b", "24")
     assert result.exit_code == 0, result.stderr
@@ -57,7 +58,8 @@ def test_image_embeddings_match_reference(cli, ckpt, photos, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_text_embeddings_match_reference(cli, ckpt, tmp_path):
+def test_text_embeddings_match_reference(cli, any_ckpt, tmp_path):
+    ckpt = any_ckpt
     out = tmp_path / "texts.parquet"
     args = [a for t in TEXTS for a in ("--text", t)]
     result = cli("embed", *args, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import RunError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 QUANTIZE = ("none", "int8", "int8-weights", "int4")
 
 
@@ -45,7 +45,7 @@ class _Tower(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float() * self.a[:, None, None] + self.b[:, None, None]
-        return F.normalize(self.model.get_image_features(pixel_values=x).pooler_output.float(), dim=-1)
+        return F.normalize(self.model(pixel_values=x).pooler_output.float(), dim=-1)
 
 
 def _versions() -> dict:
@@ -91,7 +91,7 @@ class OpenVINOTower:
         import openvino as ov
 
         t = time.perf_counter()
-        tower = _Tower(self.encoder.model, self.encoder._a, self.encoder._b).eval()  # loaded in float32
+        tower = _Tower(self.encoder.vision, self.encoder._a, self.encoder._b).eval()  # loaded in float32
         h, w = sample.shape[1:3]
         with torch.no_grad():  # traced on one image (fast), then fixed to the run's batch
             model = ov.convert_model(tower, example_input=torch.from_numpy(sample[:1]), input=[(-1, h, w, 3)])
