@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,6 @@ class Query:
     paths: tuple[str, ...] = ()  # globs: only rows whose path matches one
     model: str | None = None  # override the index's model
     device: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 def _encoder(v: Vectors, q: Query):

@@ -156,7 +156,7 @@ class Server:
 
             self.tags = list(cfg.vocab.tags)
             self.tag_text = text_embeddings(encoder, cfg.vocab.tags, (DEFAULT_TEMPLATE,)).float().cpu().numpy()
-            self.thresholds = [t for t in cfg.vocab.thresholds]
+            self.thresholds = list(cfg.vocab.thresholds)
 
     def _pool(self) -> ProcessPoolExecutor:
         from . import worker
@@ -320,19 +320,17 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             return {"embeddings": vectors.tolist(), "model": name, "dim": dim}
         return {"embedding": vectors[0].tolist(), "model": name, "dim": dim}
 
-    @app.post("/txt/embed")
-    async def txt_embed(request: Request):
-        async def work(payload):
-            values, many = items_of(payload, cfg.max_items)
-            return embedded(await server.texts(values), many)
-        return await guarded(request, work)
+    def embed_route(path: str, embed) -> None:
+        """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""
+        async def route(request: Request):
+            async def work(payload):
+                values, many = items_of(payload, cfg.max_items)
+                return embedded(await embed(values), many)
+            return await guarded(request, work)
+        app.post(path, name=path.strip("/").replace("/", "_"))(route)
 
-    @app.post("/img/embed")
-    async def img_embed(request: Request):
-        async def work(payload):
-            values, many = items_of(payload, cfg.max_items)
-            return embedded(await server.images(values), many)
-        return await guarded(request, work)
+    embed_route("/txt/embed", server.texts)
+    embed_route("/img/embed", server.images)
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request):
