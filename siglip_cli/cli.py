@@ -79,6 +79,8 @@ MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse imag
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
 Exact = Annotated[bool, typer.Option("--exact", help="Decode JPEGs at full size: bit-exact reference preprocessing, slower on big photos.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the image tower: faster on a GPU after a one-time compile (cached on disk).")]
+Ray = Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data (pip install 'siglip-cli[ray]'): local starts a Ray on this machine, auto joins the cluster `ray start` made, or give its address (HOST:PORT, ray://HOST:PORT).", show_default=False)]
+RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: encoder actors (default: one per GPU of the cluster, else one).", show_default=False)]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
 
 
@@ -146,7 +148,8 @@ def _run_images(head, opts: dict) -> None:
         output=OutputConfig(_output(opts["output"]), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["prune_anyway"], opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
-        max_pixels=opts["max_pixels"], timeout=opts["timeout"], exact=opts["exact"],
+        max_pixels=opts["max_pixels"], timeout=opts["timeout"], exact=opts["exact"], ray=opts["ray"],
+        ray_actors=opts["ray_actors"],
     )
     _execute(cfg)
 
@@ -173,7 +176,7 @@ def embed(
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
-    exact: Exact = False, compile: Compile = False,
+    exact: Exact = False, compile: Compile = False, ray: Ray = None, ray_actors: RayActors = None,
 ) -> None:
     """Write the L2-normalized embedding of every image (or of the given texts), one row each."""
     from .tasks import EmbedSpec
@@ -181,6 +184,8 @@ def embed(
     texts = list(text or []) + (_read_lines(texts_file, "texts file") if texts_file else [])
     if texts and (paths or files_from):
         raise typer.BadParameter("give images or texts (--text, --texts-file), not both")
+    if texts and ray:
+        raise typer.BadParameter("--ray runs image embedding; texts are embedded here, without it")
     if not texts:
         if not (paths or files_from):
             raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
@@ -214,7 +219,7 @@ def tag(
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
-    exact: Exact = False, compile: Compile = False,
+    exact: Exact = False, compile: Compile = False, ray: Ray = None, ray_actors: RayActors = None,
 ) -> None:
     """Score every image against a vocabulary: sigmoid probabilities, exactly as the model computes them."""
     from .tasks import TagSpec
@@ -243,7 +248,7 @@ def classify(
     strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
     retry_errors: RetryErrors = False, max_pixels: MaxPixels = DEFAULT_MAX_PIXELS, timeout: Timeout = DEFAULT_TIMEOUT,
-    exact: Exact = False, compile: Compile = False,
+    exact: Exact = False, compile: Compile = False, ray: Ray = None, ray_actors: RayActors = None,
 ) -> None:
     """Zero-shot classification: the best of the labels for every image, with its sigmoid score."""
     from .tasks import ClassifySpec

@@ -151,3 +151,5 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     timeout: float = DEFAULT_TIMEOUT
     exact: bool = False  # decode JPEGs at full size (bit-exact reference preprocessing), never reduced
+    ray: str | None = None  # run on Ray Data: local, auto, or a cluster's address (cluster.py)
+    ray_actors: int | None = None  # encoder actors (default: one per GPU of the cluster, else one)

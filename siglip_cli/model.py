@@ -253,6 +253,21 @@ def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
     return ImageSpec(height=int(size["height"]), width=int(size["width"]), resample=resample)
 
 
+def load_spec(cfg: ModelConfig) -> ImageSpec:
+    """The checkpoint's pixel recipe from its config files alone (no weights): for decoding where the model is not
+    loaded (the driver of a Ray run)."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    _hf_quiet(False)
+    revision = cfg.commit or cfg.revision
+    try:
+        config = AutoConfig.from_pretrained(cfg.name, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise RunError(_cannot_load(cfg.name, e)) from None
+    return _image_spec(processor, config.model_type == "siglip2", cfg.max_patches)
+
+
 def _hf_quiet(show_downloads: bool) -> None:
     """Keep stderr for our own messages; the Hub's download bars only for a person watching a terminal."""
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars

@@ -63,7 +63,8 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     name = cfg.model.name
     weights = resolve_weights(name, cfg.model.revision)
     local = os.path.isdir(name)
-    dtype = str(resolve_dtype(cfg.model.dtype, resolve_devices(cfg.model.device))).removeprefix("torch.")
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else str(
+        resolve_dtype("auto", resolve_devices(cfg.model.device))).removeprefix("torch.")
     sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
            "model": "local folder" if local else name, "weights": weights, "dtype": dtype,
            "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}
@@ -106,10 +107,15 @@ def run(cfg: RunConfig) -> Summary:
 
     Into a file or folder, the run is incremental and resumable (index/); to stdout it streams everything.
     """
-    if cfg.output.path == "-":
-        return _run(cfg, None)
     out = cfg.output
-    check_parent(out.path)  # before the model is resolved: a typo in -o fails at once
+    if out.path != "-":
+        check_parent(out.path)  # before the model is resolved: a typo in -o fails at once
+    if cfg.ray:
+        from .cluster import prepare
+
+        cfg = prepare(cfg)  # the device and dtype the actors will use, in the signature
+    if out.path == "-":
+        return _run(cfg, None)
     cfg, sig = resolve(cfg)
     store = Store.open(out.path, sig, out.overwrite, out.wait)
     try:
@@ -130,8 +136,13 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     first = next(records, None)
     if first is not None:  # only now is the model worth loading
         try:
-            encoders = Encoder.load_all(cfg.model, progress_enabled(cfg.quiet))
-            process(cfg, store, itertools.chain([first], records), progress, encoders)
+            if cfg.ray:
+                from . import cluster
+
+                cluster.process(cfg, store, itertools.chain([first], records), progress)
+            else:
+                encoders = Encoder.load_all(cfg.model, progress_enabled(cfg.quiet))
+                process(cfg, store, itertools.chain([first], records), progress, encoders)
         except BaseException:
             progress.close()
             raise
