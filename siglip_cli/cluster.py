@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -24,12 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import RunConfig
-from .decode import Decoded, ImageSpec, decode
+from .decode import Decoded, ImageSpec
 from .errors import RunError
 from .sources import FileRecord
 from .worker import pixel_shape
 
-BLOCK = 32  # files per decode task: a few seconds of work, enough blocks for every CPU of a cluster
+DECODED = 16  # files a decode task hands on at a time (16 x 442 KB of pixels at 384x384)
 META = "_siglip_meta"  # the column through which actors hand the driver the output's metadata
 
 
@@ -42,13 +43,13 @@ def connect(address: str):
     except ImportError:
         raise RunError("--ray needs the ray extra: pip install 'siglip-cli[ray]'") from None
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray for one run: no token to set up
         kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
         try:
-            if address == "local":
+            if address == "local":  # a Ray of its own, even where RAY_ADDRESS names another or one runs here
                 from .config import usable_cpus
 
-                ray.init(num_cpus=usable_cpus(), **kwargs)
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # for one run: no token to set up
+                ray.init(address="local", num_cpus=usable_cpus(), **kwargs)
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -70,14 +71,15 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """
     import torch
 
-    from .model import resolve_dtype
+    from .model import resolve_devices, resolve_dtype
 
     if cfg.model.device not in ("auto", "cpu", "cuda"):
         raise RunError(f"--ray places each encoder on a GPU of its own, or on a CPU: give --device auto, cuda or "
                        f"cpu, not {cfg.model.device}")
+    local = cfg.ray == "local"  # no Ray is started for a run that turns out to have nothing to do
     if cfg.model.device == "cpu":
         gpus = 0.0
-    elif cfg.ray == "local":  # no Ray is started for a run that turns out to have nothing to do
+    elif local:
         gpus = float(torch.cuda.device_count())
     else:
         gpus = connect(cfg.ray).cluster_resources().get("GPU", 0.0)
@@ -85,14 +87,29 @@ def prepare(cfg: RunConfig) -> RunConfig:
         raise RunError("--device cuda was asked for, but the Ray cluster has no GPUs; use --device cpu or auto")
     kind = "cuda" if gpus >= 1 else "cpu"
     dtype = cfg.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if kind == "cuda" else str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    if dtype == "auto":  # as a local run on the actors' devices would choose
+        if kind == "cuda" and not local:
+            native = connect(cfg.ray).remote(num_gpus=1)(_bf16_native).remote()
+            dtype = "bfloat16" if connect(cfg.ray).get(native) else "float16"
+        else:
+            devices = resolve_devices("cuda") if kind == "cuda" else [torch.device("cpu")]
+            dtype = str(resolve_dtype("auto", devices)).removeprefix("torch.")
     actors = cfg.ray_actors or (int(gpus) if kind == "cuda" else 1)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=kind, dtype=dtype), ray_actors=actors)
 
 
-def _blocks(records: Iterable[FileRecord]) -> Iterator[pa.Table]:
-    """The records as small Arrow tables (paths as bytes: a file name need not be UTF-8)."""
+def _bf16_native() -> bool:
+    """A Ray task on a GPU of the cluster: whether that GPU does bfloat16 natively (the choice of --dtype auto;
+    a cluster is taken to have GPUs of one kind)."""
+    import torch
+
+    from .model import cuda_bf16_native
+
+    return cuda_bf16_native(torch.device("cuda", 0))
+
+
+def _tables(records: Iterable[FileRecord], size: int = 4096) -> Iterator[pa.Table]:
+    """The records as Arrow tables (compact however many there are; paths as bytes: a name need not be UTF-8)."""
     from .sink import _utf8
 
     chunk: list[FileRecord] = []
@@ -107,11 +124,19 @@ def _blocks(records: Iterable[FileRecord]) -> Iterator[pa.Table]:
 
     for r in records:
         chunk.append(r)
-        if len(chunk) == BLOCK:
+        if len(chunk) == size:
             yield table()
             chunk = []
     if chunk:
         yield table()
+
+
+def blocks(tables: list[pa.Table], cpus: int) -> list[pa.Table]:
+    """Decode tasks' inputs: about four per CPU of the cluster, of 32 to 4,096 files (fewer, bigger blocks cost
+    the driver less to hand to Ray; more, smaller ones spread a small run over every CPU)."""
+    n = sum(t.num_rows for t in tables)
+    size = min(4096, max(32, -(-n // (4 * max(1, cpus)))))
+    return [t.slice(i, size) for t in tables for i in range(0, t.num_rows, size)]
 
 
 def _records(table: pa.Table) -> list[FileRecord]:
@@ -119,22 +144,35 @@ def _records(table: pa.Table) -> list[FileRecord]:
         *(table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "error")))]
 
 
-def decode_block(table: pa.Table, spec: ImageSpec) -> pa.Table:
-    """A Ray task: decode a block of files; one row each, its pixels (zeros for a file that failed) or its error."""
+_KEPT: dict = {}  # this Ray worker's decode process, kept from one task to the next (loader.decoded_chunks)
+
+
+def decode_block(table: pa.Table, spec: ImageSpec, timeout: float) -> Iterator[pa.Table]:
+    """A Ray task: decode a block of files, DECODED at a time; one row each, its pixels (zeros for a file that
+    failed) or its error.
+
+    Files are decoded in a process of their own, as in a local run: a file that crashes the decoder or stalls
+    past --timeout is an error row, never a task that Ray retries for ever.
+    """
     from ray.data.extensions import ArrowTensorArray
 
-    items = [decode(r, spec) for r in _records(table)]
-    pixels = np.zeros((len(items), *pixel_shape(spec)), np.uint8)
-    for i, d in enumerate(items):
-        if d.pixels is not None:
-            pixels[i, : len(d.pixels)] = d.pixels
-    return table.select(["path", "size", "mtime_ns"]).append_column(
-        "failure", pa.array([d.error for d in items], pa.string())).append_column(
-        "sha256", pa.array([d.sha256 for d in items], pa.string())).append_column(
-        "width", pa.array([d.width for d in items], pa.int64())).append_column(
-        "height", pa.array([d.height for d in items], pa.int64())).append_column(
-        "grid", pa.array([list(d.grid) for d in items], pa.list_(pa.int64(), 2))).append_column(
-        "pixels", ArrowTensorArray.from_numpy(pixels))
+    from .loader import decoded_chunks
+
+    shape, start = pixel_shape(spec), 0
+    for items in decoded_chunks(_records(table), spec, 1, DECODED, timeout, keep=_KEPT):
+        pixels = np.zeros((len(items), *shape), np.uint8)
+        for i, d in enumerate(items):
+            if d.pixels is not None:  # a view into shared memory until the next chunk: copied now
+                pixels[i, : len(d.pixels)] = d.pixels
+        part = table.slice(start, len(items)).select(["path", "size", "mtime_ns"])
+        start += len(items)
+        yield part.append_column(
+            "failure", pa.array([d.error for d in items], pa.string())).append_column(
+            "sha256", pa.array([d.sha256 for d in items], pa.string())).append_column(
+            "width", pa.array([d.width for d in items], pa.int64())).append_column(
+            "height", pa.array([d.height for d in items], pa.int64())).append_column(
+            "grid", pa.array([list(d.grid) for d in items], pa.list_(pa.int64(), 2))).append_column(
+            "pixels", ArrowTensorArray.from_numpy(pixels))
 
 
 class EncodeActor:
@@ -159,6 +197,7 @@ class EncodeActor:
         self.meta = pa.array([json.dumps(meta, sort_keys=True)], pa.string())
         self.spec = dataclasses.replace(self.encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
         self.batch_size = batch_size
+        self.encoder.pad_to = batch_size if cfg.model.compile else 0  # one compiled graph for every batch
 
     def __call__(self, table: pa.Table) -> pa.Table:
         import torch
@@ -183,24 +222,42 @@ class EncodeActor:
         return rows.append_column(META, meta)
 
 
+def _message(error: BaseException) -> str:
+    """One line for an error raised on Ray: ours as we worded it, anything else by its last line."""
+    from .errors import SiglipError
+
+    cause = error
+    while cause is not None:
+        if isinstance(cause, SiglipError):
+            return str(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(error)
+    ours = re.findall(r"siglip_cli\.errors\.\w+: (.+)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return ours[-1] if ours else f"on Ray: {lines[-1] if lines else type(error).__name__}"
+
+
 def process(cfg: RunConfig, store, records, progress) -> None:
     """Decode and encode the records on Ray; write their rows here (the store's parts, or JSON Lines)."""
+    import torch
+
     from .index import METADATA_KEY
-    from .model import load_spec
+    from .model import load_spec, resolve_backend
     from .pipeline import default_batch_size
     from .sink import JsonLinesSink, PartSink
 
-    import torch
-
+    tables = list(_tables(records))
+    if not tables:
+        return
     ray = connect(cfg.ray)
     spec = dataclasses.replace(load_spec(cfg.model), max_pixels=cfg.max_pixels, exact=cfg.exact)
-    gpu = cfg.model.device == "cuda"
-    batch_size = cfg.batch_size or default_batch_size(torch.device(cfg.model.device))
-    blocks = list(_blocks(records))
-    if not blocks:
-        return
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(decode_block, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None, num_cpus=1)
+    device = torch.device(cfg.model.device)
+    resolve_backend(cfg.model, device, spec.naflex)  # a combination the actors would refuse fails here, in one line
+    batch_size = cfg.batch_size or default_batch_size(device)
+    ds = ray.data.from_arrow(blocks(tables, int(ray.cluster_resources().get("CPU", 1))))
+    del tables
+    ds = ds.map_batches(decode_block, fn_kwargs={"spec": spec, "timeout": cfg.timeout}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=1)
     # An encoder actor asks for less than a whole CPU: Ray then keeps decoding and encoding apart (it would fuse
     # two stages with the same resources into one actor) and leaves the decode tasks every core. A CPU actor's
     # torch uses all the node's cores anyway.
@@ -208,9 +265,9 @@ def process(cfg: RunConfig, store, records, progress) -> None:
         EncodeActor, fn_constructor_kwargs={"cfg": cfg, "signature": store.signature if store else None,
                                             "batch_size": batch_size},
         batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray_actors),
-        num_gpus=1 if gpu else 0, num_cpus=0.5,
+        num_gpus=1 if device.type == "cuda" else 0, num_cpus=0.5,
     )
-    sink, schema, seen = None, None, set()
+    sink, schema = None, None
     progress.begin()
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -219,17 +276,13 @@ def process(cfg: RunConfig, store, records, progress) -> None:
                 fields = [f for f in table.schema if f.name != META]
                 schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
                 sink = JsonLinesSink() if store is None else PartSink(store, schema)
-            table = table.drop_columns([META])
-            keys = list(zip(table.column("path").to_pylist(), table.column("path_bytes").to_pylist()))
-            fresh = [i for i, key in enumerate(keys) if key not in seen]  # a retried task's rows, once
-            if len(fresh) < table.num_rows:
-                table = table.take(pa.array(fresh, pa.int64()))
-            seen.update(keys)
-            table = table.cast(schema)
+            table = table.drop_columns([META]).cast(schema)
             for batch in table.to_batches():
                 sink.write(batch)
             good = pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0
             progress.advance(good, table.num_rows - good, store.skipped if store else 0)
+    except ray.exceptions.RayError as e:
+        raise RunError(_message(e)) from None
     finally:
         if sink is not None:
             sink.close()

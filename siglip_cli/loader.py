@@ -313,27 +313,35 @@ class _Decoder:
 
 
 def decoded_chunks(
-    records: Iterable[FileRecord], spec: ImageSpec, workers: int, chunk: int, timeout: float = 60.0
+    records: Iterable[FileRecord], spec: ImageSpec, workers: int, chunk: int, timeout: float = 60.0,
+    keep: dict | None = None,
 ) -> Iterator[list[Decoded]]:
     """Decoded files in input order, a chunk at a time, with at most 2*workers chunks in flight.
 
     The pixels of a yielded chunk may be views into shared memory, valid until the next chunk is asked for.
+    `keep`: a dict that holds the worker pool (and its slots) from one call to the next with the same
+    settings, instead of starting and stopping it each time (Ray's decode tasks); a call that does not run
+    to its end stops it.
     """
     if workers <= 0:
         for part in _chunks(records, chunk):
             yield [decode(r, spec) for r in part]
         return
-    reap_stale_blocks()
     shape = pixel_shape(spec)
-    blocks, pool, views = None, None, None
+    blocks, pool, views, whole, asked = None, None, None, False, (spec, workers, chunk)
     try:
-        chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
-        if blocks is None:
-            print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
-                  "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
+        if keep and keep.get("for") == asked:
+            chunk, blocks, board, pool = keep.pop("state")
+        else:
+            _close(keep)
+            reap_stale_blocks()
+            chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
+            if blocks is None:
+                print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
+                      "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
+            board = multiprocessing.get_context("spawn").RawArray("d", (len(blocks) if blocks else 2 * workers) * worker.LANE)
+            pool = _Pool(workers, board)
         window = len(blocks) if blocks else 2 * workers
-        board = multiprocessing.get_context("spawn").RawArray("d", window * worker.LANE)
-        pool = _Pool(workers, board)
         decoder = _Decoder(pool, spec, timeout)
         source = _chunks(records, chunk)
         free = list(range(window))
@@ -361,10 +369,22 @@ def decoded_chunks(
             views = None
             free.append(head.lane)
             refill()
+        whole = True
     finally:
         views = None  # drop the last view, or closing its block fails
-        if pool is not None:
-            pool.close()
+        if whole and keep is not None:
+            keep.update({"for": asked, "state": (chunk, blocks, board, pool)})
+        else:
+            if pool is not None:
+                pool.close()
+            _free(blocks or [])
+
+
+def _close(keep: dict | None) -> None:
+    """Stop a pool kept by decoded_chunks."""
+    if keep and "state" in keep:
+        _, blocks, _, pool = keep.pop("state")
+        pool.close()
         _free(blocks or [])
 
 

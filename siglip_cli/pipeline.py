@@ -63,8 +63,9 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     name = cfg.model.name
     weights = resolve_weights(name, cfg.model.revision)
     local = os.path.isdir(name)
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else str(
-        resolve_dtype("auto", resolve_devices(cfg.model.device))).removeprefix("torch.")
+    # (a Ray run's device and dtype were made concrete for its actors by cluster.prepare)
+    devices = [] if cfg.ray else resolve_devices(cfg.model.device)  # an absent device fails here, before any work
+    dtype = str(resolve_dtype(cfg.model.dtype, devices)).removeprefix("torch.")
     sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
            "model": "local folder" if local else name, "weights": weights, "dtype": dtype,
            "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}

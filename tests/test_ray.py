@@ -46,9 +46,9 @@ def odd(tmp_path_factory, photos) -> Path:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory, fixed_ckpt, photos, odd) -> Path:
-    """The local run the Ray runs are held to."""
+    """The local run the Ray runs are held to (default settings: --dtype auto, --backend auto)."""
     out = tmp_path_factory.mktemp("local") / "local.parquet"
-    done = run_siglip("embed", photos, odd, "-m", fixed_ckpt, "--backend", "torch", "--dtype", "float32", "-o", out)
+    done = run_siglip("embed", photos, odd, "-m", fixed_ckpt, "-o", out)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -87,9 +87,8 @@ def parts(folder: Path) -> dict:
 
 
 def test_a_ray_run_writes_the_rows_of_a_local_run_and_a_rerun_nothing(cluster, local, fixed_ckpt, photos, odd, tmp_path):
-    common = ["-m", fixed_ckpt, "--backend", "torch", "--dtype", "float32"]
     out = tmp_path / "index"
-    done = run_siglip("embed", photos, odd, *common, "-o", out, "--ray", cluster)
+    done = run_siglip("embed", photos, odd, "-m", fixed_ckpt, "-o", out, "--ray", cluster)
     assert done.returncode == 0, done.stderr
     assert "128 done (127 ok, 1 failed)" in done.stderr
     same_rows(local, out)
@@ -99,16 +98,17 @@ def test_a_ray_run_writes_the_rows_of_a_local_run_and_a_rerun_nothing(cluster, l
     assert b"caf\xe9.jpg" in [os.path.basename(b) for b in table.column("path_bytes").to_pylist() if b]
 
     before = parts(out)
-    again = run_siglip("embed", photos, odd, *common, "-o", out, "--ray", cluster)
-    assert again.returncode == 0, again.stderr
-    assert "0 done" in again.stderr and "128 unchanged" in again.stderr
+    for again in (["--ray", cluster], []):  # nothing new, on Ray or here: the settings signature is a local run's
+        rerun = run_siglip("embed", photos, odd, "-m", fixed_ckpt, "-o", out, *again)
+        assert rerun.returncode == 0, rerun.stderr
+        assert "0 done" in rerun.stderr and "128 unchanged" in rerun.stderr
     assert parts(out) == before
 
 
 def test_tag_on_ray_scores_as_a_local_run(cluster, naflex_ckpt, photos, tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("cat\ndog\nbeach\nmountain\ncar\n")
-    common = ["tag", photos, "-m", naflex_ckpt, "--vocab", vocab, "--all-scores", "--top-k", "3", "--dtype", "float32"]
+    common = ["tag", photos, "-m", naflex_ckpt, "--vocab", vocab, "--all-scores", "--top-k", "3"]
     local = run_siglip(*common, "-o", tmp_path / "local.parquet")
     assert local.returncode == 0, local.stderr
     done = run_siglip(*common, "-o", tmp_path / "ray.parquet", "--ray", cluster)
@@ -117,7 +117,7 @@ def test_tag_on_ray_scores_as_a_local_run(cluster, naflex_ckpt, photos, tmp_path
 
 
 def test_a_killed_driver_is_finished_by_the_next_run_with_every_file_once(cluster, local, fixed_ckpt, photos, odd, tmp_path):
-    common = ["embed", photos, odd, "-m", fixed_ckpt, "--backend", "torch", "--dtype", "float32"]
+    common = ["embed", photos, odd, "-m", fixed_ckpt]
     out = tmp_path / "index"
     # Batches of one image, a part file for each: the run is slow enough to be killed part-way.
     proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", *map(str, common), "-o", str(out), "--ray", cluster,
@@ -145,3 +145,41 @@ def test_ray_refuses_a_device_list_and_a_text_run(cluster, fixed_ckpt, photos, t
     assert two.returncode == 1 and "--ray places each encoder" in two.stderr
     text = run_siglip("embed", "--text", "a cat", "-m", fixed_ckpt, "-o", "-", "--ray", cluster)
     assert text.returncode == 2 and "--ray runs image embedding" in text.stderr
+
+
+def test_a_decode_task_makes_error_rows_of_files_that_crash_or_stall_the_decoder(tmp_path, monkeypatch, photos):
+    """The class of fault a local run isolates in its worker processes: on Ray too, one row each, never a task
+    that Ray retries for ever."""
+    import pyarrow as pa
+
+    from siglip_cli.cluster import _KEPT, _tables, decode_block
+    from siglip_cli.decode import ImageSpec
+    from siglip_cli.sources import FileRecord
+    from test_faults import CRASH_ALWAYS, hook_dir  # CRASH_ALWAYS holds the stall hook too
+
+    monkeypatch.setenv("PYTHONPATH", hook_dir(tmp_path, CRASH_ALWAYS)["PYTHONPATH"])
+    shot = sorted(photos.glob("*.JPEG"))[0].read_bytes()
+    names = ["a.jpg", "b-stall.jpg", "c-crash-always.jpg", "d.jpg"]
+    for name in names:
+        (tmp_path / name).write_bytes(shot)
+    table = next(_tables([FileRecord(str(tmp_path / n), len(shot), 0) for n in names]))
+    try:
+        out = pa.concat_tables(decode_block(table, ImageSpec(), timeout=3.0))
+    finally:
+        from siglip_cli.loader import _close
+
+        _close(_KEPT)
+    failure = dict(zip((os.path.basename(os.fsdecode(p)) for p in out.column("path").to_pylist()),
+                       out.column("failure").to_pylist()))
+    assert failure["a.jpg"] is None and failure["d.jpg"] is None
+    assert "took over 3s" in failure["b-stall.jpg"]
+    assert "crashed" in failure["c-crash-always.jpg"]
+    pixels = np.concatenate([c.to_numpy() for c in out.column("pixels").chunks]).reshape(4, -1)
+    assert pixels[[0, 3]].any(axis=1).all() and not pixels[[1, 2]].any()
+
+
+def test_ray_local_starts_its_own_ray_even_where_another_is_named(fixed_ckpt, odd, tmp_path, cluster):
+    done = run_siglip("embed", odd, "-m", fixed_ckpt, "-o", tmp_path / "x.parquet", "--ray", "local",
+                      env={"RAY_ADDRESS": cluster})
+    assert done.returncode == 0, done.stderr
+    assert "3 done (2 ok, 1 failed)" in done.stderr
