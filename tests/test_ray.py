@@ -105,13 +105,14 @@ def test_a_ray_run_writes_the_rows_of_a_local_run_and_a_rerun_nothing(cluster, l
     assert parts(out) == before
 
 
-def test_tag_on_ray_scores_as_a_local_run(cluster, naflex_ckpt, photos, tmp_path):
+def test_tag_on_a_ray_of_its_own_scores_as_a_local_run(cluster, naflex_ckpt, photos, tmp_path):
+    """`tag` (NaFlex batches) on Ray; `--ray local` starts a Ray of its own even where RAY_ADDRESS names another."""
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("cat\ndog\nbeach\nmountain\ncar\n")
     common = ["tag", photos, "-m", naflex_ckpt, "--vocab", vocab, "--all-scores", "--top-k", "3"]
     local = run_siglip(*common, "-o", tmp_path / "local.parquet")
     assert local.returncode == 0, local.stderr
-    done = run_siglip(*common, "-o", tmp_path / "ray.parquet", "--ray", cluster)
+    done = run_siglip(*common, "-o", tmp_path / "ray.parquet", "--ray", "local", env={"RAY_ADDRESS": cluster})
     assert done.returncode == 0, done.stderr
     same_rows(tmp_path / "local.parquet", tmp_path / "ray.parquet", vector="scores")
 
@@ -176,10 +177,3 @@ def test_a_decode_task_makes_error_rows_of_files_that_crash_or_stall_the_decoder
     assert "crashed" in failure["c-crash-always.jpg"]
     pixels = np.concatenate([c.to_numpy() for c in out.column("pixels").chunks]).reshape(4, -1)
     assert pixels[[0, 3]].any(axis=1).all() and not pixels[[1, 2]].any()
-
-
-def test_ray_local_starts_its_own_ray_even_where_another_is_named(fixed_ckpt, odd, tmp_path, cluster):
-    done = run_siglip("embed", odd, "-m", fixed_ckpt, "-o", tmp_path / "x.parquet", "--ray", "local",
-                      env={"RAY_ADDRESS": cluster})
-    assert done.returncode == 0, done.stderr
-    assert "3 done (2 ok, 1 failed)" in done.stderr
