@@ -81,7 +81,8 @@ def main() -> None:
     local = embed(common, a.work / "local")
     print("--ray local (starts Ray; its start-up counts):")
     fresh = embed(common + ["--ray", "local"], a.work / "ray-local")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the cluster and its driver (the run) alike
+    env = dict(os.environ)
     ray = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"], env=env,
                    check=True, capture_output=True)
