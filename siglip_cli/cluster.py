@@ -66,8 +66,8 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """The run's model settings as the actors will run them: their device kind (one GPU each where the cluster
     has GPUs, else the CPU) and a concrete dtype, so that the settings signature says what made the rows.
 
-    `auto` dtype becomes bfloat16 on GPUs (give --dtype float16 on cards older than Ampere) and, on CPUs, what
-    this machine's CPU would use.
+    `auto` dtype is what a local run would choose on those devices: asked of one of the cluster's GPUs (bfloat16
+    from Ampere on, float16 before), or of this machine's CPU for CPU actors.
     """
     import torch
 
@@ -89,8 +89,8 @@ def prepare(cfg: RunConfig) -> RunConfig:
     dtype = cfg.model.dtype
     if dtype == "auto":  # as a local run on the actors' devices would choose
         if kind == "cuda" and not local:
-            native = connect(cfg.ray).remote(num_gpus=1)(_bf16_native).remote()
-            dtype = "bfloat16" if connect(cfg.ray).get(native) else "float16"
+            ray = connect(cfg.ray)
+            dtype = "bfloat16" if ray.get(ray.remote(num_gpus=1)(_bf16_native).remote()) else "float16"
         else:
             devices = resolve_devices("cuda") if kind == "cuda" else [torch.device("cpu")]
             dtype = str(resolve_dtype("auto", devices)).removeprefix("torch.")
