@@ -99,3 +99,16 @@ def test_bench_numbers(cli, photos):
     numbers = json.loads(result.stdout)
     assert numbers["device"] == torch.cuda.get_device_name(0) and numbers["dtype"] in ("bfloat16", "float16")
     assert numbers["ceiling"] > 0 and numbers["end_to_end"] > 0
+
+
+def test_ray_puts_one_gpu_under_each_actor_and_writes_the_local_rows(photos, fixed_ckpt, tmp_path):
+    """--ray local on this machine's GPUs: each actor on a GPU, --dtype auto as a local run picks it, right rows."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from conftest import run_siglip
+
+    for out, more in ((tmp_path / "local.parquet", []), (tmp_path / "ray.parquet", ["--ray", "local"])):
+        done = run_siglip("embed", photos, "-m", fixed_ckpt, "-o", out, *more)
+        assert done.returncode == 0, done.stderr
+    local, ray = (json.loads(pq.read_schema(tmp_path / f"{n}.parquet").metadata[b"siglip"]) for n in ("local", "ray"))
+    assert ray["dtype"] == local["dtype"] and ray["signature"] == local["signature"]
+    assert cosines(tmp_path / "ray.parquet", fixed_ckpt).min() >= (0.9999 if ray["dtype"] == "float32" else 0.999)
