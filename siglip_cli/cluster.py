@@ -164,15 +164,19 @@ def decode_block(table: pa.Table, spec: ImageSpec, timeout: float) -> Iterator[p
         for i, d in enumerate(items):
             if d.pixels is not None:  # a view into shared memory until the next chunk: copied now
                 pixels[i, : len(d.pixels)] = d.pixels
-        part = table.slice(start, len(items)).select(["path", "size", "mtime_ns"])
+        part = table.slice(start, len(items)).drop_columns(["error"])
         start += len(items)
-        yield part.append_column(
-            "failure", pa.array([d.error for d in items], pa.string())).append_column(
-            "sha256", pa.array([d.sha256 for d in items], pa.string())).append_column(
-            "width", pa.array([d.width for d in items], pa.int64())).append_column(
-            "height", pa.array([d.height for d in items], pa.int64())).append_column(
-            "grid", pa.array([list(d.grid) for d in items], pa.list_(pa.int64(), 2))).append_column(
-            "pixels", ArrowTensorArray.from_numpy(pixels))
+        columns = {  # `error` now: the record's own, or what decoding found
+            "error": pa.array([d.error for d in items], pa.string()),
+            "sha256": pa.array([d.sha256 for d in items], pa.string()),
+            "width": pa.array([d.width for d in items], pa.int64()),
+            "height": pa.array([d.height for d in items], pa.int64()),
+            "grid": pa.array([list(d.grid) for d in items], pa.list_(pa.int64(), 2)),
+            "pixels": ArrowTensorArray.from_numpy(pixels),
+        }
+        for name, column in columns.items():
+            part = part.append_column(name, column)
+        yield part
 
 
 class EncodeActor:
@@ -206,15 +210,13 @@ class EncodeActor:
         from .pipeline import finite, launch
         from .sink import image_rows
 
-        records = _records(table.select(["path", "size", "mtime_ns"]).append_column("error", pa.nulls(table.num_rows, pa.string())))
-        items = [Decoded(r, sha, w, h, None, tuple(g), err) for r, sha, w, h, g, err in zip(
-            records, *(table.column(c).to_pylist() for c in ("sha256", "width", "height", "grid", "failure")))]
+        items = [Decoded(r, sha, w, h, None, tuple(g), r.error) for r, sha, w, h, g in zip(
+            _records(table), *(table.column(c).to_pylist() for c in ("sha256", "width", "height", "grid")))]
         ok = [i for i, d in enumerate(items) if d.error is None]
         payload = {}
         if ok:
-            column = table.column("pixels")
-            pixels = np.concatenate([c.to_numpy() for c in column.chunks]) if column.num_chunks > 1 else column.chunk(0).to_numpy()
-            batch = _batch(self.spec, torch.from_numpy(np.ascontiguousarray(pixels[ok])), items, ok, [items[i].grid for i in ok])
+            pixels = np.concatenate([c.to_numpy() for c in table.column("pixels").chunks])[ok]
+            batch = _batch(self.spec, torch.from_numpy(pixels), items, ok, [items[i].grid for i in ok])
             arrays, ok = finite(batch, launch(self.encoder, self.task, batch, self.batch_size)())
             payload = self.task.host(arrays) if ok else {}
         rows = pa.Table.from_batches([image_rows(self.schema, items, ok, payload)])

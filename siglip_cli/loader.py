@@ -339,9 +339,10 @@ def decoded_chunks(
             if blocks is None:
                 print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
                       "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
-            board = multiprocessing.get_context("spawn").RawArray("d", (len(blocks) if blocks else 2 * workers) * worker.LANE)
-            pool = _Pool(workers, board)
         window = len(blocks) if blocks else 2 * workers
+        if pool is None:
+            board = multiprocessing.get_context("spawn").RawArray("d", window * worker.LANE)
+            pool = _Pool(workers, board)
         decoder = _Decoder(pool, spec, timeout)
         source = _chunks(records, chunk)
         free = list(range(window))
@@ -375,17 +376,20 @@ def decoded_chunks(
         if whole and keep is not None:
             keep.update({"for": asked, "state": (chunk, blocks, board, pool)})
         else:
-            if pool is not None:
-                pool.close()
-            _free(blocks or [])
+            _stop(pool, blocks)
+
+
+def _stop(pool: _Pool | None, blocks: list[shared_memory.SharedMemory] | None) -> None:
+    if pool is not None:
+        pool.close()
+    _free(blocks or [])
 
 
 def _close(keep: dict | None) -> None:
     """Stop a pool kept by decoded_chunks."""
     if keep and "state" in keep:
         _, blocks, _, pool = keep.pop("state")
-        pool.close()
-        _free(blocks or [])
+        _stop(pool, blocks)
 
 
 def batches(

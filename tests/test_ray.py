@@ -171,7 +171,7 @@ def test_a_decode_task_makes_error_rows_of_files_that_crash_or_stall_the_decoder
 
         _close(_KEPT)
     failure = dict(zip((os.path.basename(os.fsdecode(p)) for p in out.column("path").to_pylist()),
-                       out.column("failure").to_pylist()))
+                       out.column("error").to_pylist()))
     assert failure["a.jpg"] is None and failure["d.jpg"] is None
     assert "took over 3s" in failure["b-stall.jpg"]
     assert "crashed" in failure["c-crash-always.jpg"]
