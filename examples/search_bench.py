@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from siglip_cli.index.files import dictionary_columns
+
 
 def make(path: str, rows: int, dim: int) -> None:
     rng = np.random.default_rng(0)
@@ -29,7 +31,7 @@ def make(path: str, rows: int, dim: int) -> None:
     schema = pa.schema([("path", pa.string()), ("status", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
                         ("size", pa.int64()), ("embedding", pa.list_(pa.float16(), dim))],
                        metadata={b"siglip": json.dumps(meta).encode()})
-    with pq.ParquetWriter(path, schema) as w:
+    with pq.ParquetWriter(path, schema, use_dictionary=dictionary_columns(schema)) as w:  # as siglip writes
         for start in range(0, rows, 50_000):
             n = min(50_000, rows - start)
             v = rng.standard_normal((n, dim), dtype=np.float32)

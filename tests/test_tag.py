@@ -130,6 +130,21 @@ def test_error_rows_and_with_embeddings(cli, fixed_ckpt, tmp_path):
     assert bad["status"] == "error" and bad["tags"] is None and bad["embedding"] is None
 
 
+def test_float_columns_are_written_without_a_dictionary(cli, fixed_ckpt, tmp_path):
+    """Vectors and scores decode 3-4x faster from plain pages (search reads them all); strings keep theirs."""
+    img = make_image(tmp_path / "a.png")
+    (tmp_path / "v.txt").write_text("red\nsky\n")
+    for extra in ([], ["--float16"]):
+        out = tmp_path / f"out{len(extra)}.parquet"
+        cli("tag", img, "--vocab", tmp_path / "v.txt", "--threshold", "0", "--with-embeddings", *extra,
+            "-o", out, "-m", fixed_ckpt, "-q")
+        group = pq.ParquetFile(out).metadata.row_group(0)
+        enc = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+        assert "RLE_DICTIONARY" not in enc["embedding.list.element"]
+        assert "RLE_DICTIONARY" not in enc["tags.list.element.score"]
+        assert "RLE_DICTIONARY" in enc["tags.list.element.tag"] and "RLE_DICTIONARY" in enc["path"]
+
+
 def test_cache_hit_and_misses(cli, fixed_ckpt, tmp_path, cache, monkeypatch):
     from siglip_cli.model import Encoder
 
