@@ -84,6 +84,12 @@ RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="W
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
 
 
+def _pipe_closed() -> None:
+    """`siglip ... | head`: the reader has all it wants; end quietly with SIGPIPE's status, as Unix tools do."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+    raise typer.Exit(141)
+
+
 def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
     """Run the pipeline; expected errors become one line on stderr and an exit code, never a traceback."""
     try:
@@ -96,9 +102,8 @@ def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
     except KeyboardInterrupt:
         typer.echo("siglip: interrupted", err=True)
         raise typer.Exit(130)
-    except BrokenPipeError:  # `siglip ... | head`: the reader has all it wants; end quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
-        raise typer.Exit(141)
+    except BrokenPipeError:
+        _pipe_closed()
     if not cfg.quiet:
         typer.echo(summary.line(), err=True)
     if cfg.strict and summary.failed:
@@ -362,9 +367,12 @@ def _results(work, output, as_json, html, title) -> None:
         if html:
             report.write_html(html, table, title)
         report.emit(table, output, as_json)
+        sys.stdout.flush()
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
+    except BrokenPipeError:
+        _pipe_closed()
 
 
 @app.command(epilog=EXIT_CODES)

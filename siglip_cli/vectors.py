@@ -1,9 +1,10 @@
 """The embeddings of an index as one memory-mapped matrix (the sidecar), for `search` and `dedup`.
 
 The first query over an index copies its current ok rows' vectors (float16 or float32, as stored) into
-`vectors.npy` and their paths, sizes and resolutions into `rows.parquet`, in a hidden folder beside the
-index (or, where that is not writable, in the cache). A later query maps them in well under a second. The
-sidecar remembers the index's parts (names, sizes, times): any change to the index rebuilds it.
+`vectors.npy`, the same vectors in int8 into `fast.npy` (for a first pass that reads a quarter or half of the
+bytes; exact results all the same, see top_k), and their paths, sizes and resolutions into `rows.parquet`, in a
+hidden folder beside the index (or, where that is not writable, in the cache). Searching needs numpy only, no
+torch. The sidecar remembers the index's parts (names, sizes, times): any change to the index rebuilds it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from .errors import RunError
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
 
-SIDECAR_VERSION = 2
-# bfloat16 keeps 8 significant bits: a dot product of two unit vectors rounded to it is off by at most
-# (2u + u^2) with u = 2^-8, under 0.008. The first pass keeps every row within twice a generous 2^-6 of the
-# k-th best approximate score; that holds the true top k (see top_k), rechecked in float32.
-FAST_ERROR = 2.0**-6
+SIDECAR_VERSION = 3
+# Beyond each row's own quantization error (stored), the first pass's float32 arithmetic: a dot product of d int8
+# values with a unit query, scaled to a unit row, is within d^1.5 * 2^-24 of exact (0.0023 at d = 1152; see top_k)
+ROUNDING = 2.0**-24
 ROW_COLUMNS = ["path", "width", "height", "size"]
 
 
@@ -39,7 +39,47 @@ class Vectors:
     matrix: np.ndarray
     rows: pa.Table
     meta: dict
-    fast: np.ndarray | None = None  # the same vectors rounded to bfloat16 (int16 bits), for a first pass
+    fast: "Quantized | None" = None  # the same vectors in int8, for a first pass
+
+
+@dataclass
+class Quantized:
+    """Rows in int8 with a scale each (row ~ scale * values), and a bound on each row's error: the norm of
+    row - scale * values, rounded up. A dot product with a unit query is then off by at most that bound."""
+
+    values: np.ndarray  # (n, D) int8
+    scale: np.ndarray  # (n,) float32
+    error: np.ndarray  # (n,) float32
+
+
+def quantize(rows: np.ndarray, block: int = 256) -> Quantized:
+    """int8 rows with one scale each (the largest magnitude maps to 127), and a bound on each row's error.
+
+    Computed in float32, a block of rows at a time (small enough for the CPU's cache: a 1M-row build spends a
+    few seconds here). The error's float32 arithmetic is bounded too: with r the residual x - s*v as computed
+    (each element off by at most u(|s v_j| + |r_j|), u = 2^-24) and its norm summed in float32 (relative error
+    at most d u), |x - s v| <= |r| (1 + (d + 2) u) + 2u |x|, and |x| <= sqrt(d) * 127 s."""
+    n, d = rows.shape
+    out = Quantized(np.empty((n, d), np.int8), np.empty(n, np.float32), np.empty(n, np.float32))
+    x, y = np.empty((block, d), np.float32), np.empty((block, d), np.float32)
+    u = 2.0**-24
+    for lo in range(0, n, block):
+        m = min(block, n - lo)
+        xs, ys = x[:m], y[:m]
+        np.copyto(xs, rows[lo : lo + m], casting="unsafe")
+        top = np.maximum(xs.max(axis=1), -xs.min(axis=1))
+        scale = np.where(top > 0, top / np.float32(127), np.float32(1)).astype(np.float32)
+        np.multiply(xs, (1 / scale)[:, None], out=ys)
+        np.rint(ys, out=ys)
+        np.clip(ys, -127, 127, out=ys)
+        out.values[lo : lo + m] = ys
+        np.multiply(ys, scale[:, None], out=ys)
+        np.subtract(xs, ys, out=ys)
+        norm = np.sqrt(np.einsum("ij,ij->i", ys, ys))
+        bound = norm * np.float32(1 + (d + 2) * u * 1.01) + scale * np.float32(2 * u * 127 * d**0.5 * 1.01)
+        out.scale[lo : lo + m] = scale
+        out.error[lo : lo + m] = np.nextafter(bound, np.float32(np.inf))
+    return out
 
 
 def _state(index: str) -> list:
@@ -107,8 +147,10 @@ def _has_embeddings(index: str) -> bool:
 
 def _open(place: str, meta: dict) -> Vectors:
     matrix = np.load(os.path.join(place, "vectors.npy"), mmap_mode="r")
-    fast = np.load(os.path.join(place, "fast.npy"), mmap_mode="r")
-    return Vectors(matrix, pq.read_table(os.path.join(place, "rows.parquet")), meta, fast)
+    bounds = np.load(os.path.join(place, "bounds.npy"))
+    fast = Quantized(np.load(os.path.join(place, "fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1])
+    rows = pq.ParquetFile(os.path.join(place, "rows.parquet")).read()  # (read_table would import pandas: 0.4 s)
+    return Vectors(matrix, rows, meta, fast)
 
 
 def _sources(index: str) -> list[str]:
@@ -152,23 +194,40 @@ def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
     return rows, light.take(pa.array(rows, pa.int64())).select(ROW_COLUMNS)
 
 
-def _row_groups(files: list[str]):
-    """The embedding column of the files, a row group at a time and in order, decoded by one thread per usable
-    CPU a few groups ahead (Parquet's list decoding is the slow part of a build; memory: those few groups)."""
+def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
+    """(lo, hi, vectors, quantized) for the kept rows[lo:hi] of each row group of the files, in order; read,
+    selected and quantized by one thread per usable CPU a few groups ahead (Parquet's list decoding and the
+    quantization are the slow part of a build; memory: those few groups)."""
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
     from .config import usable_cpus
 
-    def read(file: str, group: int) -> pa.Table:
-        return pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
+    dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
 
-    jobs = [(f, g) for f in files for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    def work(file: str, group: int, offset: int, count: int):
+        lo, hi = np.searchsorted(rows, [offset, offset + count])
+        if hi == lo:
+            return lo, hi, None, None
+        table = pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
+        column = table.column(0).combine_chunks().cast(vector)
+        child = column.values  # every row's dim slots (null rows' too), from the array's own offset
+        flat = np.frombuffer(child.buffers()[1], dtype, count=len(child), offset=child.offset * dtype.itemsize)
+        matrix = flat[column.offset * dim : (column.offset + len(column)) * dim].reshape(-1, dim)
+        block = np.ascontiguousarray(matrix[rows[lo:hi] - offset])
+        return lo, hi, block, quantize(block)
+
+    jobs, offset = [], 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        for g in range(meta.num_row_groups):
+            jobs.append((f, g, offset, meta.row_group(g).num_rows))
+            offset += meta.row_group(g).num_rows
     ahead = max(1, usable_cpus())
     with ThreadPoolExecutor(ahead) as pool:
         pending: collections.deque = collections.deque()
         for job in jobs:
-            pending.append(pool.submit(read, *job))
+            pending.append(pool.submit(work, *job))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
@@ -176,10 +235,9 @@ def _row_groups(files: list[str]):
 
 
 def _build(index: str, place: str, key: dict) -> None:
-    """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (bfloat16 bits), one batch at a
-    time, with plain writes: memory stays at one batch whatever the index's size."""
-    import torch
-
+    """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (int8; scales and error bounds
+    in bounds.npy), a row group at a time, with plain writes: memory stays at a few row groups whatever the
+    index's size."""
     files = _sources(index)
     rows, light = _current(files)
     vector = pq.read_schema(files[-1]).field("embedding").type
@@ -188,20 +246,17 @@ def _build(index: str, place: str, key: dict) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
     try:
+        bounds = np.zeros((len(rows), 2), np.float32)
         with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
-            for f, t in ((out, dtype), (fast, np.dtype(np.int16))):
+            for f, t in ((out, dtype), (fast, np.dtype(np.int8))):
                 np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
                                                          "fortran_order": False, "shape": (len(rows), dim)})
-            offset = 0
-            for batch in _row_groups(files):
-                lo, hi = np.searchsorted(rows, [offset, offset + batch.num_rows])
+            for lo, hi, block, q in _groups(files, rows, vector):
                 if hi > lo:
-                    column = batch.column(0).combine_chunks().cast(vector)
-                    values = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-                    block = np.ascontiguousarray(values[rows[lo:hi] - offset], dtype)
                     out.write(block.data)
-                    fast.write(torch.from_numpy(block).to(torch.bfloat16).view(torch.int16).numpy().data)
-                offset += batch.num_rows
+                    fast.write(q.values.data)
+                    bounds[lo:hi, 0], bounds[lo:hi, 1] = q.scale, q.error
+        np.save(os.path.join(tmp, "bounds.npy"), bounds)
         pq.write_table(light, os.path.join(tmp, "rows.parquet"))
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(key, f)
@@ -213,6 +268,87 @@ def _build(index: str, place: str, key: dict) -> None:
         raise
 
 
+def _scan(matrix: np.ndarray, q: np.ndarray, block: int = 256) -> np.ndarray:
+    """matrix @ q in float32, for every row: blocks of `block` rows converted to float32 in a buffer, by one thread
+    per usable CPU (256 rows of 1152: the buffer stays in cache, and BLAS keeps each product on its caller's thread;
+    at 512 a 1M-row scan takes 2.5x as long on a 2-core EPYC). A memory-mapped .npy is read with pread, not mapped (the
+    page cache keeps the file, the process does not: scanning a 1 GB sidecar costs a few blocks of memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .config import usable_cpus
+
+    n = len(matrix)
+    width = int(np.prod(matrix.shape[1:]))
+    out = np.empty(n, np.float32)
+    mapped = isinstance(matrix, np.memmap) and matrix.filename is not None
+    fd = os.open(matrix.filename, os.O_RDONLY) if mapped else -1
+
+    def part(lo: int, hi: int) -> None:
+        raw = np.empty((block, width), matrix.dtype)
+        buf = np.empty((block, width), np.float32)
+        for start in range(lo, hi, block):
+            m = min(block, hi - start)
+            if mapped:
+                view = memoryview(raw[:m]).cast("B")
+                at, got = matrix.offset + start * width * matrix.itemsize, 0
+                while got < len(view):
+                    more = os.preadv(fd, [view[got:]], at + got)
+                    if not more:
+                        raise RunError(f"{matrix.filename} is shorter than its header says; delete it to rebuild it")
+                    got += more
+                np.copyto(buf[:m], raw[:m], casting="unsafe")
+            else:
+                np.copyto(buf[:m], matrix[start : start + m], casting="unsafe")
+            np.matmul(buf[:m], q, out=out[start : start + m])
+
+    try:
+        threads = max(1, min(usable_cpus(), n // (16 * block)))
+        cuts = [n * i // threads // block * block for i in range(threads)] + [n]
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(part, a, b) for a, b in zip(cuts, cuts[1:])]:
+                f.result()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return out
+
+
+def top_k(matrix: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None,
+          fast: Quantized | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k best rows by dot product with a unit query, in float32: (indices, cosines), best first; `keep`
+    masks rows out (path filters).
+
+    With `fast` (the rows in int8), a first pass scores every row from a quarter or half of the bytes; each
+    approximate score a_i is within w_i = |q| (e_i + 127 scale_i d^1.5 2^-24) of the exact one (e_i: the row's
+    stored quantization error; the second term: float32 rounding of the first pass's sum over d products, each of
+    magnitude at most 127 * scale_i * |q_j|, with sum(|q_j|) <= sqrt(d) |q|). Let L be the k-th largest
+    a_i - w_i: at least k rows score at least L, so every row of the true top k scores at least L, hence has
+    a_i + w_i >= L. Those candidates (usually a few dozen) are scored again in float32 from the stored vectors.
+    """
+    q = np.ascontiguousarray(query, np.float32)
+    n = len(matrix)
+    if fast is None or n <= k:
+        scores = _scan(matrix, q)
+        if keep is not None:
+            scores[~keep] = -np.inf
+    else:
+        approx = _scan(fast.values, q) * fast.scale
+        size = np.float32(np.linalg.norm(q))
+        width = size * (fast.error + fast.scale * np.float32(127 * matrix.shape[1] ** 1.5 * ROUNDING * 1.01))
+        low, high = approx - width, approx + width
+        if keep is not None:
+            low[~keep] = high[~keep] = -np.inf
+        kth = np.partition(low, n - k)[n - k]
+        rows = np.flatnonzero((high >= kth) & np.isfinite(high))
+        scores = np.full(n, -np.inf, np.float32)
+        scores[rows] = np.asarray(matrix[rows], np.float32) @ q
+    pick = np.argpartition(-scores, k - 1)[:k] if n > k else np.arange(n)
+    order = np.lexsort((pick, -scores[pick]))
+    best_i, best_s = pick[order], scores[pick][order]
+    finite = np.isfinite(best_s)
+    return best_i[finite], best_s[finite]
+
+
 def as_tensor(rows: np.ndarray):
     """A block of the read-only memory map as a torch tensor (read, never written: torch's warning does not apply)."""
     import warnings
@@ -222,71 +358,3 @@ def as_tensor(rows: np.ndarray):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.ascontiguousarray(rows))
-
-
-def _blocks(matrix: np.ndarray, block: int):
-    """(start, rows) of a matrix in blocks. A memory-mapped .npy is read into one reused buffer (the page cache
-    keeps the file, the process does not: scanning a 2 GB sidecar costs one block of memory)."""
-    if not isinstance(matrix, np.memmap) or matrix.filename is None:
-        for start in range(0, len(matrix), block):
-            yield start, matrix[start : start + block]
-        return
-    width = int(np.prod(matrix.shape[1:]))
-    buf = np.empty((min(block, len(matrix)), width), matrix.dtype)
-    with open(matrix.filename, "rb", buffering=0) as f:
-        f.seek(matrix.offset)
-        for start in range(0, len(matrix), block):
-            n = min(block, len(matrix) - start)
-            view = memoryview(buf[:n]).cast("B")
-            got = 0
-            while got < len(view):
-                more = f.readinto(view[got:])
-                if not more:
-                    raise RunError(f"{matrix.filename} is shorter than its header says; delete it to rebuild it")
-                got += more
-            yield start, buf[:n]
-
-
-def _scores(matrix: np.ndarray, q, block: int, bf16: bool) -> np.ndarray:
-    """matrix @ q for every row, in blocks: float32 from the stored dtype, or bfloat16 from int16 bits."""
-    import torch
-
-    out = np.empty(len(matrix), np.float32)
-    for start, rows in _blocks(matrix, block):
-        part = as_tensor(rows)
-        part = part.view(torch.bfloat16) if bf16 else part.float()
-        out[start : start + len(part)] = (part @ q).float().numpy()
-    return out
-
-
-def top_k(matrix: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None,
-          block: int = 1 << 16, fast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The exact k best rows by dot product with a unit query: (indices, cosines), best first; `keep` masks
-    rows out (path filters).
-
-    With `fast` (the rows in bfloat16), a first pass scores every row in bfloat16 (about 9x faster on a CPU,
-    memory-bound); then every row within 2 * FAST_ERROR of the k-th best approximate score is scored again in
-    float32 from the stored vectors. Each approximate score is within FAST_ERROR of the exact one, so the k-th
-    approximate score is at most FAST_ERROR above the k-th exact one, and every row of the true top k passes.
-    """
-    import torch
-
-    q = torch.from_numpy(np.ascontiguousarray(query, np.float32))
-    if fast is not None:
-        approx = _scores(fast, q.to(torch.bfloat16), block, bf16=True)
-    else:
-        approx = _scores(matrix, q, block, bf16=False)
-    if keep is not None:
-        approx[~keep] = -np.inf
-    if fast is not None:
-        kth = np.partition(approx, len(approx) - k)[len(approx) - k] if len(approx) > k else -np.inf
-        rows = np.flatnonzero((approx >= kth - 2 * FAST_ERROR) & np.isfinite(approx))
-        exact = as_tensor(matrix[rows]).float() @ q
-        scores = np.full(len(approx), -np.inf, np.float32)
-        scores[rows] = exact.numpy()
-        approx = scores
-    pick = np.argpartition(-approx, k - 1)[:k] if len(approx) > k else np.arange(len(approx))
-    order = np.lexsort((pick, -approx[pick]))
-    best_i, best_s = pick[order], approx[pick][order]
-    finite = np.isfinite(best_s)
-    return best_i[finite], best_s[finite]
