@@ -2,11 +2,15 @@
 
     python examples/search_bench.py /tmp/bench --rows 1000000 --dim 1152            # search
     python examples/search_bench.py /tmp/bench --rows 100000 --dim 1152 --dedup     # dedup
+    python examples/search_bench.py /tmp/bench --rows 1000000 --dim 1152 --text     # text queries
 
 Writes INDEX.parquet (float16 vectors, as `siglip embed --float16` stores them), then runs the CLI under
 /usr/bin/time: the first search (builds the sidecar), a second one (maps it), or dedup; prints seconds and
-peak memory. The query is an indexed image (its stored vector is reused), so no model is loaded: a text
-query adds only the model's load and one text embedding.
+peak memory. The query is an indexed image (its stored vector is reused), so no model is loaded.
+
+--text times a text query two ways, on a random-weight checkpoint with so400m's text tower (27 layers, width
+1152, a 256,000-token vocabulary; built once, offline): in a fresh process that loads the model, and with
+`--server` against a running `siglip serve` of it (the median of five).
 """
 
 import argparse
@@ -17,6 +21,9 @@ import subprocess
 import sys
 import time
 
+import statistics
+import urllib.request
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,9 +31,37 @@ import pyarrow.parquet as pq
 from siglip_cli.index.files import dictionary_columns
 
 
-def make(path: str, rows: int, dim: int) -> None:
+def checkpoint(folder: str, dim: int) -> str:
+    """so400m's text tower (random weights) with a minimal image tower, and a character-level Gemma tokenizer."""
+    import string
+
+    import torch
+    from transformers import GemmaTokenizer, SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for ch in "\u2581" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(ch, len(vocab))
+    tok = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True, padding_side="right")
+    torch.manual_seed(0)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=256_000, hidden_size=dim, intermediate_size=4304, num_hidden_layers=27,
+                         num_attention_heads=16, max_position_embeddings=64, projection_size=dim,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        vision_config=dict(hidden_size=dim, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
+                           image_size=64, patch_size=16))
+    SiglipModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=2, image_mean=[0.5] * 3,
+                            image_std=[0.5] * 3).save_pretrained(folder)
+    return folder
+
+
+def make(path: str, rows: int, dim: int, model: str) -> None:
     rng = np.random.default_rng(0)
-    meta = {"tool": "siglip", "model": "random", "dim": dim, "dtype": "float32", "logit_scale": 10.0,
+    meta = {"tool": "siglip", "model": model, "dim": dim, "dtype": "float32", "logit_scale": 10.0,
             "logit_bias": -10.0, "task": "embed", "embedding_dtype": "float16", "signature": None}
     schema = pa.schema([("path", pa.string()), ("status", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
                         ("size", pa.int64()), ("embedding", pa.list_(pa.float16(), dim))],
@@ -60,11 +95,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=1152)
     ap.add_argument("--dedup", action="store_true")
+    ap.add_argument("--text", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.folder, exist_ok=True)
+    model = os.path.abspath(os.path.join(a.folder, f"text-{a.dim}"))
     index = os.path.join(a.folder, f"index-{a.rows}.parquet")
     if not os.path.exists(index):
-        make(index, a.rows, a.dim)
+        make(index, a.rows, a.dim, model)
+    if a.text:
+        return text(index, checkpoint(model, a.dim), a)
     if a.dedup:
         took, rss = timed(["dedup", index, "-o", os.path.join(a.folder, "groups.parquet")])
         print(f"| dedup | {a.rows:,} x {a.dim} float16 | {took:.1f} s | {rss:.2f} GB |")
@@ -75,6 +114,30 @@ def main() -> None:
     for label in ("first search (builds the sidecar)", "later search"):
         took, rss = timed(query)
         print(f"| {label} | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
+
+
+def text(index: str, model: str, a) -> None:
+    query = ["search", index, "a photo of a dog", "-k", "10", "--json", "--device", "cpu"]
+    timed(query)  # the sidecar, if missing
+    took, rss = timed(query)
+    print(f"| text search, loading the model | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
+    port = 8765
+    server = subprocess.Popen([sys.executable, "-m", "siglip_cli", "serve", "-m", model, "--port", str(port),
+                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/ready", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        runs = [timed(query + ["--server", url]) for _ in range(6)][1:]  # the first warms the server's caches
+        took, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+        print(f"| text search with --server | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
+    finally:
+        server.terminate()
+        server.wait()
 
 
 if __name__ == "__main__":

@@ -388,6 +388,7 @@ def search(
     path: Annotated[Optional[List[str]], typer.Option("--path", help="Only rows whose path matches this glob (repeatable).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embed text queries with this model instead of the index's.", show_default=False)] = None,
     device: Device = "auto",
+    server: Annotated[Optional[str], typer.Option("--server", envvar="SIGLIP_SERVER", help="Embed the queries with a running `siglip serve` of the index's model (URL; its token from SIGLIP_API_KEY): no model load, a text search in about a second. [env: SIGLIP_SERVER]", show_default=False, show_envvar=False)] = None,
     output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
 ) -> None:
     """Search an index by text, by image, or both: exact top-k over the stored vectors.
@@ -398,7 +399,7 @@ def search(
         from .vectors import load
 
         q = s.Query(tuple(query or ()), tuple(image or ()), tuple(minus or ()), tuple(minus_image or ()),
-                    image_weight, k, min_score, tuple(path or ()), model, device)
+                    image_weight, k, min_score, tuple(path or ()), model, device, server)
         return s.search(load(index), q)
 
     _results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")

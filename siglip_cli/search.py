@@ -29,6 +29,51 @@ class Query:
     paths: tuple[str, ...] = ()  # globs: only rows whose path matches one
     model: str | None = None  # override the index's model
     device: str = "auto"
+    server: str | None = None  # a running `siglip serve` of the index's model embeds the queries
+
+
+class Remote:
+    """Queries embedded by a running `siglip serve` (its /txt/embed and /img/embed routes): a search then needs
+    no torch and no model load, only the scan. The server must run the index's model (name, dim, and commit
+    where both know it): a vector from another model would rank the index by noise."""
+
+    def __init__(self, url: str, name: str, dim: int, commit: str | None):
+        self.url, self.name, self.dim, self.commit = url.rstrip("/"), name, dim, commit
+
+    def _post(self, route: str, items: list) -> np.ndarray:
+        import json
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if key := os.environ.get("SIGLIP_API_KEY"):
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url + route, json.dumps({"input": items}).encode(), headers)
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RunError(f"--server {self.url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+        except (OSError, ValueError) as e:
+            raise RunError(f"--server {self.url}: {getattr(e, 'reason', e)}") from None
+        theirs = (body.get("model"), body.get("dim"), body.get("commit"))
+        if theirs[:2] != (self.name, self.dim) or (self.commit and theirs[2] and theirs[2] != self.commit):
+            raise RunError(f"--server {self.url} runs {theirs[0]!r} (dim {theirs[1]}, commit {theirs[2]}); the index "
+                           f"needs {self.name!r} (dim {self.dim}, commit {self.commit})")
+        return np.asarray(body["embeddings"], np.float32).reshape(-1, self.dim)
+
+    def texts(self, items: list[str]) -> np.ndarray:
+        return self._post("/txt/embed", items)
+
+    def image(self, path: str) -> np.ndarray:
+        import base64
+
+        try:
+            with open(path, "rb") as f:
+                data = base64.b64encode(f.read()).decode()
+        except OSError as e:
+            raise RunError(f"--image {path}: {e.strerror or e}") from None
+        return self._post("/img/embed", [data])[0]
 
 
 def _encoder(v: Vectors, q: Query):
@@ -64,14 +109,23 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
             encoder = (encoder_factory or _encoder)(v, q)
         return encoder
 
+    remote = None
+    if q.server:
+        name = q.model or v.meta.get("model")
+        remote = Remote(q.server, name, v.matrix.shape[1], None if q.model else v.meta.get("commit"))
+
     def texts(items):
-        return model().encode_texts(list(items)).cpu().numpy() if items else np.zeros((0, v.matrix.shape[1]), np.float32)
+        if not items:
+            return np.zeros((0, v.matrix.shape[1]), np.float32)
+        return remote.texts(list(items)) if remote else model().encode_texts(list(items)).cpu().numpy()
 
     def images(paths):
         out = []
         for p in paths:
             stored = _stored(v, p)
-            if stored is None:  # not in the index: embedded now, as embed would
+            if stored is None and remote:
+                stored = remote.image(p)
+            elif stored is None:  # not in the index: embedded now, as embed would
                 from .batcher import embed_decoded
                 from .decode import decode
                 from .sources import FileRecord
@@ -114,30 +168,71 @@ def search(v: Vectors, q: Query, encoder_factory=None) -> pa.Table:
                     metadata={"score": "sigmoid probability" if probability else "cosine"})
 
 
-def pairs(matrix: np.ndarray, threshold: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair i < j with cosine >= threshold: (i, j, cosine). Upper triangle only, in blocks; a first pass
-    in bfloat16 where the CPU does it natively (or on the GPU) with a margin, every candidate rechecked in float32."""
+# dedup's first pass compares rows in the LOW dimensions that carry most of their length (a basis from a sample of
+# the rows); what the other dimensions can add is bounded by the product of the rows' lengths outside it.
+LOW = 128
+
+
+def _basis(matrix: np.ndarray, device, sample: int = 65536):
+    """(d, LOW) orthonormal float32 columns: the top eigenvectors of the rows' second moment (from up to `sample`
+    rows spread over the matrix). Any orthonormal basis keeps the first pass exact; a good one keeps it short."""
+    import torch
+
+    rows = as_tensor(matrix[:: max(1, len(matrix) // sample)]).to(device).float()
+    moment = (rows.T @ rows).double().cpu()
+    _, vectors = torch.linalg.eigh(moment)  # ascending eigenvalues
+    return vectors[:, -LOW:].float().contiguous().to(device)
+
+
+def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j with cosine >= threshold: (i, j, cosine). Upper triangle only, in blocks, float32 results.
+
+    A first pass compares each pair's projections p onto LOW basis vectors (where the rows are wide enough for it
+    to pay): x.y = p_x.p_y + r_x.r_y with r the parts outside, and |r_x.r_y| <= |r_x||r_y|. A pair passes when
+    p_x.p_y + |r_x||r_y| reaches the threshold less a margin for rounding (and for bfloat16, where the CPU does
+    it natively or on a GPU); every pair that passes is rechecked in float32. Where over 1% of a block's pairs
+    pass (rows much alike), the block is compared in full instead, so it never costs much more than a plain
+    float32 all-pairs. Memory: the rows' projections (n x LOW) and a block of each."""
     import torch
 
     from .model import cpu_bf16_native
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     fast = torch.bfloat16 if device.type == "cuda" or cpu_bf16_native() else torch.float32
-    margin = 0.02 if fast != torch.float32 else 0.0
-    n = len(matrix)
+    margin = 0.02 if fast != torch.float32 else 1e-3
+    n, d = matrix.shape
+    basis = _basis(matrix, device) if d >= 4 * LOW and n > 2 * block else None
+    P, R = [], []  # every row's first-pass form, and its length outside the basis (rounded up)
+    for start in range(0, n, 65536):
+        rows = as_tensor(matrix[start : start + 65536]).to(device).float()
+        if basis is None:
+            P.append(rows.to(fast))
+            R.append(torch.zeros(len(rows), device=device))
+            continue
+        p = rows @ basis
+        rest = (rows * rows).sum(dim=1) - (p * p).sum(dim=1)
+        P.append(p.to(fast))
+        R.append(torch.sqrt(rest.clamp(min=0) + 1e-5))
+    P, R = torch.cat(P), torch.cat(R).to(fast)
+    full = lambda lo, hi: as_tensor(matrix[lo:hi]).to(device).float()  # noqa: E731
+
     out_i, out_j, out_s = [], [], []
     for a in range(0, n, block):
-        A = as_tensor(matrix[a : a + block]).to(device)
-        A32, Af = A.float(), A.to(fast)
         for b in range(a, n, block):
-            B = A if b == a else as_tensor(matrix[b : b + block]).to(device)
-            S = Af @ B.to(fast).T
+            S = (P[a : a + block] @ P[b : b + block].T).addr_(R[a : a + block], R[b : b + block])  # >= x.y
             hit = (S >= threshold - margin).nonzero()
             if b == a:
                 hit = hit[hit[:, 0] < hit[:, 1]]
             if not len(hit):
                 continue
-            exact = (A32[hit[:, 0]] * B.float()[hit[:, 1]]).sum(dim=1)  # the recheck, in float32
+            A, B = full(a, a + block), full(b, b + block)
+            if len(hit) > S.numel() // 100:  # rows much alike: one float32 product beats gathering the pairs
+                S = A @ B.T
+                hit = (S >= threshold).nonzero()
+                hit = hit[hit[:, 0] < hit[:, 1]] if b == a else hit
+                exact = S[hit[:, 0], hit[:, 1]]
+            else:  # the recheck, in float32, a bounded number of pairs at a time
+                exact = torch.cat([(A[h[:, 0]] * B[h[:, 1]]).sum(dim=1) for h in hit.split(16384)])
             ok = exact >= threshold
             out_i.append((hit[ok, 0] + a).cpu().numpy())
             out_j.append((hit[ok, 1] + b).cpu().numpy())

@@ -267,7 +267,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     server = Server(encoder, cfg)
-    name, dim = encoder.info.name, encoder.info.dim
+    name, dim, commit = encoder.info.name, encoder.info.dim, encoder.info.commit
 
     @asynccontextmanager
     async def lifespan(app):
@@ -317,8 +317,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
         if many:
-            return {"embeddings": vectors.tolist(), "model": name, "dim": dim}
-        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim}
+            return {"embeddings": vectors.tolist(), "model": name, "dim": dim, "commit": commit}
+        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim, "commit": commit}
 
     def embed_route(path: str, embed) -> None:
         """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""

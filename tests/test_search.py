@@ -71,11 +71,13 @@ def test_image_query_is_exact_and_ranks_itself_first(cli, indexes, library, kind
 
 
 def vectors(kind: str, n: int, d: int, rng) -> np.ndarray:
-    """Unit rows: isotropic, near-ties (200 tight clusters), or with one large dimension (as real embeddings have)."""
+    """Unit rows: isotropic, near-ties (200 tight clusters; "alike": 5), or with one large dimension (as real
+    embeddings have)."""
     if kind == "random":
         m = rng.standard_normal((n, d))
-    elif kind == "ties":
-        m = rng.standard_normal((200, d))[rng.integers(0, 200, n)] + 1e-3 * rng.standard_normal((n, d))
+    elif kind in ("ties", "alike"):
+        k = 200 if kind == "ties" else 5
+        m = rng.standard_normal((k, d))[rng.integers(0, k, n)] + 1e-3 * rng.standard_normal((n, d))
     else:
         m = rng.standard_normal((n, d))
         m[:, 3] += 40
@@ -160,6 +162,28 @@ def test_search_errors(cli, tmp_path, indexes):
     assert cli("search", tmp_path / "nothing", "x").exit_code == 1
     r = cli("search", indexes["float32"], "--device", "cpu")
     assert r.exit_code == 1 and "give a text query" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "alike", "outlier"])
+def test_pairs_equal_brute_force(kind):
+    """dedup's pairs, with its low-dimensional first pass (rows of 512) and its full-block fallback (the few
+    tight clusters of "alike"), equal a float32 brute force at both presets, planted near-copies included."""
+    from siglip_cli.search import NEAR_IDENTICAL, SIMILAR, pairs
+
+    rng = np.random.default_rng(3)
+    m = vectors(kind, 3000, 512, rng)
+    m[::50] = m[1::50] + 0.004 * rng.standard_normal((60, 512)).astype(np.float32)  # near-copies
+    m[2::50] = m[3::50] + 0.012 * rng.standard_normal((60, 512)).astype(np.float32)  # similar shots
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    sims = m @ m.T
+    for threshold in (NEAR_IDENTICAL, SIMILAR):
+        i, j, s = pairs(m, threshold, block=1024)
+        got = set(zip(i.tolist(), j.tolist()))
+        a, b = np.nonzero(np.triu(sims >= threshold, k=1))
+        sure = {(x, y) for x, y in zip(a.tolist(), b.tolist()) if sims[x, y] >= threshold + 1e-5}
+        assert sure <= got and len(got) >= 60
+        assert all(sims[x, y] >= threshold - 1e-5 for x, y in got)  # nothing below, beyond rounding
+        np.testing.assert_allclose(s, sims[i, j], atol=1e-5)
 
 
 def test_dedup_finds_the_planted_copies_and_nothing_else(cli, indexes, tmp_path):

@@ -15,6 +15,7 @@ import time
 import zlib
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -128,6 +129,37 @@ def test_image_vectors_equal_embed_rows(cli, fixed_ckpt, naflex_ckpt, photos, tm
     want = np.array([rows[str(f)] for f in files])
     assert (np.array(got) * want).sum(axis=1).min() >= 0.9999
     assert float(np.dot(one["embedding"], want[0])) >= 0.9999 and one["dim"] == len(one["embedding"])
+
+
+def test_search_with_a_server_embeds_its_queries_there(cli, fixed_ckpt, photos, tmp_path, server):
+    """`siglip search --server URL`: text and new-image queries embedded by the running service, exact over the
+    index; a server of another model, or none, is a one-line error."""
+    import json
+
+    files = photo_files(photos, 12)
+    idx = tmp_path / "idx"
+    assert cli("embed", *files, "-o", idx, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
+               "--backend", "torch", "-q").exit_code == 0
+    t = table(idx)
+    vecs = np.array(t["embedding"], np.float32)
+    meta = json.loads(pq.read_schema(next(idx.glob("*.parquet"))).metadata[b"siglip"])
+    new = tmp_path / "new.jpg"
+    new.write_bytes(jpeg((80, 60), (20, 120, 220)))
+    for query, route, body in ((["a red car"], "/txt/embed", "a red car"),
+                               (["--image", new], "/img/embed", b64(new.read_bytes()))):
+        r = cli("search", idx, *query, "-k", "5", "--json", "--server", server.url)
+        assert r.exit_code == 0, r.stderr
+        got = [json.loads(line) for line in r.stdout.splitlines()]
+        q = np.array(server.post(route, {"input": body}).json()["embedding"], np.float32)
+        cos = vecs @ (q / np.linalg.norm(q))
+        want = np.argsort(-cos, kind="stable")[:5]
+        assert [g["path"] for g in got] == [t["path"][i] for i in want]
+        score = 1 / (1 + np.exp(-(cos[want] * meta["logit_scale"] + meta["logit_bias"]))) if route == "/txt/embed" else cos[want]
+        np.testing.assert_allclose([g["score"] for g in got], score, atol=1e-5)
+    r = cli("search", idx, "a red car", "--server", server.url, "--model", "google/siglip2-base-patch16-224")
+    assert r.exit_code == 1 and "runs" in r.stderr and "siglip2-base-patch16-224" in r.stderr
+    r = cli("search", idx, "a red car", "--server", f"http://127.0.0.1:{free_port()}")
+    assert r.exit_code == 1 and r.stderr.startswith("siglip: error: --server") and len(r.stderr.splitlines()) == 1
 
 
 def test_a_text_alone_equals_it_in_a_batch(server):
