@@ -105,8 +105,10 @@ def main() -> None:
     if a.text:
         return text(index, checkpoint(model, a.dim), a)
     if a.dedup:
-        took, rss = timed(["dedup", index, "-o", os.path.join(a.folder, "groups.parquet")])
-        print(f"| dedup | {a.rows:,} x {a.dim} float16 | {took:.1f} s | {rss:.2f} GB |")
+        timed(["search", index, "--image", "/photos/00000007.jpg"])  # the sidecar, if missing
+        for label, extra in (("dedup", []), ("dedup --similar", ["--similar"])):
+            took, rss = timed(["dedup", index, *extra, "-o", os.path.join(a.folder, "groups.parquet")])
+            print(f"| {label} | {a.rows:,} x {a.dim} float16 | {took:.1f} s | {rss:.2f} GB |")
         return
     sidecar = os.path.join(a.folder, f".index-{a.rows}.parquet.vectors")
     subprocess.run(["rm", "-rf", sidecar])

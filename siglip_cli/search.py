@@ -214,18 +214,28 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
         P.append(p.to(fast))
         R.append(torch.sqrt(rest.clamp(min=0) + 1e-5))
     P, R = torch.cat(P), torch.cat(R).to(fast)
-    full = lambda lo, hi: as_tensor(matrix[lo:hi]).to(device).float()  # noqa: E731
+    # Every block's products land in the same few buffers: fresh multi-megabyte tensors of changing shapes
+    # fragment the C heap (a 100,000-row --similar run grew to 12 GB that way).
+    Sbuf, mask = torch.empty(block, block, dtype=fast, device=device), torch.empty(block, block, dtype=torch.bool, device=device)
+    rows_ab = torch.empty(2, block, d, device=device)
+
+    def full(k: int, lo: int):
+        out = rows_ab[k, : min(block, n - lo)]
+        out.copy_(as_tensor(matrix[lo : lo + block]))
+        return out
 
     out_i, out_j, out_s = [], [], []
     for a in range(0, n, block):
         for b in range(a, n, block):
-            S = (P[a : a + block] @ P[b : b + block].T).addr_(R[a : a + block], R[b : b + block])  # >= x.y
-            hit = (S >= threshold - margin).nonzero()
+            pa, pb = P[a : a + block], P[b : b + block]
+            S = torch.matmul(pa, pb.T, out=Sbuf[: len(pa), : len(pb)])
+            S.addr_(R[a : a + block], R[b : b + block])  # p_x.p_y + |r_x||r_y|: at least x.y
+            hit = torch.ge(S, threshold - margin, out=mask[: len(pa), : len(pb)]).nonzero()
             if b == a:
                 hit = hit[hit[:, 0] < hit[:, 1]]
             if not len(hit):
                 continue
-            A, B = full(a, a + block), full(b, b + block)
+            A, B = full(0, a), full(1, b)
             if len(hit) > S.numel() // 100:  # rows much alike: one float32 product beats gathering the pairs
                 S = A @ B.T
                 hit = (S >= threshold).nonzero()
