@@ -388,7 +388,7 @@ def search(
     path: Annotated[Optional[List[str]], typer.Option("--path", help="Only rows whose path matches this glob (repeatable).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embed text queries with this model instead of the index's.", show_default=False)] = None,
     device: Device = "auto",
-    server: Annotated[Optional[str], typer.Option("--server", envvar="SIGLIP_SERVER", help="Embed the queries with a running `siglip serve` of the index's model (URL; its token from SIGLIP_API_KEY): no model load, a text search in about a second. [env: SIGLIP_SERVER]", show_default=False, show_envvar=False)] = None,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="SIGLIP_SERVER", help="Embed the queries with a running `siglip serve` of the index's model (URL; its token from SIGLIP_API_KEY): no model load and no torch in this process. [env: SIGLIP_SERVER]", show_default=False, show_envvar=False)] = None,
     output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
 ) -> None:
     """Search an index by text, by image, or both: exact top-k over the stored vectors.

@@ -38,7 +38,16 @@ class Remote:
     where both know it): a vector from another model would rank the index by noise."""
 
     def __init__(self, url: str, name: str, dim: int, commit: str | None):
+        if not url.startswith(("http://", "https://")):
+            raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
         self.url, self.name, self.dim, self.commit = url.rstrip("/"), name, dim, commit
+
+    def _same_model(self, theirs: str | None) -> bool:
+        """The same name, or the same local folder named another way (./ckpt here, /abs/ckpt there)."""
+        if theirs == self.name:
+            return True
+        return bool(theirs) and os.path.isdir(theirs) and os.path.isdir(self.name) and \
+            os.path.realpath(theirs) == os.path.realpath(self.name)
 
     def _post(self, route: str, items: list) -> np.ndarray:
         import json
@@ -48,8 +57,8 @@ class Remote:
         headers = {"Content-Type": "application/json"}
         if key := os.environ.get("SIGLIP_API_KEY"):
             headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url + route, json.dumps({"input": items}).encode(), headers)
         try:
+            req = urllib.request.Request(self.url + route, json.dumps({"input": items}).encode(), headers)
             with urllib.request.urlopen(req, timeout=300) as r:
                 body = json.loads(r.read())
         except urllib.error.HTTPError as e:
@@ -57,7 +66,7 @@ class Remote:
         except (OSError, ValueError) as e:
             raise RunError(f"--server {self.url}: {getattr(e, 'reason', e)}") from None
         theirs = (body.get("model"), body.get("dim"), body.get("commit"))
-        if theirs[:2] != (self.name, self.dim) or (self.commit and theirs[2] and theirs[2] != self.commit):
+        if not self._same_model(theirs[0]) or theirs[1] != self.dim or (self.commit and theirs[2] and theirs[2] != self.commit):
             raise RunError(f"--server {self.url} runs {theirs[0]!r} (dim {theirs[1]}, commit {theirs[2]}); the index "
                            f"needs {self.name!r} (dim {self.dim}, commit {self.commit})")
         return np.asarray(body["embeddings"], np.float32).reshape(-1, self.dim)
@@ -178,7 +187,7 @@ def _basis(matrix: np.ndarray, device, sample: int = 65536):
     rows spread over the matrix). Any orthonormal basis keeps the first pass exact; a good one keeps it short."""
     import torch
 
-    rows = as_tensor(matrix[:: max(1, len(matrix) // sample)]).to(device).float()
+    rows = as_tensor(matrix[:: max(1, -(-len(matrix) // sample))]).to(device).float()
     moment = (rows.T @ rows).double().cpu()
     _, vectors = torch.linalg.eigh(moment)  # ascending eigenvalues
     return vectors[:, -LOW:].float().contiguous().to(device)
@@ -210,9 +219,9 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
             R.append(torch.zeros(len(rows), device=device))
             continue
         p = rows @ basis
-        rest = (rows * rows).sum(dim=1) - (p * p).sum(dim=1)
+        rest = (rows.double() ** 2).sum(dim=1) - (p.double() ** 2).sum(dim=1)  # float64: no cancellation error
         P.append(p.to(fast))
-        R.append(torch.sqrt(rest.clamp(min=0) + 1e-5))
+        R.append(torch.sqrt(rest.clamp(min=0) + 1e-4).float())  # + 1e-4: the float32 projection's own error
     P, R = torch.cat(P), torch.cat(R).to(fast)
     # Every block's products land in the same few buffers: fresh multi-megabyte tensors of changing shapes
     # fragment the C heap (a 100,000-row --similar run grew to 12 GB that way).
@@ -226,23 +235,25 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
 
     out_i, out_j, out_s = [], [], []
     for a in range(0, n, block):
+        A = None
         for b in range(a, n, block):
-            pa, pb = P[a : a + block], P[b : b + block]
-            S = torch.matmul(pa, pb.T, out=Sbuf[: len(pa), : len(pb)])
+            low_a, low_b = P[a : a + block], P[b : b + block]
+            S = torch.matmul(low_a, low_b.T, out=Sbuf[: len(low_a), : len(low_b)])
             S.addr_(R[a : a + block], R[b : b + block])  # p_x.p_y + |r_x||r_y|: at least x.y
-            hit = torch.ge(S, threshold - margin, out=mask[: len(pa), : len(pb)]).nonzero()
+            hit = torch.ge(S, threshold - margin, out=mask[: len(low_a), : len(low_b)]).nonzero()
             if b == a:
                 hit = hit[hit[:, 0] < hit[:, 1]]
             if not len(hit):
                 continue
-            A, B = full(0, a), full(1, b)
+            A = full(0, a) if A is None else A
+            B = A if b == a else full(1, b)
             if len(hit) > S.numel() // 100:  # rows much alike: one float32 product beats gathering the pairs
                 S = A @ B.T
                 hit = (S >= threshold).nonzero()
                 hit = hit[hit[:, 0] < hit[:, 1]] if b == a else hit
                 exact = S[hit[:, 0], hit[:, 1]]
             else:  # the recheck, in float32, a bounded number of pairs at a time
-                exact = torch.cat([(A[h[:, 0]] * B[h[:, 1]]).sum(dim=1) for h in hit.split(16384)])
+                exact = torch.cat([(A[h[:, 0]] * B[h[:, 1]]).sum(dim=1) for h in hit.split(4096)])
             ok = exact >= threshold
             out_i.append((hit[ok, 0] + a).cpu().numpy())
             out_j.append((hit[ok, 1] + b).cpu().numpy())

@@ -25,9 +25,8 @@ from .errors import RunError
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
 
-SIDECAR_VERSION = 3
-# Beyond each row's own quantization error (stored), the first pass's float32 arithmetic: a dot product of d int8
-# values with a unit query, scaled to a unit row, is within d^1.5 * 2^-24 of exact (0.0023 at d = 1152; see top_k)
+SIDECAR_VERSION = 4
+# float32's unit roundoff: the first pass's arithmetic and the recheck's are bounded with it (see top_k)
 ROUNDING = 2.0**-24
 ROW_COLUMNS = ["path", "width", "height", "size"]
 
@@ -44,41 +43,72 @@ class Vectors:
 
 @dataclass
 class Quantized:
-    """Rows in int8 with a scale each (row ~ scale * values), and a bound on each row's error: the norm of
-    row - scale * values, rounded up. A dot product with a unit query is then off by at most that bound."""
+    """Rows in int8: row ~ scale * values * columns (one scale per row, one per dimension), and a bound on each
+    row's error, the norm of the difference, rounded up: a dot product with a query is then off by at most
+    that bound times the query's length."""
 
     values: np.ndarray  # (n, D) int8
     scale: np.ndarray  # (n,) float32
     error: np.ndarray  # (n,) float32
+    columns: np.ndarray  # (D,) float32
 
 
-def quantize(rows: np.ndarray, block: int = 256) -> Quantized:
-    """int8 rows with one scale each (the largest magnitude maps to 127), and a bound on each row's error.
+def column_scales(rows: np.ndarray) -> np.ndarray:
+    """Each dimension's root mean square over some rows (at least 1/1000 of the largest): dividing by it before
+    the per-row scale keeps a dimension that is large in every row (embeddings have some) from taking all of
+    int8's range, which would widen every row's error bound and send most rows to the float32 recheck."""
+    x = np.asarray(rows, np.float32)
+    x = x[np.isfinite(x).all(axis=1)]
+    rms = np.sqrt((x.astype(np.float64) ** 2).mean(axis=0)) if len(x) else np.ones(rows.shape[1])
+    top = rms.max() if len(rms) and rms.max() > 0 else 1.0
+    return np.maximum(rms, top / 1000).astype(np.float32) / np.float32(top)
+
+
+def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 256) -> Quantized:
+    """int8 rows, each dimension divided by its column scale and each row by its own (its largest magnitude maps
+    to 127), and a bound on each row's error.
 
     Computed in float32, a block of rows at a time (small enough for the CPU's cache: a 1M-row build spends a
-    few seconds here). The error's float32 arithmetic is bounded too: with r the residual x - s*v as computed
-    (each element off by at most u(|s v_j| + |r_j|), u = 2^-24) and its norm summed in float32 (relative error
-    at most d u), |x - s v| <= |r| (1 + (d + 2) u) + 2u |x|, and |x| <= sqrt(d) * 127 s."""
+    few seconds here). The error's own rounding is bounded too: the reconstruction s*v_j*c_j and the residual
+    r_j = x_j - s*v_j*c_j are each off by at most 3u(|x_j| + |r_j|) (u = 2^-24), and the norm's float32 sum of
+    d squares by a factor (1 + d u), so |x - s v c| <= |r| (1 + (d + 6) u) + 3u sqrt(d) max|x_j|, where
+    max|x_j| <= M = max|x_j / c_j| max(c) (1 + 2u). Rows with M under 2^-60 are stored as zeros with the bound
+    sqrt(d) 2^-59; rows that are not finite get an infinite bound (they are never results); blocks with rows
+    outside [2^-40, 2^40] take the norm of r / M (neither overflows nor underflows)."""
     n, d = rows.shape
-    out = Quantized(np.empty((n, d), np.int8), np.empty(n, np.float32), np.empty(n, np.float32))
+    columns = np.ones(d, np.float32) if columns is None else np.asarray(columns, np.float32)
+    inverse, widest = (1 / columns).astype(np.float32), np.float32(columns.max() * (1 + 2.0**-20))
+    out = Quantized(np.empty((n, d), np.int8), np.empty(n, np.float32), np.empty(n, np.float32), columns)
     x, y = np.empty((block, d), np.float32), np.empty((block, d), np.float32)
     u = 2.0**-24
     for lo in range(0, n, block):
         m = min(block, n - lo)
         xs, ys = x[:m], y[:m]
         np.copyto(xs, rows[lo : lo + m], casting="unsafe")
-        top = np.maximum(xs.max(axis=1), -xs.min(axis=1))
-        scale = np.where(top > 0, top / np.float32(127), np.float32(1)).astype(np.float32)
-        np.multiply(xs, (1 / scale)[:, None], out=ys)
+        np.multiply(xs, inverse, out=ys)
+        top = np.abs(ys).max(axis=1)
+        big = top * widest  # at least max|x_j|
+        finite = np.isfinite(big)
+        tiny = ~(big >= 2.0**-60)  # NaN too
+        scale = np.where(tiny | ~finite, np.float32(1), top / np.float32(127)).astype(np.float32)
+        if (tiny | ~finite).any():
+            ys[tiny | ~finite] = 0
+        np.multiply(ys, (1 / scale)[:, None], out=ys)
         np.rint(ys, out=ys)
         np.clip(ys, -127, 127, out=ys)
         out.values[lo : lo + m] = ys
         np.multiply(ys, scale[:, None], out=ys)
+        np.multiply(ys, columns, out=ys)
         np.subtract(xs, ys, out=ys)
-        norm = np.sqrt(np.einsum("ij,ij->i", ys, ys))
-        bound = norm * np.float32(1 + (d + 2) * u * 1.01) + scale * np.float32(2 * u * 127 * d**0.5 * 1.01)
+        unit = np.ones(m, np.float32)
+        if not ((big >= 2.0**-40) & (big <= 2.0**40) | tiny).all():
+            unit = np.where(tiny | ~finite, np.float32(1), big).astype(np.float32)
+            np.multiply(ys, (1 / unit)[:, None], out=ys)
+        norm = unit * np.sqrt(np.einsum("ij,ij->i", ys, ys))
+        bound = norm * np.float32(1 + (d + 6) * u * 1.01) + big * np.float32(3 * u * d**0.5 * 1.01)
+        bound = np.where(tiny, np.float32(d**0.5 * 2.0**-59), bound)
         out.scale[lo : lo + m] = scale
-        out.error[lo : lo + m] = np.nextafter(bound, np.float32(np.inf))
+        out.error[lo : lo + m] = np.where(finite, np.nextafter(bound, np.float32(np.inf)), np.float32(np.inf))
     return out
 
 
@@ -148,7 +178,8 @@ def _has_embeddings(index: str) -> bool:
 def _open(place: str, meta: dict) -> Vectors:
     matrix = np.load(os.path.join(place, "vectors.npy"), mmap_mode="r")
     bounds = np.load(os.path.join(place, "bounds.npy"))
-    fast = Quantized(np.load(os.path.join(place, "fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1])
+    columns = np.load(os.path.join(place, "columns.npy"))
+    fast = Quantized(np.load(os.path.join(place, "fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1], columns)
     rows = pq.ParquetFile(os.path.join(place, "rows.parquet")).read()  # (read_table would import pandas: 0.4 s)
     return Vectors(matrix, rows, meta, fast)
 
@@ -197,7 +228,8 @@ def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
 def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
     """(lo, hi, vectors, quantized) for the kept rows[lo:hi] of each row group of the files, in order; read,
     selected and quantized by one thread per usable CPU a few groups ahead (Parquet's list decoding and the
-    quantization are the slow part of a build; memory: those few groups)."""
+    quantization are the slow part of a build; memory: those few groups). The first group with rows sets the
+    column scales of all."""
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
@@ -205,17 +237,20 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
 
     dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
 
-    def work(file: str, group: int, offset: int, count: int):
+    def read(file: str, group: int, offset: int, count: int):
         lo, hi = np.searchsorted(rows, [offset, offset + count])
         if hi == lo:
-            return lo, hi, None, None
+            return lo, hi, None
         table = pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
         column = table.column(0).combine_chunks().cast(vector)
         child = column.values  # every row's dim slots (null rows' too), from the array's own offset
         flat = np.frombuffer(child.buffers()[1], dtype, count=len(child), offset=child.offset * dtype.itemsize)
         matrix = flat[column.offset * dim : (column.offset + len(column)) * dim].reshape(-1, dim)
-        block = np.ascontiguousarray(matrix[rows[lo:hi] - offset])
-        return lo, hi, block, quantize(block)
+        return lo, hi, np.ascontiguousarray(matrix[rows[lo:hi] - offset])
+
+    def work(*job):
+        lo, hi, block = read(*job)
+        return lo, hi, block, None if block is None else quantize(block, columns)
 
     jobs, offset = [], 0
     for f in files:
@@ -223,6 +258,12 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
         for g in range(meta.num_row_groups):
             jobs.append((f, g, offset, meta.row_group(g).num_rows))
             offset += meta.row_group(g).num_rows
+    columns = None
+    while jobs and columns is None:
+        lo, hi, block = read(*jobs.pop(0))
+        if block is not None:
+            columns = column_scales(block[:: max(1, len(block) // 4096)])
+        yield lo, hi, block, None if block is None else quantize(block, columns)
     ahead = max(1, usable_cpus())
     with ThreadPoolExecutor(ahead) as pool:
         pending: collections.deque = collections.deque()
@@ -246,7 +287,7 @@ def _build(index: str, place: str, key: dict) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
     try:
-        bounds = np.zeros((len(rows), 2), np.float32)
+        bounds, columns = np.zeros((len(rows), 2), np.float32), np.ones(dim, np.float32)
         with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
             for f, t in ((out, dtype), (fast, np.dtype(np.int8))):
                 np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
@@ -255,8 +296,9 @@ def _build(index: str, place: str, key: dict) -> None:
                 if hi > lo:
                     out.write(block.data)
                     fast.write(q.values.data)
-                    bounds[lo:hi, 0], bounds[lo:hi, 1] = q.scale, q.error
+                    bounds[lo:hi, 0], bounds[lo:hi, 1], columns = q.scale, q.error, q.columns
         np.save(os.path.join(tmp, "bounds.npy"), bounds)
+        np.save(os.path.join(tmp, "columns.npy"), columns)
         pq.write_table(light, os.path.join(tmp, "rows.parquet"))
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(key, f)
@@ -281,6 +323,8 @@ def _scan(matrix: np.ndarray, q: np.ndarray, block: int = 256) -> np.ndarray:
     width = int(np.prod(matrix.shape[1:]))
     out = np.empty(n, np.float32)
     mapped = isinstance(matrix, np.memmap) and matrix.filename is not None
+    # a whole .npy only: a slice of a memmap keeps its parent's offset
+    mapped = mapped and matrix.offset + matrix.nbytes == os.path.getsize(matrix.filename)
     fd = os.open(matrix.filename, os.O_RDONLY) if mapped else -1
 
     def part(lo: int, hi: int) -> None:
@@ -318,30 +362,41 @@ def top_k(matrix: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None
     """The exact k best rows by dot product with a unit query, in float32: (indices, cosines), best first; `keep`
     masks rows out (path filters).
 
-    With `fast` (the rows in int8), a first pass scores every row from a quarter or half of the bytes; each
-    approximate score a_i is within w_i = |q| (e_i + 127 scale_i d^1.5 2^-24) of the exact one (e_i: the row's
-    stored quantization error; the second term: float32 rounding of the first pass's sum over d products, each of
-    magnitude at most 127 * scale_i * |q_j|, with sum(|q_j|) <= sqrt(d) |q|). Let L be the k-th largest
-    a_i - w_i: at least k rows score at least L, so every row of the true top k scores at least L, hence has
-    a_i + w_i >= L. Those candidates (usually a few dozen) are scored again in float32 from the stored vectors.
+    With `fast` (the rows in int8), a first pass scores every row from a quarter or half of the bytes (the query
+    times the column scales c, against the int8 values, times each row's scale). Each approximate score a_i is
+    within w_i = |q| e_i + 3 d u 127 s_i sum_j |c_j q_j| of the exact one: e_i is the row's stored error bound,
+    and the second term covers float32 rounding (u = 2^-24) of the first pass's sum of d products, each at most
+    127 s_i |c_j q_j|, of its scaling, and of the recheck's own sum. Let L be the k-th largest a_i - w_i: at
+    least k rows score at least L, so every row of the true top k scores at least L, hence has a_i + w_i >= L.
+    Those candidates (about 150 of a million random rows) are scored again in float32 from the stored vectors;
+    where they are over a sixteenth of the rows, every row is.
     """
     q = np.ascontiguousarray(query, np.float32)
     n = len(matrix)
     if fast is None or n <= k:
         scores = _scan(matrix, q)
+        scores[~np.isfinite(scores)] = -np.inf  # rows that are not finite are never results
         if keep is not None:
             scores[~keep] = -np.inf
     else:
-        approx = _scan(fast.values, q) * fast.scale
-        size = np.float32(np.linalg.norm(q))
-        width = size * (fast.error + fast.scale * np.float32(127 * matrix.shape[1] ** 1.5 * ROUNDING * 1.01))
+        qc = q * fast.columns
+        approx = _scan(fast.values, qc) * fast.scale
+        spread = np.float32(3 * 127 * matrix.shape[1] * ROUNDING * np.abs(qc.astype(np.float64)).sum())
+        width = np.float32(np.linalg.norm(q)) * fast.error + fast.scale * spread
         low, high = approx - width, approx + width
+        low[~np.isfinite(low)] = -np.inf  # rows that are not finite are never results
         if keep is not None:
             low[~keep] = high[~keep] = -np.inf
         kth = np.partition(low, n - k)[n - k]
         rows = np.flatnonzero((high >= kth) & np.isfinite(high))
-        scores = np.full(n, -np.inf, np.float32)
-        scores[rows] = np.asarray(matrix[rows], np.float32) @ q
+        if len(rows) > n // 16:  # rows too much alike for int8 to tell apart: one float32 scan, bounded memory
+            scores = _scan(matrix, q)
+            scores[~np.isfinite(scores)] = -np.inf
+            if keep is not None:
+                scores[~keep] = -np.inf
+        else:
+            scores = np.full(n, -np.inf, np.float32)
+            scores[rows] = np.asarray(matrix[rows], np.float32) @ q
     pick = np.argpartition(-scores, k - 1)[:k] if n > k else np.arange(n)
     order = np.lexsort((pick, -scores[pick]))
     best_i, best_s = pick[order], scores[pick][order]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from siglip_cli.index import read_index
-from siglip_cli.vectors import quantize, top_k
+from siglip_cli.vectors import column_scales, quantize, top_k
 
 from test_devices import table
 
@@ -95,7 +95,7 @@ def test_blocked_top_k_equals_brute_force(kind, dtype, two_pass, tmp_path):
     q = m[7].astype(np.float32) + (0.0 if kind == "ties" else rng.standard_normal(64).astype(np.float32))
     q /= np.linalg.norm(q)
     keep = rng.random(50_000) < 0.5
-    fast = quantize(m) if two_pass else None  # the sidecar's int8 copy
+    fast = quantize(m, column_scales(m)) if two_pass else None  # the sidecar's int8 copy
     idx, cos = top_k(m, q, 25, keep, fast=fast)
     brute = np.where(keep, m.astype(np.float32) @ q, -np.inf)
     want = np.argsort(-brute, kind="stable")[:25]
@@ -105,12 +105,28 @@ def test_blocked_top_k_equals_brute_force(kind, dtype, two_pass, tmp_path):
 
 
 def test_quantized_error_bounds_hold():
+    """Each row's stored bound is at least its true error (float64), whatever the rows: isotropic, tied, with a
+    large dimension, all zeros, tiny, huge; rows that are not finite get an infinite bound and are never results.
+    Column scales keep a large dimension from widening every bound (it would send most rows to the recheck)."""
     rng = np.random.default_rng(2)
+    medians = {}
     for kind in ("random", "ties", "outlier"):
         m = vectors(kind, 2_000, 1152, rng)
-        f = quantize(m)
-        err = np.linalg.norm(m.astype(np.float64) - f.scale[:, None].astype(np.float64) * f.values, axis=1)
-        assert (err <= f.error).all() and f.values.dtype == np.int8 and np.abs(f.values).max() == 127
+        m[:4] = [np.zeros(1152), m[4] * 1e-39, m[5] * 1e-20, m[6] * 1e30]
+        f = quantize(m, column_scales(m))
+        true = np.linalg.norm(m.astype(np.float64) - (f.scale[:, None] * f.values * f.columns).astype(np.float64), axis=1)
+        assert (true <= f.error).all() and f.values.dtype == np.int8 and np.abs(f.values).max() == 127
+        medians[kind] = np.median(f.error[4:])
+    assert medians["outlier"] < 2 * medians["random"]
+    m = vectors("random", 100, 64, rng)
+    m[[3, 7]] = np.nan
+    m[9, 5] = np.inf
+    f = quantize(m, column_scales(m))
+    assert np.isinf(f.error[[3, 7, 9]]).all() and np.isfinite(f.error[:3]).all()
+    q = m[0] / np.linalg.norm(m[0])
+    idx, cos = top_k(m, q, 10, fast=f)
+    brute = np.where(np.isfinite(m).all(axis=1), np.nan_to_num(m @ q, nan=-np.inf), -np.inf)
+    assert list(idx) == list(np.argsort(-brute, kind="stable")[:10])
 
 
 def test_text_query_scores_equal_tag(cli, indexes, library, fixed_ckpt, tmp_path):
@@ -160,6 +176,8 @@ def test_image_search_in_a_pipeline_needs_no_torch(indexes, library):
 
 def test_search_errors(cli, tmp_path, indexes):
     assert cli("search", tmp_path / "nothing", "x").exit_code == 1
+    r = cli("search", indexes["float32"], "x", "--server", "127.0.0.1:8002")
+    assert r.exit_code == 1 and "like http://" in r.stderr and len(r.stderr.splitlines()) == 1
     r = cli("search", indexes["float32"], "--device", "cpu")
     assert r.exit_code == 1 and "give a text query" in r.stderr
 
