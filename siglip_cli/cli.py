@@ -58,7 +58,7 @@ Paths = Annotated[Optional[List[str]], typer.Argument(help="Image files and fold
 Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output: a FILE.parquet, a folder (a dataset of parts), or - for JSON Lines on stdout (the default when stdout is a pipe or a file). Files and folders are resumed and updated incrementally.", show_default=False)]
 FilesFrom = Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one a line (- is stdin); each is attempted whatever its extension.", show_default=False)]
 Ext = Annotated[Optional[List[str]], typer.Option("--ext", help="Extensions to pick up in folders (repeatable; default: common image types).", show_default=False)]
-Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. [env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. \\[env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).", show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="auto|cuda|cuda:N|mps|cpu, or a list (cuda:0,cuda:1). auto and cuda use every visible GPU.", callback=_device)]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (auto: bfloat16 on CUDA and on CPUs with native bfloat16, float32 elsewhere).", callback=_dtype)]
@@ -79,7 +79,7 @@ MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse imag
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
 Exact = Annotated[bool, typer.Option("--exact", help="Decode JPEGs at full size: bit-exact reference preprocessing, slower on big photos.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the image tower: faster on a GPU after a one-time compile (cached on disk).")]
-Ray = Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data (pip install 'siglip-cli[ray]'): local starts a Ray on this machine, auto joins the cluster `ray start` made, or give its address (HOST:PORT, ray://HOST:PORT).", show_default=False)]
+Ray = Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data (pip install 'siglip-cli\\[ray]'): local starts a Ray on this machine, auto joins the cluster `ray start` made, or give its address (HOST:PORT, ray://HOST:PORT).", show_default=False)]
 RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: encoder actors (default: one per GPU of the cluster, else one).", show_default=False)]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
 
@@ -202,7 +202,7 @@ def embed(
     _execute(cfg, texts)
 
 
-Templates = Annotated[Optional[List[str]], typer.Option("--template", help=f"Prompt template, '{{}}' is the tag (repeatable: an ensemble). [default: {DEFAULT_TEMPLATE}]", show_default=False)]
+Templates = Annotated[Optional[List[str]], typer.Option("--template", help=f"Prompt template, '{{}}' is the tag (repeatable: an ensemble). \\[default: {DEFAULT_TEMPLATE}]", show_default=False)]
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Recompute the vocabulary's text embeddings instead of using the on-disk cache.")]
 
 
@@ -317,7 +317,7 @@ def serve(
     max_patches: MaxPatches = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). [env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False)] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="/tag's default threshold (a request may give its own).")] = DEFAULT_THRESHOLD,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")] = 16,
@@ -388,7 +388,7 @@ def search(
     path: Annotated[Optional[List[str]], typer.Option("--path", help="Only rows whose path matches this glob (repeatable).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embed text queries with this model instead of the index's.", show_default=False)] = None,
     device: Device = "auto",
-    server: Annotated[Optional[str], typer.Option("--server", envvar="SIGLIP_SERVER", help="Embed the queries with a running `siglip serve` of the index's model (URL; its token from SIGLIP_API_KEY): no model load and no torch in this process. [env: SIGLIP_SERVER]", show_default=False, show_envvar=False)] = None,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="SIGLIP_SERVER", help="Embed the queries with a running `siglip serve` of the index's model (URL; its token from SIGLIP_API_KEY): no model load and no torch in this process. \\[env: SIGLIP_SERVER]", show_default=False, show_envvar=False)] = None,
     output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
 ) -> None:
     """Search an index by text, by image, or both: exact top-k over the stored vectors.

@@ -170,6 +170,23 @@ def test_help_does_not_import_heavy_modules():
     assert result.stdout.strip().endswith("[]"), result.stdout[-300:]
 
 
+def test_help_shows_every_option_text_whole(cli):
+    """Rich reads [brackets] in help text as markup and drops them: `siglip-cli[ray]` became `siglip-cli` and
+    `[env: SIGLIP_MODEL]` vanished. Every bracketed piece of every option's help appears in `--help`."""
+    import re
+
+    import typer.main
+
+    from siglip_cli.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        shown = re.sub(r"[\s\u2502]+", "", cli(name, "--help").stdout)
+        for param in command.params:
+            text = (getattr(param, "help", None) or "").replace("\\[", "[")
+            for piece in re.findall(r"\S*\[[^\]]*\]\S*", text):
+                assert re.sub(r"\s+", "", piece) in shown, (name, piece)
+
+
 def test_console_script_installed():
     exe = shutil.which("siglip", path=os.path.dirname(sys.executable))
     assert exe, "pip install -e . should install a `siglip` console script"
