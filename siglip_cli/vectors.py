@@ -90,9 +90,10 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
         big = top * widest  # at least max|x_j|
         finite = np.isfinite(big)
         tiny = ~(big >= 2.0**-60)  # NaN too
-        scale = np.where(tiny | ~finite, np.float32(1), top / np.float32(127)).astype(np.float32)
-        if (tiny | ~finite).any():
-            ys[tiny | ~finite] = 0
+        zero = tiny | ~finite  # stored as zeros
+        scale = np.where(zero, np.float32(1), top / np.float32(127)).astype(np.float32)
+        if zero.any():
+            ys[zero] = 0
         np.multiply(ys, (1 / scale)[:, None], out=ys)
         np.rint(ys, out=ys)
         np.clip(ys, -127, 127, out=ys)
@@ -102,7 +103,7 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
         np.subtract(xs, ys, out=ys)
         unit = np.ones(m, np.float32)
         if not ((big >= 2.0**-40) & (big <= 2.0**40) | tiny).all():
-            unit = np.where(tiny | ~finite, np.float32(1), big).astype(np.float32)
+            unit = np.where(zero, np.float32(1), big).astype(np.float32)
             np.multiply(ys, (1 / unit)[:, None], out=ys)
         norm = unit * np.sqrt(np.einsum("ij,ij->i", ys, ys))
         bound = norm * np.float32(1 + (d + 6) * u * 1.01) + big * np.float32(3 * u * d**0.5 * 1.01)
