@@ -26,7 +26,7 @@ from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
 
 SIDECAR_VERSION = 4
-# float32's unit roundoff: the first pass's arithmetic and the recheck's are bounded with it (see top_k)
+# float32's unit roundoff u: quantize's error bounds and top_k's first pass and recheck are bounded with it
 ROUNDING = 2.0**-24
 ROW_COLUMNS = ["path", "width", "height", "size"]
 
@@ -80,7 +80,6 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
     inverse, widest = (1 / columns).astype(np.float32), np.float32(columns.max() * (1 + 2.0**-20))
     out = Quantized(np.empty((n, d), np.int8), np.empty(n, np.float32), np.empty(n, np.float32), columns)
     x, y = np.empty((block, d), np.float32), np.empty((block, d), np.float32)
-    u = 2.0**-24
     for lo in range(0, n, block):
         m = min(block, n - lo)
         xs, ys = x[:m], y[:m]
@@ -106,7 +105,7 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
             unit = np.where(zero, np.float32(1), big).astype(np.float32)
             np.multiply(ys, (1 / unit)[:, None], out=ys)
         norm = unit * np.sqrt(np.einsum("ij,ij->i", ys, ys))
-        bound = norm * np.float32(1 + (d + 6) * u * 1.01) + big * np.float32(3 * u * d**0.5 * 1.01)
+        bound = norm * np.float32(1 + (d + 6) * ROUNDING * 1.01) + big * np.float32(3 * ROUNDING * d**0.5 * 1.01)
         bound = np.where(tiny, np.float32(d**0.5 * 2.0**-59), bound)
         out.scale[lo : lo + m] = scale
         out.error[lo : lo + m] = np.where(finite, np.nextafter(bound, np.float32(np.inf)), np.float32(np.inf))
