@@ -9,26 +9,45 @@ import io
 import json
 import os
 import sys
-
-import pyarrow as pa
+from dataclasses import dataclass
 
 THUMB = 256  # pixels, the longer side
+# the Parquet type of each column a result can have (sizes and resolutions as the index stores them)
+TYPES = {"group": "int32", "representative": "bool_", "rank": "int32", "score": "float32", "path": "string",
+         "width": "int32", "height": "int32", "size": "int64"}
 
 
-def emit(table: pa.Table, output: str | None, as_json: bool) -> None:
+@dataclass
+class Results:
+    """The rows of a search or a dedup (dicts, in the order of `columns`), and what their scores are."""
+
+    columns: list[str]
+    rows: list[dict]
+    score: str  # "sigmoid probability" or "cosine"
+
+
+def _table(results: Results):
+    import pyarrow as pa
+
+    schema = pa.schema([(c, getattr(pa, TYPES[c])()) for c in results.columns], metadata={"score": results.score})
+    return pa.Table.from_pylist(results.rows, schema=schema)
+
+
+def emit(results: Results, output: str | None, as_json: bool) -> None:
     """-o FILE.parquet: Parquet; --json or -o -: JSON Lines on stdout; otherwise an aligned table."""
     if output and output != "-":
         from .index import write_atomic
 
+        table = _table(results)
         write_atomic(output, [table], table.schema)
         print(f"siglip: {table.num_rows} rows -> {output}", file=sys.stderr)
         return
     if as_json or output == "-" or not sys.stdout.isatty():
-        for row in table.to_pylist():
+        for row in results.rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         return
-    cols = [c for c in table.column_names if c not in ("representative",)]
-    rows = [[_cell(v) for v in r] for r in zip(*(table.column(c).to_pylist() for c in cols))]
+    cols = [c for c in results.columns if c not in ("representative",)]
+    rows = [[_cell(r[c]) for c in cols] for r in results.rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
@@ -75,13 +94,13 @@ def _card(row: dict, label: str, rep: bool = False) -> str:
             f'{html.escape(row["path"])}<br>{size}</div></div>')
 
 
-def write_html(path: str, table: pa.Table, title: str) -> None:
+def write_html(path: str, results: Results, title: str) -> None:
     """Search results as a grid, or dedup groups side by side (the representative framed); thumbnails are
     embedded, so the page opens anywhere."""
-    rows = table.to_pylist()
+    rows = results.rows
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    if "group" in table.column_names:
+    if "group" in results.columns:
         groups: dict[int, list] = {}
         for r in rows:
             groups.setdefault(r["group"], []).append(r)

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from .errors import RunError
+from .report import Results
 from .vectors import Vectors, as_tensor, top_k
 
 # dedup's two starting points (cosine): copies that were resized or recompressed, and shots of one scene
@@ -102,9 +102,7 @@ def _encoder(v: Vectors, q: Query):
 def _stored(v: Vectors, path: str) -> np.ndarray | None:
     from .sources import canonical
 
-    import pyarrow.compute as pc
-
-    at = pc.index(v.rows.column("path"), canonical(path)).as_py()
+    at = v.rows.find(canonical(path))
     return np.asarray(v.matrix[at], np.float32) if at >= 0 else None
 
 
@@ -157,12 +155,12 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
     return (vec / norm).astype(np.float32), len(q.texts) == 1 and not (q.images or q.minus or q.minus_images)
 
 
-def search(v: Vectors, q: Query, encoder_factory=None) -> pa.Table:
+def search(v: Vectors, q: Query, encoder_factory=None) -> Results:
     """The k best rows: rank, score, path, width, height, size."""
     vec, probability = query_vector(v, q, encoder_factory)
     keep = None
     if q.paths:
-        paths = v.rows.column("path").to_pylist()
+        paths = v.rows.paths()
         keep = np.array([any(fnmatch.fnmatchcase(p, g) for g in q.paths) for p in paths], bool)
     idx, cos = top_k(v.matrix, vec, q.k, keep, fast=v.fast)
     if probability:
@@ -171,10 +169,10 @@ def search(v: Vectors, q: Query, encoder_factory=None) -> pa.Table:
         scores = cos
     if q.min_score is not None:
         idx, scores = idx[scores >= q.min_score], scores[scores >= q.min_score]
-    rows = v.rows.take(pa.array(idx, pa.int64()))
-    return pa.table({"rank": pa.array(np.arange(1, len(idx) + 1), pa.int32()),
-                     "score": pa.array(scores.astype(np.float32)), **{c: rows.column(c) for c in rows.column_names}},
-                    metadata={"score": "sigmoid probability" if probability else "cosine"})
+    rows = [{"rank": rank, "score": float(score), **v.rows.record(i)}
+            for rank, (i, score) in enumerate(zip(idx.tolist(), scores.astype(np.float32)), start=1)]
+    return Results(["rank", "score", "path", "width", "height", "size"], rows,
+                   "sigmoid probability" if probability else "cosine")
 
 
 # dedup's first pass compares rows in the LOW dimensions that carry most of their length (a basis from a sample of
@@ -267,7 +265,7 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
     return cat(out_i, np.int64), cat(out_j, np.int64), cat(out_s, np.float32)
 
 
-def dedup(v: Vectors, threshold: float) -> pa.Table:
+def dedup(v: Vectors, threshold: float) -> Results:
     """Groups of near-duplicates: one row per member (group, path, score to the group's representative, size,
     resolution, whether it is the representative: the member with the most pixels, then the largest file)."""
     i, j, _ = pairs(v.matrix, threshold)
@@ -286,18 +284,12 @@ def dedup(v: Vectors, threshold: float) -> pa.Table:
     members: dict[int, list[int]] = {}
     for x in sorted(set(i.tolist()) | set(j.tolist())):
         members.setdefault(root(x), []).append(x)
-    rows = v.rows.to_pydict()
-    pixels = [(w or 0) * (h or 0) for w, h in zip(rows["width"], rows["height"])]
-    out = {"group": [], "representative": [], "score": [], **{c: [] for c in rows}}
-    for g, group in enumerate(sorted(members.values(), key=lambda m: rows["path"][m[0]]), start=1):
-        rep = max(group, key=lambda x: (pixels[x], rows["size"][x] or 0, -x))
+    rows = {x: v.rows.record(x) for group in members.values() for x in group}
+    out = []
+    for g, group in enumerate(sorted(members.values(), key=lambda m: rows[m[0]]["path"]), start=1):
+        rep = max(group, key=lambda x: ((rows[x]["width"] or 0) * (rows[x]["height"] or 0), rows[x]["size"] or 0, -x))
         r = np.asarray(v.matrix[rep], np.float32)
-        for x in sorted(group, key=lambda x: (x != rep, rows["path"][x])):
-            out["group"].append(g)
-            out["representative"].append(x == rep)
-            out["score"].append(float(np.dot(np.asarray(v.matrix[x], np.float32), r)))
-            for c in rows:
-                out[c].append(rows[c][x])
-    schema = pa.schema([("group", pa.int32()), ("representative", pa.bool_()), ("score", pa.float32()),
-                        *[v.rows.schema.field(c) for c in rows]])
-    return pa.table(out, schema=schema)
+        for x in sorted(group, key=lambda x: (x != rep, rows[x]["path"])):
+            score = float(np.float32(np.dot(np.asarray(v.matrix[x], np.float32), r)))
+            out.append({"group": g, "representative": x == rep, "score": score, **rows[x]})
+    return Results(["group", "representative", "score", "path", "width", "height", "size"], out, "cosine")

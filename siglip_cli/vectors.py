@@ -2,9 +2,11 @@
 
 The first query over an index copies its current ok rows' vectors (float16 or float32, as stored) into
 `vectors.npy`, the same vectors in int8 into `fast.npy` (for a first pass that reads a quarter or half of the
-bytes; exact results all the same, see top_k), and their paths, sizes and resolutions into `rows.parquet`, in a
-hidden folder beside the index (or, where that is not writable, in the cache). Searching needs numpy only, no
-torch. The sidecar remembers the index's parts (names, sizes, times): any change to the index rebuilds it.
+bytes; exact results all the same, see top_k), and their paths, sizes and resolutions into `paths.bin`,
+`ends.npy` and `ints.npy`, with the index's metadata in `meta.json`, in a hidden folder beside the index (or,
+where that is not writable, in the cache); sidecar.py builds it. Searching needs numpy only: no torch, and no
+pyarrow (which imports pandas; the two are 0.6 s of a search on a slow CPU). The sidecar remembers the index's
+parts (names, sizes, times): any change to the index rebuilds it.
 """
 
 from __future__ import annotations
@@ -12,23 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .errors import RunError
-from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
 
-SIDECAR_VERSION = 4
+SIDECAR_VERSION = 5
 # float32's unit roundoff u: quantize's error bounds and top_k's first pass and recheck are bounded with it
 ROUNDING = 2.0**-24
-ROW_COLUMNS = ["path", "width", "height", "size"]
 
 
 @dataclass
@@ -36,9 +31,46 @@ class Vectors:
     """An index's ok rows: vectors (n, D) memory-mapped, their rows, and the index's metadata."""
 
     matrix: np.ndarray
-    rows: pa.Table
+    rows: "Rows"
     meta: dict
     fast: "Quantized | None" = None  # the same vectors in int8, for a first pass
+
+
+@dataclass
+class Rows:
+    """The rows' paths (UTF-8, one after another), where each path ends, and width, height and size (-1: none)."""
+
+    text: bytes
+    ends: np.ndarray  # (n,) int64
+    ints: np.ndarray  # (n, 3) int64
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def path(self, i: int) -> str:
+        return self.text[int(self.ends[i - 1]) if i else 0 : int(self.ends[i])].decode()
+
+    def paths(self) -> list[str]:
+        ends = self.ends.tolist()
+        return [self.text[a:b].decode() for a, b in zip([0] + ends[:-1], ends)]
+
+    def find(self, path: str) -> int:
+        """The row of exactly this path, or -1."""
+        try:
+            want = path.encode()
+        except UnicodeEncodeError:  # not a name the index can hold
+            return -1
+        at = self.text.find(want) if want else -1
+        while at >= 0:
+            i = int(np.searchsorted(self.ends, at, side="right"))  # the row whose bytes hold position `at`
+            if (self.ends[i - 1] if i else 0) == at and self.ends[i] == at + len(want):
+                return i
+            at = self.text.find(want, at + 1)
+        return -1
+
+    def record(self, i: int) -> dict:
+        width, height, size = (None if x < 0 else x for x in self.ints[i].tolist())
+        return {"path": self.path(i), "width": width, "height": height, "size": size}
 
 
 @dataclass
@@ -122,16 +154,6 @@ def _state(index: str) -> list:
     return out
 
 
-def _meta(index: str) -> dict:
-    files = [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
-    if not files:
-        raise RunError(f"{index} holds no siglip index")
-    try:
-        return json.loads(pq.read_schema(files[-1]).metadata[METADATA_KEY])
-    except (KeyError, TypeError, ValueError):
-        raise RunError(f"{index} was not written by siglip (no settings in its metadata)") from None
-
-
 def _places(index: str) -> list[str]:
     real = os.path.realpath(index)
     folder, name = os.path.split(real)
@@ -146,22 +168,20 @@ def load(index: str) -> Vectors:
     """The sidecar of an index, built or rebuilt when missing or out of date."""
     if not os.path.exists(index):
         raise RunError(f"no index at {index}")
-    meta = _meta(index)
-    if not _has_embeddings(index):
-        raise RunError(f"{index} holds no embeddings (made by `siglip {meta.get('task')}`); search an index "
-                       "made by `siglip embed` or `siglip tag --with-embeddings`")
     key = {"version": SIDECAR_VERSION, "state": _state(index)}
     for place in _places(index):
         try:
             with open(os.path.join(place, "key.json")) as f:
                 if json.load(f) == key:
-                    return _open(place, meta)
+                    return _open(place)
         except (OSError, ValueError):
             continue
+    from .sidecar import build
+
     for place in _places(index):
         try:
-            _build(index, place, key)
-            return _open(place, meta)
+            build(index, place, key)
+            return _open(place)
         except PermissionError:
             continue
         except OSError as e:
@@ -170,144 +190,16 @@ def load(index: str) -> Vectors:
     raise RunError(f"cannot write the vectors of {index} beside it or in the cache")
 
 
-def _has_embeddings(index: str) -> bool:
-    files = [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
-    return "embedding" in pq.read_schema(files[-1]).names
+def _open(place: str) -> Vectors:
+    def at(name: str) -> str:
+        return os.path.join(place, name)
 
-
-def _open(place: str, meta: dict) -> Vectors:
-    matrix = np.load(os.path.join(place, "vectors.npy"), mmap_mode="r")
-    bounds = np.load(os.path.join(place, "bounds.npy"))
-    columns = np.load(os.path.join(place, "columns.npy"))
-    fast = Quantized(np.load(os.path.join(place, "fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1], columns)
-    rows = pq.ParquetFile(os.path.join(place, "rows.parquet")).read()  # (read_table would import pandas: 0.4 s)
+    matrix = np.load(at("vectors.npy"), mmap_mode="r")
+    bounds = np.load(at("bounds.npy"))
+    fast = Quantized(np.load(at("fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1], np.load(at("columns.npy")))
+    with open(at("paths.bin"), "rb") as f, open(at("meta.json")) as m:
+        rows, meta = Rows(f.read(), np.load(at("ends.npy")), np.load(at("ints.npy"))), json.load(m)
     return Vectors(matrix, rows, meta, fast)
-
-
-def _sources(index: str) -> list[str]:
-    """The files holding the index's current rows, oldest first (reader.read_index's rules: parts of other
-    settings than the newest are left out)."""
-    from .index.reader import _signature
-
-    if is_file_output(index) or not os.path.isdir(index):
-        return [index]
-    parts, newest = [], None
-    for part in reversed(_parts(index)):
-        try:
-            sig = _signature(pq.read_schema(part))
-        except FileNotFoundError:
-            continue
-        if parts and sig != newest:
-            continue
-        newest = newest if parts else sig
-        parts.append(part)
-    return parts[::-1]
-
-
-def _path_bytes(file: str) -> pa.ChunkedArray:
-    """A file's path_bytes column (the exact names that are not UTF-8), or nulls where it has none."""
-    pf = pq.ParquetFile(file)
-    if "path_bytes" in pf.schema_arrow.names:
-        return pf.read(columns=["path_bytes"]).column(0)
-    return pa.chunked_array([pa.nulls(pf.metadata.num_rows, pa.binary())])
-
-
-def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
-    """Row numbers (across the files, in order) of each path's newest ok row, and those rows' small columns."""
-    light = pa.concat_tables([pq.read_table(f, columns=ROW_COLUMNS + ["status"]) for f in files])
-    names = pa.concat_arrays([c for f in files for c in _path_bytes(f).chunks]) if files else pa.array([], pa.binary())
-    n = pa.array(np.arange(light.num_rows), pa.int64())
-    keyed = pa.table({"path": light.column("path"), "path_bytes": names, "n": n})
-    last = keyed.group_by(["path", "path_bytes"], use_threads=False).aggregate([("n", "max")]).column("n_max")
-    rows = np.sort(last.to_numpy())
-    if len(rows):
-        rows = rows[pc.equal(light.column("status").take(pa.array(rows)), "ok").to_numpy(zero_copy_only=False)]
-    return rows, light.take(pa.array(rows, pa.int64())).select(ROW_COLUMNS)
-
-
-def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
-    """(lo, hi, vectors, quantized) for the kept rows[lo:hi] of each row group of the files, in order; read,
-    selected and quantized by one thread per usable CPU a few groups ahead (Parquet's list decoding and the
-    quantization are the slow part of a build; memory: those few groups). The first group with rows sets the
-    column scales of all."""
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .config import usable_cpus
-
-    dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
-
-    def read(file: str, group: int, offset: int, count: int):
-        lo, hi = np.searchsorted(rows, [offset, offset + count])
-        if hi == lo:
-            return lo, hi, None
-        table = pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
-        column = table.column(0).combine_chunks().cast(vector)
-        child = column.values  # every row's dim slots (null rows' too), from the array's own offset
-        flat = np.frombuffer(child.buffers()[1], dtype, count=len(child), offset=child.offset * dtype.itemsize)
-        matrix = flat[column.offset * dim : (column.offset + len(column)) * dim].reshape(-1, dim)
-        return lo, hi, np.ascontiguousarray(matrix[rows[lo:hi] - offset])
-
-    def work(*job):
-        lo, hi, block = read(*job)
-        return lo, hi, block, None if block is None else quantize(block, columns)
-
-    jobs, offset = [], 0
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        for g in range(meta.num_row_groups):
-            jobs.append((f, g, offset, meta.row_group(g).num_rows))
-            offset += meta.row_group(g).num_rows
-    columns = None
-    while jobs and columns is None:
-        lo, hi, block = read(*jobs.pop(0))
-        if block is not None:
-            columns = column_scales(block[:: max(1, len(block) // 4096)])
-        yield lo, hi, block, None if block is None else quantize(block, columns)
-    ahead = max(1, usable_cpus())
-    with ThreadPoolExecutor(ahead) as pool:
-        pending: collections.deque = collections.deque()
-        for job in jobs:
-            pending.append(pool.submit(work, *job))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _build(index: str, place: str, key: dict) -> None:
-    """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (int8; scales and error bounds
-    in bounds.npy), a row group at a time, with plain writes: memory stays at a few row groups whatever the
-    index's size."""
-    files = _sources(index)
-    rows, light = _current(files)
-    vector = pq.read_schema(files[-1]).field("embedding").type
-    dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
-    parent = os.path.dirname(place)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
-    try:
-        bounds, columns = np.zeros((len(rows), 2), np.float32), np.ones(dim, np.float32)
-        with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
-            for f, t in ((out, dtype), (fast, np.dtype(np.int8))):
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
-                                                         "fortran_order": False, "shape": (len(rows), dim)})
-            for lo, hi, block, q in _groups(files, rows, vector):
-                if hi > lo:
-                    out.write(block.data)
-                    fast.write(q.values.data)
-                    bounds[lo:hi, 0], bounds[lo:hi, 1], columns = q.scale, q.error, q.columns
-        np.save(os.path.join(tmp, "bounds.npy"), bounds)
-        np.save(os.path.join(tmp, "columns.npy"), columns)
-        pq.write_table(light, os.path.join(tmp, "rows.parquet"))
-        with open(os.path.join(tmp, "key.json"), "w") as f:
-            json.dump(key, f)
-        if os.path.exists(place):
-            shutil.rmtree(place)
-        os.replace(tmp, place)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _scan(matrix: np.ndarray, q: np.ndarray, block: int = 256) -> np.ndarray:

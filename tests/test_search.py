@@ -160,18 +160,47 @@ def test_filters_combinations_and_outputs(cli, indexes, library, tmp_path):
 
 def test_image_search_in_a_pipeline_needs_no_torch(indexes, library):
     """An indexed image query reads the sidecar with numpy alone (torch's import is most of a fresh process's
-    time), and `| head` ends it quietly."""
+    time; pyarrow's, with the pandas it imports, half of what is left), and `| head` ends it quietly."""
     import sys
 
     query = library / "n01440764_tench.JPEG"
     cmd = (f"{sys.executable} -X importtime -m siglip_cli search {indexes['float16']} --image {query} -k 100 "
            "| head -n 1; echo status ${PIPESTATUS[0]}")
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
-    assert json.loads(r.stdout.splitlines()[0])["path"] == str(query)
-    assert r.stdout.splitlines()[-1] in ("status 0", "status 141")  # 0: it wrote all before head closed
-    imported = [line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
-    assert "numpy" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "transformers")]
-    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
+    for later in (False, True):  # the first may build the sidecar
+        r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+        assert json.loads(r.stdout.splitlines()[0])["path"] == str(query)
+        assert r.stdout.splitlines()[-1] in ("status 0", "status 141")  # 0: it wrote all before head closed
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "numpy" in imported and not imported & ({"torch", "transformers"} | ({"pyarrow", "pandas"} if later else set()))
+        assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
+
+
+def test_sidecar_rows_find_exact_paths(tmp_path):
+    """Paths are found whole: not as a prefix, a suffix or a piece spanning two neighbours; in any script."""
+    import pyarrow as pa
+
+    from siglip_cli.sidecar import _write_rows
+    from siglip_cli.vectors import _open
+
+    paths = ["/a/b.jpg", "/a/b.jpg.jpg", "/x/a/b.jpg", "/p/caf\u00e9 \u5199\u771f.jpg", "/a/b", ".jpg/a/b.jpg", "/q"]
+    light = pa.table({"path": paths, "width": pa.array([1, None, 3, 4, 5, 6, 7], pa.int32()),
+                      "height": pa.array([2] * 7, pa.int32()), "size": pa.array([10] * 7, pa.int64())})
+    for folder, table in ((tmp_path / "all", light), (tmp_path / "none", light.slice(0, 0))):
+        folder.mkdir()
+        _write_rows(table, str(folder))
+        np.save(folder / "vectors.npy", np.zeros((table.num_rows, 2), np.float32))
+        np.save(folder / "fast.npy", np.zeros((table.num_rows, 2), np.int8))
+        np.save(folder / "bounds.npy", np.zeros((table.num_rows, 2), np.float32))
+        np.save(folder / "columns.npy", np.ones(2, np.float32))
+        (folder / "meta.json").write_text("{}")
+    rows = _open(str(tmp_path / "all")).rows
+    assert rows.paths() == paths and [rows.find(p) for p in paths] == list(range(len(paths)))
+    for absent in ("/a", "b.jpg", "/a/b.jpg.", "/a/b.jpg/a", "jpg/a", "/p/caf\u00e9", "", "/\udce9.jpg"):
+        assert rows.find(absent) == -1, absent
+    assert rows.record(1) == {"path": "/a/b.jpg.jpg", "width": None, "height": 2, "size": 10}
+    empty = _open(str(tmp_path / "none")).rows
+    assert len(empty) == 0 and empty.paths() == [] and empty.find("/a/b.jpg") == -1
 
 
 def test_search_errors(cli, tmp_path, indexes):

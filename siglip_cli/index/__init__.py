@@ -8,9 +8,14 @@
 - `reader`: the current rows, for people and for the commands that read an index
 """
 
-from .files import METADATA_KEY, write_atomic
-from .reader import read_index
-from .rows import Root
-from .store import Store
+import importlib
 
-__all__ = ["METADATA_KEY", "Root", "Store", "read_index", "write_atomic"]
+# imported when first used: `search` reads a sidecar through layouts' file naming without importing pyarrow
+_FROM = {"METADATA_KEY": "files", "write_atomic": "files", "read_index": "reader", "Root": "rows", "Store": "store"}
+__all__ = sorted(_FROM)
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_FROM[name]}", __name__), name)

@@ -7,13 +7,13 @@ import hashlib
 import json
 import os
 import re
-from typing import Iterable
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Iterable
 
 from ..config import ROW_GROUP_SIZE
 from ..errors import RunError
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used: reading a search's sidecar needs only the file names
+    import pyarrow as pa
 
 METADATA_KEY = b"siglip"
 
@@ -84,6 +84,8 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     than plain ones: most of the time `search` takes to read an index)."""
     out: list[str] = []
 
+    import pyarrow as pa
+
     def walk(name: str, t: pa.DataType) -> None:
         if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
             walk(f"{name}.list.element", t.value_type)
@@ -104,6 +106,8 @@ def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> in
     A failure to write (a full disk, ulimit -f, a read-only or vanished folder) is a RunError naming the file
     and the cause, and leaves no temporary file behind.
     """
+    import pyarrow.parquet as pq
+
     tmp = tmp_name(path)
     rows = 0
     try:

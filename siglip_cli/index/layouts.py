@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Iterator
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Iterator
 
 from .files import fsync_dir, remove_leftovers, write_atomic, write_error
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 PART = re.compile(r"part-(\d{8})\.parquet")
 
@@ -64,6 +64,8 @@ class FolderLayout:
 
     def finish(self, segments: list[str], drop: dict[int, set], foreign: set[int], keep) -> None:
         """Drop the rows `keep(table, drop[i])` removes from each old segment, and the foreign segments."""
+        import pyarrow.parquet as pq
+
         try:
             for i, seg in enumerate(segments):
                 if i in foreign:
@@ -120,6 +122,8 @@ class FileLayout:
             raise write_error(self.path, e) from None
 
     def _merge(self, segments: list[str], drop: dict[int, set], foreign: set[int], keep) -> None:
+        import pyarrow.parquet as pq
+
         current = self.segments()
         if current == segments[:1] and not drop and not foreign:
             return  # nothing new, nothing to drop
