@@ -98,6 +98,9 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
         child = column.values  # every row's dim slots (null rows' too), from the array's own offset
         flat = np.frombuffer(child.buffers()[1], dtype, count=len(child), offset=child.offset * dtype.itemsize)
         matrix = flat[column.offset * dim : (column.offset + len(column)) * dim].reshape(-1, dim)
+        a, b = rows[lo] - offset, rows[hi - 1] - offset + 1
+        if b - a == hi - lo:  # every row of the span kept (the usual case): a view, not a copy (0.3 s a group)
+            return lo, hi, matrix[a:b]
         return lo, hi, np.ascontiguousarray(matrix[rows[lo:hi] - offset])
 
     def work(*job):

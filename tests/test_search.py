@@ -176,6 +176,35 @@ def test_image_search_in_a_pipeline_needs_no_torch(indexes, library):
         assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype):
+    """Error rows (no vector) between ok ones, across row groups: the sidecar holds the ok rows' vectors, paths
+    and sizes in order, whether a group's kept rows are one span (a view) or scattered (a copy)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from siglip_cli.index.files import METADATA_KEY
+    from siglip_cli.vectors import load
+
+    n, d = 40, 8
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, d)).astype(dtype)
+    ok = np.ones(n, bool)
+    ok[[3, 4, 11, 25, 39]] = False  # groups of 10: 0-9 and 10-19 scattered, 20-29 too, 30-39 a span
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d)
+    emb = pa.array([v if k else None for v, k in zip(emb.to_pylist(), ok)], emb.type)
+    meta = {"tool": "siglip", "model": "m", "dim": d, "task": "embed"}
+    table = pa.table({"path": [f"/p/{i:02d}.jpg" for i in range(n)], "status": ["ok" if k else "error" for k in ok],
+                      "width": pa.array(range(n), pa.int32()), "height": pa.array([5] * n, pa.int32()),
+                      "size": pa.array(range(100, 100 + n), pa.int64()), "embedding": emb})
+    index = tmp_path / "i.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), index, row_group_size=10)
+    v = load(str(index))
+    np.testing.assert_array_equal(np.asarray(v.matrix), vecs[ok])
+    assert v.rows.paths() == [f"/p/{i:02d}.jpg" for i in np.flatnonzero(ok)] and v.meta == meta
+    assert [v.rows.record(j)["size"] for j in range(len(v.rows))] == (100 + np.flatnonzero(ok)).tolist()
+
+
 def test_sidecar_rows_find_exact_paths(tmp_path):
     """Paths are found whole: not as a prefix, a suffix or a piece spanning two neighbours; in any script."""
     import pyarrow as pa
