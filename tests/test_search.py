@@ -215,12 +215,12 @@ def test_sidecar_rows_find_exact_paths(tmp_path):
     paths = ["/a/b.jpg", "/a/b.jpg.jpg", "/x/a/b.jpg", "/p/caf\u00e9 \u5199\u771f.jpg", "/a/b", ".jpg/a/b.jpg", "/q"]
     light = pa.table({"path": paths, "width": pa.array([1, None, 3, 4, 5, 6, 7], pa.int32()),
                       "height": pa.array([2] * 7, pa.int32()), "size": pa.array([10] * 7, pa.int64())})
-    for folder, table in ((tmp_path / "all", light), (tmp_path / "none", light.slice(0, 0))):
+    for folder, rows in ((tmp_path / "all", light), (tmp_path / "none", light.slice(0, 0))):
         folder.mkdir()
-        _write_rows(table, str(folder))
-        np.save(folder / "vectors.npy", np.zeros((table.num_rows, 2), np.float32))
-        np.save(folder / "fast.npy", np.zeros((table.num_rows, 2), np.int8))
-        np.save(folder / "bounds.npy", np.zeros((table.num_rows, 2), np.float32))
+        _write_rows(rows, str(folder))
+        np.save(folder / "vectors.npy", np.zeros((rows.num_rows, 2), np.float32))
+        np.save(folder / "fast.npy", np.zeros((rows.num_rows, 2), np.int8))
+        np.save(folder / "bounds.npy", np.zeros((rows.num_rows, 2), np.float32))
         np.save(folder / "columns.npy", np.ones(2, np.float32))
         (folder / "meta.json").write_text("{}")
     rows = _open(str(tmp_path / "all")).rows
