@@ -15,6 +15,7 @@ import torch
 
 from .config import ARCHS, ModelConfig, RunConfig
 from .errors import RunError
+from .decode import decode_photos
 from .loader import chunk_size, decoded_chunks, pixel_shape
 from .model import Encoder, cpu_bf16_native, resolve_backend, resolve_device, resolve_dtype
 
@@ -180,7 +181,11 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
         n = bench.images or 20 * batch_size
         # Each file once per pass; passes repeat the list until n images (the OS cache serves repeats).
         records = [FileRecord(p) for p in itertools.islice(itertools.cycle(paths), n)]
-        top, first_call_s = ceiling(encoder, batch_size, bench.seconds, decode_sample(paths, spec, batch_size))
+        if encoder.backend == "openvino":  # its batch, and int8 calibrated on the photos a run would use
+            from .encoders import openvino
+
+            openvino.prepare([encoder], [FileRecord(p) for p in paths], spec, batch_size)
+        top, first_call_s = ceiling(encoder, batch_size, bench.seconds, decode_photos([FileRecord(p) for p in paths[:batch_size]], spec))
         decode = decode_rate(records, spec, cfg.workers, batch_size, cfg.timeout)
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size, head=EmbedSpec())
         e2e = end_to_end(run_cfg, encoder, records, folder)
@@ -197,17 +202,6 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
             tag = end_to_end(dataclasses.replace(cfg, batch_size=batch_size, head=tag_spec), encoder, records, folder)
             result.update(tag=round(tag, 1), tag_vs_embed=round(tag / e2e, 3), n_tags=len(tag_spec.vocab.tags))
     return result
-
-
-def decode_sample(paths: list[str], spec, n: int) -> np.ndarray | None:
-    """Up to n distinct photos decoded to the model's input size (None for NaFlex): the tower's real inputs."""
-    from .decode import decode
-    from .sources import FileRecord
-
-    if spec.naflex:
-        return None
-    pixels = [d.pixels for p in paths[:n] if (d := decode(FileRecord(p), spec)).error is None]
-    return np.stack(pixels) if pixels else None
 
 
 def variants(device: torch.device) -> list[tuple[str, str, str]]:
@@ -238,7 +232,7 @@ def matrix(bench: BenchConfig) -> dict:
 
     cfg = bench.run
     device = resolve_device(cfg.model.device)
-    rows, ref = [], None
+    rows, ref, sample, sample_spec = [], None, None, None
     with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:
         paths, generated = bench_images(cfg, folder)
         for backend, dtype, quantize in variants(device):
@@ -248,9 +242,14 @@ def matrix(bench: BenchConfig) -> dict:
                 raise RunError("bench --backends compares fixed-resolution checkpoints (NaFlex runs on torch only)")
             batch_size = cfg.batch_size or default_batch_size(encoder.device)
             spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
-            sample = decode_sample(paths, spec, max(64, batch_size))
+            if sample is None or spec != sample_spec:  # cosines over up to 256 photos: the first 64 calibrate int8
+                sample, sample_spec = decode_photos([FileRecord(p) for p in paths[: max(256, batch_size)]], spec), spec
+            if encoder.backend == "openvino":
+                from .encoders import openvino
+
+                openvino.prepare([encoder], [FileRecord(p) for p in paths], spec, batch_size)
             t = time.perf_counter()
-            emb = _embed(encoder, sample, batch_size)  # the first batch calibrates int8: real photos
+            emb = _embed(encoder, sample, batch_size)
             prepare_s = time.perf_counter() - t
             ref = emb if ref is None else ref
             cos = (emb * ref).sum(axis=1)

@@ -168,3 +168,11 @@ def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> De
     except Exception as e:  # a decoder bug must cost one row, not the run
         return Decoded(record, error=f"cannot decode: {type(e).__name__}: {e}")
 
+
+def decode_photos(records: list[FileRecord], spec: ImageSpec) -> np.ndarray | None:
+    """The records' photos that decode, at the model's fixed input size, stacked (None for NaFlex or none): real
+    inputs for calibrating int8 and for benchmarks."""
+    if spec.naflex:
+        return None
+    pixels = [d.pixels for r in records if (d := decode(r, spec)).error is None]
+    return np.stack(pixels) if pixels else None

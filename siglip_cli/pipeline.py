@@ -209,6 +209,10 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
     for e in encoders:
         e.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
+    if encoder.backend == "openvino":
+        from .encoders import openvino
+
+        records = openvino.prepare(encoders, records, spec, batch_size)
     progress.begin()
 
     def finish(batch: Batch, wait) -> None:
