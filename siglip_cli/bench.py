@@ -223,16 +223,22 @@ def _embed(encoder: Encoder, sample: np.ndarray, batch_size: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def matrix(bench: BenchConfig) -> dict:
+def top5(emb: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Each photo's five best tags (as `tag` ranks them: by cosine, the sigmoid keeps the order), as sorted ids."""
+    return np.sort(np.argsort(-(emb @ text.T), axis=1, kind="stable")[:, :5], axis=1)
+
+
+def matrix(bench: BenchConfig, tag_spec=None) -> dict:
     """Every backend, dtype and quantization this machine can run, on the same photos and weights: images/s of
-    the tower alone and end to end, and each one's cosine to torch float32 on the same pixels."""
+    the tower alone and end to end, and each one's cosine to torch float32 on the same pixels; with a
+    vocabulary, the share of photos whose top 5 tags are torch float32's."""
     from .pipeline import default_batch_size
     from .sources import FileRecord
     from .tasks import EmbedSpec
 
     cfg = bench.run
     device = resolve_device(cfg.model.device)
-    rows, ref, sample, sample_spec = [], None, None, None
+    rows, ref, sample, sample_spec, text = [], None, None, None, None
     with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:
         paths, generated = bench_images(cfg, folder)
         for backend, dtype, quantize in variants(device):
@@ -253,6 +259,11 @@ def matrix(bench: BenchConfig) -> dict:
             prepare_s = time.perf_counter() - t
             ref = emb if ref is None else ref
             cos = (emb * ref).sum(axis=1)
+            if tag_spec is not None and text is None:  # the text tower runs on torch in float32 in every variant
+                from .vocab import text_embeddings
+
+                text = text_embeddings(encoder, tag_spec.vocab.tags, tag_spec.templates, False).float().cpu().numpy()
+                ref_tags = top5(ref, text)
             top, _ = ceiling(encoder, batch_size, bench.seconds, sample)
             n = bench.images or 10 * batch_size
             records = [FileRecord(p) for p in itertools.islice(itertools.cycle(paths), n)]
@@ -265,6 +276,8 @@ def matrix(bench: BenchConfig) -> dict:
                          "vs_float32": round(e2e / rows[0]["end_to_end"], 2) if rows else 1.0,
                          "min_cos": round(float(cos.min()), 6), "mean_cos": round(float(cos.mean()), 6),
                          "first_batch_s": round(prepare_s, 1)})
+            if text is not None:
+                rows[-1]["top5_same"] = round(float((top5(emb, text) == ref_tags).all(axis=1).mean()), 3)
             del encoder
     return {"device": _device_name(device), "model": f"random:{bench.arch}" if bench.arch else cfg.model.name,
             "images": n, "photos_compared": len(sample), "distinct_files": len(paths), "generated_images": generated,
@@ -273,12 +286,14 @@ def matrix(bench: BenchConfig) -> dict:
 
 def matrix_table(result: dict) -> str:
     """The backends side by side, as the README's table."""
+    tags = "top5_same" in result["variants"][0]
     lines = ["| hardware | model | backend | dtype | quantize | tower img/s | end to end img/s | vs torch float32 "
-             "| end to end / tower | min cos | mean cos |", "| --- " * 11 + "|"]
+             "| end to end / tower | min cos | mean cos |" + (" same top 5 tags |" if tags else ""),
+             "| --- " * (11 + tags) + "|"]
     for v in result["variants"]:
         lines.append(f"| {result['device']} | {result['model']} | {v['backend']} | {v['dtype']} | {v['quantize']} "
                      f"| {v['tower']:.1f} | {v['end_to_end']:.1f} | {v['vs_float32']:.2f}x | {v['ratio']:.2f} "
-                     f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} |")
+                     f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} |" + (f" {v['top5_same']:.0%} |" if tags else ""))
     lines.append(f"\n{result['images']:,} images end to end ({result['distinct_files']} distinct files"
                  f"{', generated' if result['generated_images'] else ''}), cosines on {result['photos_compared']} "
                  f"photos against torch float32 on the same pixels; batch {result['batch_size']}, "

@@ -303,7 +303,7 @@ def bench(
         from . import bench as benchmark
 
         config = benchmark.BenchConfig(cfg, arch, images, seconds)
-        result = benchmark.matrix(config) if backends else benchmark.run(config, tag_spec)
+        result = benchmark.matrix(config, tag_spec) if backends else benchmark.run(config, tag_spec)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)

@@ -29,14 +29,18 @@ def test_bench_unknown_arch_exits_2(cli):
     assert result.exit_code == 2 and "unknown architecture" in result.stderr
 
 
-def test_bench_backends_side_by_side(cli, photos):
-    result = cli("bench", photos, "--arch", "tiny", "--backends", "-n", "16", "-j", "1", "--seconds", "0.2", "--json")
+def test_bench_backends_side_by_side(cli, photos, tmp_path):
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("red\nsky\ncat\ndog\ntree\ncar\nbeach\nsnow\n")
+    result = cli("bench", photos, "--arch", "tiny", "--backends", "-n", "16", "-j", "1", "--seconds", "0.2",
+                 "--vocab", vocab, "--json")
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     rows = {(v["backend"], v["dtype"], v["quantize"]): v for v in out["variants"]}
     first = out["variants"][0]
     assert (first["backend"], first["dtype"], first["quantize"]) == ("torch", "float32", "none")
-    assert first["min_cos"] == 1.0 and first["vs_float32"] == 1.0
+    assert first["min_cos"] == 1.0 and first["vs_float32"] == 1.0 and first["top5_same"] == 1.0
+    assert all(0 <= v["top5_same"] <= 1 for v in rows.values())
     assert all(v["tower"] > 0 and v["end_to_end"] > 0 and -1 <= v["min_cos"] <= 1 for v in rows.values())
     try:
         import openvino  # noqa: F401
