@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import RunError
 
-CACHE_VERSION = 3  # 3: int8 calibrated on CALIBRATION photos, not the first batch alone
+CACHE_VERSION = 3  # 3: int8 calibrated on CALIBRATION photos, not the first batch alone, its head in float
 QUANTIZE = ("none", "int8", "int8-weights", "int4")
 # photos that calibrate int8 activations: the run's first. On random base-224 and the 125 shared photos, the first
 # batch of 16 alone left the worst photo at cosine 0.937 to float32 (mean 0.987); 64: 0.983 (mean 0.994)
@@ -111,7 +111,10 @@ class OpenVINOTower:
                 photos = sample if photos is None or photos.shape[1:] != sample.shape[1:] else photos
                 step = len(sample)
                 items = [np.resize(photos[i : i + step], sample.shape) for i in range(0, len(photos), step)]
-                model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items),
+                # the attention-pooling head stays in float: it makes the embedding (on random base-224, 64
+                # photos: worst cosine 0.983 -> 0.987, mean 0.9940 -> 0.9946; 5 of 78 quantizers)
+                head = nncf.IgnoredScope(patterns=[".*head.*"], validate=False)
+                model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), ignored_scope=head,
                                       model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=True)
             elif self.quantize == "int8-weights":
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
