@@ -184,7 +184,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
         if encoder.backend == "openvino":  # its batch, and int8 calibrated on the photos a run would use
             from .encoders import openvino
 
-            openvino.prepare([encoder], [FileRecord(p) for p in paths], spec, batch_size)
+            openvino.prepare([encoder], (FileRecord(p) for p in paths), spec, batch_size)
         top, first_call_s = ceiling(encoder, batch_size, bench.seconds, decode_photos([FileRecord(p) for p in paths[:batch_size]], spec))
         decode = decode_rate(records, spec, cfg.workers, batch_size, cfg.timeout)
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size, head=EmbedSpec())
@@ -253,7 +253,7 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
             if encoder.backend == "openvino":
                 from .encoders import openvino
 
-                openvino.prepare([encoder], [FileRecord(p) for p in paths], spec, batch_size)
+                openvino.prepare([encoder], (FileRecord(p) for p in paths), spec, batch_size)
             t = time.perf_counter()
             emb = _embed(encoder, sample, batch_size)
             prepare_s = time.perf_counter() - t

@@ -16,24 +16,21 @@ import pyarrow.parquet as pq
 from .errors import RunError
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
-from .vectors import column_scales, quantize
+from .vectors import column_scales, index_files, quantize
 
 ROW_COLUMNS = ["path", "width", "height", "size"]
 
 
-def _meta(index: str) -> dict:
-    files = [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
+def _settings(index: str) -> tuple[dict, bool]:
+    """The index's metadata and whether it holds embeddings (from its newest file's schema)."""
+    files = index_files(index)
     if not files:
         raise RunError(f"{index} holds no siglip index")
+    schema = pq.read_schema(files[-1])
     try:
-        return json.loads(pq.read_schema(files[-1]).metadata[METADATA_KEY])
+        return json.loads(schema.metadata[METADATA_KEY]), "embedding" in schema.names
     except (KeyError, TypeError, ValueError):
         raise RunError(f"{index} was not written by siglip (no settings in its metadata)") from None
-
-
-def _has_embeddings(index: str) -> bool:
-    files = [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
-    return "embedding" in pq.read_schema(files[-1]).names
 
 
 def _sources(index: str) -> list[str]:
@@ -134,8 +131,8 @@ def build(index: str, place: str, key: dict) -> None:
     """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (int8; scales and error bounds
     in bounds.npy), a row group at a time, with plain writes: memory stays at a few row groups whatever the
     index's size. The folder appears whole (renamed into place) or not at all."""
-    meta = _meta(index)
-    if not _has_embeddings(index):
+    meta, embeddings = _settings(index)
+    if not embeddings:
         raise RunError(f"{index} holds no embeddings (made by `siglip {meta.get('task')}`); search an index "
                        "made by `siglip embed` or `siglip tag --with-embeddings`")
     files = _sources(index)

@@ -144,11 +144,15 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
     return out
 
 
+def index_files(index: str) -> list[str]:
+    """The index's files: itself, or its folder's parts."""
+    return [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
+
+
 def _state(index: str) -> list:
     """What identifies the index's contents now: its files' names, sizes and times."""
-    files = [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
     out = []
-    for f in files:
+    for f in index_files(index):
         st = os.stat(f)
         out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
     return out
