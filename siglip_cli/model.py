@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from .config import TEXT_LENGTH, ModelConfig
 from .decode import ImageSpec
 from .errors import RunError
 from .loader import Batch
+from .weights import fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,30 +141,6 @@ def resolve_backend(cfg: ModelConfig, device: torch.device, naflex: bool) -> str
     return want
 
 
-def resolve_weights(name: str, revision: str | None) -> str:
-    """What decides the weights, known without loading them: the Hub commit that `revision` (default: main)
-    points at, or a local folder's fingerprint (see local_fingerprint).
-
-    For a Hub id this fetches config.json (a few KB) the way loading does, so that a repo updated since the
-    last run is noticed: online, the ref is checked with the Hub; offline, the cached ref is used.
-    """
-    if os.path.isdir(name):
-        return local_fingerprint(name)
-    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    from huggingface_hub import hf_hub_download
-
-    try:
-        config = hf_hub_download(name, "config.json", revision=revision)
-    except Exception as e:  # offline and not cached, no such repo or revision, no network, a bad id
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RunError(
-            f"cannot load model {name!r}: {first} "
-            "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
-        ) from None
-    return os.path.basename(os.path.dirname(config))  # .../snapshots/<commit>/config.json
-
-
 def stored_scalars(name: str, revision: str | None, keys=("logit_scale", "logit_bias")) -> dict[str, float]:
     """The checkpoint's own float32 values of a few scalars, read from its safetensors files.
 
@@ -200,46 +175,6 @@ def stored_scalars(name: str, revision: str | None, keys=("logit_scale", "logit_
     except (OSError, ValueError, RuntimeError):
         return {}
     return out
-
-
-# The files of a local checkpoint that decide its numbers: weights, configs, tokenizer (not a README).
-CHECKPOINT_FILES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
-
-
-def local_fingerprint(folder: str) -> str:
-    """A local checkpoint's identity: the sha256 of the files that decide its numbers, whatever the folder's
-    path or the files' times (a copy without -p is the same checkpoint). Each file's hash is remembered by
-    path, size and mtime, so a nightly run reads nothing."""
-    from .index.files import file_hash, write_json
-    from .vocab import cache_dir
-
-    memo_path = os.path.join(cache_dir(), "fingerprints.json")
-    try:
-        with open(memo_path) as f:
-            memo = json.load(f)
-    except (OSError, ValueError):
-        memo = {}
-    files, changed = [], False
-    for e in sorted(os.scandir(folder), key=lambda e: e.name):
-        if e.name.startswith(".") or not e.name.endswith(CHECKPOINT_FILES) or not e.is_file():
-            continue
-        st = e.stat()
-        key = f"{os.path.realpath(e.path)}:{st.st_size}:{st.st_mtime_ns}"
-        if key not in memo:
-            memo[key], changed = file_hash(e.path), True
-        files.append((e.name, memo[key]))
-    if changed:
-        write_json(memo_path, memo)
-    return "local:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
-
-
-def fingerprint(name: str, commit: str | None) -> str:
-    """Identifies the exact weights (for caches of derived data): the Hub commit, or a local folder's content."""
-    if commit:
-        return f"{name}@{commit}"
-    if os.path.isdir(name):
-        return local_fingerprint(name)
-    return name
 
 
 def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
@@ -377,6 +312,8 @@ class Encoder:
         self.chunk = 0  # after running out of memory: images per forward pass (0: the whole batch)
         self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
         self.backend, self.quantize = "torch", "none"  # what runs the image tower (encoders/ may change it)
+        self.text_backend, self.text_runner = "torch", None  # what runs the text tower (encoders/ may change it)
+        self.text_kind = str(self.text_dtype)  # what decides the text embeddings' numbers (the vocab cache's key)
         if cfg.compile:
             self._compile()
 
@@ -428,12 +365,16 @@ class Encoder:
             # Each GPU gets its own copy, made on the host before the first one moves; CPU encoders share one.
             own = model if device.type == "cpu" or i == len(devices) - 1 else copy.deepcopy(model)
             encoders.append(cls(own, processor, None, cfg, device, load, scalars, config))
-        if backend == "openvino":
+        if devices[0].type == "cpu" and cfg.backend != "torch" and not cfg.compile:
             from .config import usable_cpus
-            from .encoders import openvino
+            from .encoders import openvino, ovtext
 
-            for encoder in encoders:  # several CPU encoders share the cores
-                openvino.attach(encoder, dtype, cfg.quantize, max(1, usable_cpus() // len(encoders)))
+            threads = max(1, usable_cpus() // len(encoders))  # several CPU encoders share the cores
+            for encoder in encoders:
+                if backend == "openvino":
+                    openvino.attach(encoder, dtype, cfg.quantize, threads)
+                if ovtext.available():  # NaFlex checkpoints' text tower too: it has one fixed shape
+                    openvino.attach_text(encoder, dtype, threads)
         return encoders
 
     @property
@@ -453,14 +394,25 @@ class Encoder:
     def text(self):
         """The text tower on this device, loaded the first time texts are encoded."""
         if self._text is None:
-            name, revision = self._source
-            try:
-                tower = _towers(self.config)[1].from_pretrained(name, revision=revision, dtype=self.text_dtype,
-                                                                attn_implementation="sdpa")
-            except (OSError, ValueError, KeyError, ImportError) as e:
-                raise RunError(_cannot_load(name, e, "the text tower of ")) from None
-            self._text = tower.to(self.device).eval()
+            self._text = self.load_text(self.text_dtype).to(self.device).eval()
         return self._text
+
+    def load_text(self, dtype: torch.dtype):
+        """The checkpoint's text tower, read from its weights in dtype (on the CPU)."""
+        name, revision = self._source
+        try:
+            return _towers(self.config)[1].from_pretrained(name, revision=revision, dtype=dtype,
+                                                           attn_implementation="sdpa")
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            raise RunError(_cannot_load(name, e, "the text tower of ")) from None
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """SigLIP's text rules: lowercased, right-padded to the trained length, truncated, EOS kept; input ids."""
+        tokens = self.tokenizer(
+            [t.lower() for t in texts], padding="max_length", max_length=self.info.text_length, truncation=True,
+            padding_side="right", return_tensors="pt",
+        )
+        return tokens["input_ids"]
 
     def _compile(self) -> None:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -578,10 +530,8 @@ class Encoder:
             return torch.cat(out) if out else torch.empty((0, self.info.dim), device=self.device)
 
     def _texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(
-            [t.lower() for t in texts], padding="max_length", max_length=self.info.text_length, truncation=True,
-            padding_side="right", return_tensors="pt",
-        )
+        if self.text_runner is not None:
+            return torch.from_numpy(self.text_runner([t.lower() for t in texts])).to(self.device)
         # No attention mask: the text tower was trained without one, and passing it changes the embedding.
-        feats = self.text(input_ids=tokens["input_ids"].to(self.device))
+        feats = self.text(input_ids=self.tokenize(texts).to(self.device))
         return F.normalize(feats.pooler_output.float(), dim=-1)

@@ -20,7 +20,8 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .loader import Batch, batches
-from .model import Encoder, resolve_devices, resolve_dtype, resolve_weights
+from .model import Encoder, resolve_devices, resolve_dtype
+from .weights import resolve_weights
 from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
@@ -44,6 +45,7 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
         "model": info.name, "revision": info.revision, "commit": info.commit, "architecture": info.architecture,
         "dim": info.dim, "normalization": "l2", "preprocessing": info.preprocessing, "text_length": info.text_length,
         "dtype": str(encoder.dtype).removeprefix("torch."), "backend": encoder.backend, "quantize": encoder.quantize,
+        "text_backend": encoder.text_backend,
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias, **extra,
     }

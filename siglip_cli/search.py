@@ -88,15 +88,37 @@ class Remote:
 def _encoder(v: Vectors, q: Query):
     from .config import ModelConfig
     from .model import Encoder
+    from .sources import canonical
 
     meta = v.meta
     name = q.model or meta.get("model")
     revision = None if q.model else (meta.get("commit") or meta.get("revision"))
     dtype = meta.get("dtype", "float32") if meta.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
+    # texts (and indexed images) alone: the text tower on OpenVINO where it can run, converted and cached now, so
+    # that later text searches read it without torch (see _cached_text); an image embedded now runs on torch
+    # (converting the image tower for one photo costs more than it saves)
+    new_images = any(v.rows.find(canonical(p)) < 0 for p in q.images + q.minus_images)
     try:
-        return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
+        return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch" if new_images else "auto"))
     except RunError as e:
         raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
+
+
+def _cached_text(v: Vectors, q: Query):
+    """The index's model's text tower as the OpenVINO cache keeps it (ovtext), on the CPU, or None where it is
+    not cached (a first text search converts it) or cannot be: no torch, no transformers, no model load."""
+    from .encoders import ovtext
+
+    meta = v.meta
+    name, commit = q.model or meta.get("model"), None if q.model else meta.get("commit")
+    if q.device not in ("auto", "cpu") or not name or not (commit or os.path.isdir(name)) or not ovtext.available():
+        return None
+    from .config import usable_cpus
+    from .weights import fingerprint
+
+    precision = {"bfloat16": "bf16", "float16": "f16"}.get(meta.get("dtype"), "f32")
+    folder = ovtext.place(fingerprint(name, commit), int(meta.get("text_length") or 64), precision)
+    return ovtext.TextTower(folder, precision, usable_cpus()) if ovtext.cached(folder) else None
 
 
 def _stored(v: Vectors, path: str) -> np.ndarray | None:
@@ -121,10 +143,19 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
         name = q.model or v.meta.get("model")
         remote = Remote(q.server, name, v.matrix.shape[1], None if q.model else v.meta.get("commit"))
 
+    cached = False  # not looked for yet
+
     def texts(items):
+        nonlocal cached
         if not items:
             return np.zeros((0, v.matrix.shape[1]), np.float32)
-        return remote.texts(list(items)) if remote else model().encode_texts(list(items)).cpu().numpy()
+        if remote:
+            return remote.texts(list(items))
+        if cached is False:
+            cached = _cached_text(v, q) if encoder_factory is None else None
+        if cached is not None:
+            return cached([t.lower() for t in items])
+        return model().encode_texts(list(items)).cpu().numpy()
 
     def images(paths):
         out = []

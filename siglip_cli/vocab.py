@@ -104,7 +104,7 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
 
     from .heads import ensemble
 
-    key = cache_key(encoder.fingerprint, str(encoder.text_dtype), encoder.info.text_length, tags, templates)
+    key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates)
     path = os.path.join(cache_dir(), "text", key + ".npy")
     if use_cache and os.path.exists(path):
         try:

@@ -99,3 +99,44 @@ def test_int8_calibrates_on_the_runs_first_photos(cli, fixed_ckpt, photos, tmp_p
     assert len({p.tobytes() for p in photos_seen}) == 18  # every photo, not the first batch again and again
     assert cli("embed", *paths, "-o", tmp_path / "b.parquet", *args).exit_code == 0
     assert len(seen) == 1  # the cached tower: no second calibration
+
+
+WORDS = ["A photo of a DOG", "", "x" * 300, "naïve café 東京 🙂", "<pad> </s> <eos> <unk>", "  spaced   out ",
+         "tab\tnew\nline"]
+
+
+def test_text_tower_matches_torch_and_is_cached(cli, any_ckpt, photos, tmp_path, cache):
+    """tag's prompts through the OpenVINO text tower: torch float32's scores, the tokenizer's exact ids (odd
+    texts too), converted once per model; SigLIP 1's sentencepiece tokenizer keeps the text tower on torch."""
+    from siglip_cli.config import ModelConfig
+    from siglip_cli.model import Encoder
+
+    paths = sorted(photos.glob("*.JPEG"))[:6]
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("".join(w.replace("\n", " ").replace("\t", " ").strip() + "\n" for w in WORDS if w.strip()))
+    runs = {}
+    for backend in ("torch", "openvino"):
+        runs[backend] = out = tmp_path / f"{backend}.parquet"
+        r = cli("tag", *paths, "--vocab", vocab, "--threshold", "0", "-o", out, "-m", any_ckpt, "--backend", backend,
+                "--dtype", "float32", "--device", "cpu", "--no-cache")
+        assert r.exit_code == 0, r.stderr
+    v1 = any_ckpt.name.startswith("siglip-v1")
+    meta = json.loads(pq.read_schema(runs["openvino"]).metadata[b"siglip"])
+    assert meta["text_backend"] == ("torch" if v1 else "openvino")
+    assert ("converted the text tower for OpenVINO" in r.stderr) is not v1
+
+    def scores(path):
+        return np.array([[t["score"] for t in sorted(tags, key=lambda t: t["tag"])]
+                         for tags in pq.read_table(path).column("tags").to_pylist()])
+
+    np.testing.assert_allclose(scores(runs["openvino"]), scores(runs["torch"]), atol=1e-5)
+    again = cli("tag", *paths, "--vocab", vocab, "-o", tmp_path / "again.parquet", "-m", any_ckpt, "--device", "cpu",
+                "--dtype", "float32", "--no-cache")
+    assert again.exit_code == 0 and "converted the text tower" not in again.stderr  # read from the cache
+
+    ov = Encoder.load(ModelConfig(str(any_ckpt), device="cpu", dtype="float32"))
+    pt = Encoder.load(ModelConfig(str(any_ckpt), device="cpu", dtype="float32", backend="torch"))
+    a, b = ov.encode_texts(WORDS).numpy(), pt.encode_texts(WORDS).numpy()
+    assert (a * b).sum(axis=1).min() >= 0.9999
+    if not v1:
+        np.testing.assert_array_equal(ov.text_runner.tower.ids([w.lower() for w in WORDS]), pt.tokenize(WORDS).numpy())

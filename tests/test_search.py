@@ -176,6 +176,34 @@ def test_image_search_in_a_pipeline_needs_no_torch(indexes, library):
         assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
 
 
+def test_text_search_reads_a_cached_text_tower_without_torch(cli, indexes, library, fixed_ckpt, tmp_path):
+    """The first text search converts the text tower for OpenVINO (where the extra is installed); later ones read
+    it from the cache and import neither torch nor transformers, with the scores `siglip tag` gives the text."""
+    import sys
+
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("a red car on a road\n")
+    tags = tmp_path / "tags.parquet"
+    assert cli("tag", library, "--vocab", vocab, "--template", "{}", "--threshold", "0", "-o", tags, "-m", fixed_ckpt,
+               *TORCH).exit_code == 0
+    want = {p: t[0]["score"] for p, t in zip(table(tags)["path"], table(tags)["tags"])}
+    env = {**os.environ, "SIGLIP_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-X", "importtime", "-m", "siglip_cli", "search", str(indexes["float32"]),
+           "A red car on a road", "-k", "1000", "--json"]
+    for later in (False, True):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("converted the text tower for OpenVINO" in r.stderr) is not later
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert ("torch" in imported) is not later and ("transformers" in imported) is not later
+        got = [json.loads(line) for line in r.stdout.splitlines()]
+        assert len(got) == len(want)
+        for g in got:
+            assert g["score"] == pytest.approx(want[g["path"]], abs=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype):
     """Error rows (no vector) between ok ones, across row groups: the sidecar holds the ok rows' vectors, paths

@@ -208,3 +208,89 @@ def attach(encoder, dtype: torch.dtype, quantize: str, threads: int) -> None:
     precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
     encoder._features = OpenVINOTower(encoder, quantize, precision, threads)
     encoder.dtype, encoder.backend, encoder.quantize = dtype, "openvino", quantize
+
+
+class _TextTower(torch.nn.Module):
+    """Input ids (n, length) -> L2-normalized text embeddings (no attention mask, as SigLIP was trained)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text(input_ids=ids).pooler_output.float(), dim=-1)
+
+
+def convert_text(encoder, folder: str) -> bool:
+    """Convert the encoder's text tower (read again in float32) to OpenVINO and save it in `folder` (see ovtext),
+    with the tokenizer as transformers configures it for SigLIP's text rules. False where the checkpoint's
+    tokenizer is a slow (Python) one, which cannot be saved for the tokenizers library."""
+    import shutil
+    import tempfile
+
+    import openvino as ov
+
+    from .ovtext import FILES
+
+    backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    t = time.perf_counter()
+    example = encoder.tokenize(["a photo of a dog"])  # also sets the backend's truncation and padding, saved with it
+    tower = _TextTower(encoder.load_text(torch.float32)).eval()
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".text-", dir=parent)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            model = ov.convert_model(tower, example_input=example, input=[(-1, example.shape[1])])
+        ov.save_model(model, os.path.join(tmp, FILES[0]), compress_to_fp16=False)
+        backend.save(os.path.join(tmp, FILES[2]))
+        with open(os.path.join(tmp, FILES[3]), "w") as f:
+            json.dump({"length": int(example.shape[1]), "encode_special_tokens": backend.encode_special_tokens}, f)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another run converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(f"converted the text tower for OpenVINO in {time.perf_counter() - t:.0f}s; cached in {folder}")
+    return True
+
+
+class TextRunner:
+    """texts (lowercased) -> embeddings (n, D) float32 by the cached OpenVINO text tower, converted at first use;
+    the torch text tower where the tokenizer cannot be saved (then the encoder falls back for good)."""
+
+    def __init__(self, encoder, precision: str, threads: int):
+        self.encoder, self.precision, self.threads, self.tower = encoder, precision, threads, None
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        from . import ovtext
+
+        if self.tower is None:
+            e = self.encoder
+            folder = ovtext.place(e.fingerprint, e.info.text_length, self.precision)
+            if not ovtext.cached(folder):
+                try:
+                    converted = convert_text(e, folder)
+                except RunError:
+                    raise
+                except Exception as error:  # a converter that fails: the text tower stays on torch
+                    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    _say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {first})")
+                    converted = False
+                if not converted:
+                    e.text_runner, e.text_backend = None, "torch"  # text_kind stays: the same each run
+                    return e._texts(texts).cpu().numpy()
+            self.tower = ovtext.TextTower(folder, self.precision, self.threads)
+        return self.tower(texts)
+
+
+def attach_text(encoder, dtype: torch.dtype, threads: int) -> None:
+    """Run the encoder's text tower on OpenVINO at the precision of dtype (converted and cached at first use)."""
+    precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
+    encoder.text_runner = TextRunner(encoder, precision, threads)
+    encoder.text_backend, encoder.text_kind = "openvino", f"openvino {precision}"

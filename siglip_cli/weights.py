@@ -1,0 +1,76 @@
+"""What identifies a checkpoint's weights without loading them (no torch): the Hub commit a revision points at,
+or a local folder's content; the key of every cache of derived data (text embeddings, converted towers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+from .errors import RunError
+
+
+def resolve_weights(name: str, revision: str | None) -> str:
+    """What decides the weights, known without loading them: the Hub commit that `revision` (default: main)
+    points at, or a local folder's fingerprint (see local_fingerprint).
+
+    For a Hub id this fetches config.json (a few KB) the way loading does, so that a repo updated since the
+    last run is noticed: online, the ref is checked with the Hub; offline, the cached ref is used.
+    """
+    if os.path.isdir(name):
+        return local_fingerprint(name)
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = hf_hub_download(name, "config.json", revision=revision)
+    except Exception as e:  # offline and not cached, no such repo or revision, no network, a bad id
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunError(
+            f"cannot load model {name!r}: {first} "
+            "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
+        ) from None
+    return os.path.basename(os.path.dirname(config))  # .../snapshots/<commit>/config.json
+
+
+
+# The files of a local checkpoint that decide its numbers: weights, configs, tokenizer (not a README).
+CHECKPOINT_FILES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt")
+
+
+def local_fingerprint(folder: str) -> str:
+    """A local checkpoint's identity: the sha256 of the files that decide its numbers, whatever the folder's
+    path or the files' times (a copy without -p is the same checkpoint). Each file's hash is remembered by
+    path, size and mtime, so a nightly run reads nothing."""
+    from .index.files import file_hash, write_json
+    from .vocab import cache_dir
+
+    memo_path = os.path.join(cache_dir(), "fingerprints.json")
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
+    files, changed = [], False
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        if e.name.startswith(".") or not e.name.endswith(CHECKPOINT_FILES) or not e.is_file():
+            continue
+        st = e.stat()
+        key = f"{os.path.realpath(e.path)}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key], changed = file_hash(e.path), True
+        files.append((e.name, memo[key]))
+    if changed:
+        write_json(memo_path, memo)
+    return "local:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def fingerprint(name: str, commit: str | None) -> str:
+    """Identifies the exact weights (for caches of derived data): the Hub commit, or a local folder's content."""
+    if commit:
+        return f"{name}@{commit}"
+    if os.path.isdir(name):
+        return local_fingerprint(name)
+    return name
