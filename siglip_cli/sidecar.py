@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import RunError
+from .index import pages
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
 from .vectors import column_scales, index_files, quantize
@@ -86,10 +87,23 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
 
     dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
 
+    metadata = {f: pq.ParquetFile(f).metadata for f in files}
+
     def read(file: str, group: int, offset: int, count: int):
         lo, hi = np.searchsorted(rows, [offset, offset + count])
         if hi == lo:
             return lo, hi, None
+        try:  # straight from the pages (a third of the time, or less), where they are as siglip writes them
+            present, matrix = pages.read_vectors(file, metadata[file], group, "embedding", dim, dtype)
+            if not present[rows[lo:hi] - offset].all():
+                raise pages.Unsupported("a kept row without a vector")
+            at = np.cumsum(present) - 1  # each row's place among the rows with a vector
+            a, b = at[rows[lo] - offset], at[rows[hi - 1] - offset] + 1
+            if b - a == hi - lo:
+                return lo, hi, matrix[a:b]
+            return lo, hi, np.ascontiguousarray(matrix[at[rows[lo:hi] - offset]])
+        except pages.Unsupported:
+            pass
         table = pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
         column = table.column(0).combine_chunks().cast(vector)
         child = column.values  # every row's dim slots (null rows' too), from the array's own offset
@@ -106,7 +120,7 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
 
     jobs, offset = [], 0
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        meta = metadata[f]
         for g in range(meta.num_row_groups):
             jobs.append((f, g, offset, meta.row_group(g).num_rows))
             offset += meta.row_group(g).num_rows
