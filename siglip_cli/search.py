@@ -88,25 +88,23 @@ class Remote:
 def _encoder(v: Vectors, q: Query):
     from .config import ModelConfig
     from .model import Encoder
-    from .sources import canonical
 
     meta = v.meta
     name = q.model or meta.get("model")
     revision = None if q.model else (meta.get("commit") or meta.get("revision"))
     dtype = meta.get("dtype", "float32") if meta.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
-    # texts (and indexed images) alone: the text tower on OpenVINO where it can run, converted and cached now, so
-    # that later text searches read it without torch (see _cached_text); an image embedded now runs on torch
-    # (converting the image tower for one photo costs more than it saves)
-    new_images = any(v.rows.find(canonical(p)) < 0 for p in q.images + q.minus_images)
+    # torch: converting a tower for OpenVINO costs more than one query saves (so400m's text tower: 35 s and 7.6 GB
+    # once, on a slow CPU); `tag`, `classify` and `serve` on a CPU convert it, and then _cached_text reads it
     try:
-        return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch" if new_images else "auto"))
+        return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
     except RunError as e:
         raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
 
 
 def _cached_text(v: Vectors, q: Query):
     """The index's model's text tower as the OpenVINO cache keeps it (ovtext), on the CPU, or None where it is
-    not cached (a first text search converts it) or cannot be: no torch, no transformers, no model load."""
+    not cached (a `tag`, `classify` or `serve` on a CPU with the openvino extra converts it) or cannot be: no
+    torch, no transformers, no model load."""
     from .encoders import ovtext
 
     meta = v.meta

@@ -68,7 +68,8 @@ def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
     names = pa.concat_arrays([c for f in files for c in _path_bytes(f).chunks]) if files else pa.array([], pa.binary())
     n = pa.array(np.arange(light.num_rows), pa.int64())
     keyed = pa.table({"path": light.column("path"), "path_bytes": names, "n": n})
-    last = keyed.group_by(["path", "path_bytes"], use_threads=False).aggregate([("n", "max")]).column("n_max")
+    keys = ["path"] if names.null_count == len(names) else ["path", "path_bytes"]  # one key hashes faster
+    last = keyed.group_by(keys, use_threads=True).aggregate([("n", "max")]).column("n_max")
     rows = np.sort(last.to_numpy())
     if len(rows):
         rows = rows[pc.equal(light.column("status").take(pa.array(rows)), "ok").to_numpy(zero_copy_only=False)]

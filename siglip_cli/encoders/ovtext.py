@@ -58,6 +58,9 @@ class TextTower:
         self.length, self.batch_size = info["length"], batch_size
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": threads}
+        if os.access(folder, os.W_OK):  # OpenVINO's own cache of the compiled graph (weights stay in text.bin):
+            # so400m's text tower compiles in 1.5 s instead of 2.2 on a slow CPU
+            config.update(CACHE_DIR=os.path.join(folder, "compiled"), CACHE_MODE="OPTIMIZE_SIZE")
         self.compiled = ov.Core().compile_model(os.path.join(folder, "text.xml"), "CPU", config)
 
     def ids(self, texts: list[str]) -> np.ndarray:
