@@ -437,7 +437,7 @@ def run(encoder: Encoder, cfg: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(encoder, cfg)
-    encoder.encode_texts(["a photo"])  # the text tower loaded (on OpenVINO: converted, once) before the first request
+    encoder.encode_texts(["a photo"])  # the text tower loaded before the first request, not during it
     where = f"http://{cfg.host}:{cfg.port}"
     print(f"siglip: serving {encoder.info.name} on {where} (dim {encoder.info.dim}, {encoder.device}, "
           f"{str(encoder.dtype)[6:]})" + (", bearer token required" if cfg.api_key else ""), file=sys.stderr)
