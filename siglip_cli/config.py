@@ -93,6 +93,25 @@ def usable_cpus() -> int:
     return max(1, min(n, math.ceil(quota))) if quota else max(1, n)
 
 
+def available_memory() -> int | None:
+    """Bytes this process could still allocate without swapping: the kernel's MemAvailable, capped by a cgroup
+    v2 memory limit's headroom; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                found.append(int(limit) - int(g.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
 def default_workers() -> int:
     """Decode worker processes: one per usable CPU, leaving one to feed the device, at most 16."""
     return max(1, min(16, usable_cpus() - 1))

@@ -140,3 +140,17 @@ def test_text_tower_matches_torch_and_is_cached(cli, any_ckpt, photos, tmp_path,
     assert (a * b).sum(axis=1).min() >= 0.9999
     if not v1:
         np.testing.assert_array_equal(ov.text_runner.tower.ids([w.lower() for w in WORDS]), pt.tokenize(WORDS).numpy())
+
+
+def test_text_tower_stays_on_torch_without_the_memory_to_convert(fixed_ckpt, cache, monkeypatch, capsys):
+    """Converting holds about two more copies of the weights: where that memory is not there, the run goes on
+    with the torch text tower and says so, instead of being killed."""
+    from siglip_cli.config import ModelConfig
+    from siglip_cli.model import Encoder
+
+    monkeypatch.setattr("siglip_cli.config.available_memory", lambda: 1)
+    ov = Encoder.load(ModelConfig(str(fixed_ckpt), device="cpu", dtype="float32"))
+    pt = Encoder.load(ModelConfig(str(fixed_ckpt), device="cpu", dtype="float32", backend="torch"))
+    np.testing.assert_array_equal(ov.encode_texts(WORDS).numpy(), pt.encode_texts(WORDS).numpy())
+    assert ov.text_backend == "torch" and "the text tower stays on torch" in capsys.readouterr().err
+    assert not list(cache.glob("openvino/*/text.xml"))

@@ -224,7 +224,8 @@ class _TextTower(torch.nn.Module):
 def convert_text(encoder, folder: str) -> bool:
     """Convert the encoder's text tower (read again in float32) to OpenVINO and save it in `folder` (see ovtext),
     with the tokenizer as transformers configures it for SigLIP's text rules. False where the checkpoint's
-    tokenizer is a slow (Python) one, which cannot be saved for the tokenizers library."""
+    tokenizer is a slow (Python) one, which cannot be saved for the tokenizers library, or where converting would
+    need more memory than there is."""
     import shutil
     import tempfile
 
@@ -237,7 +238,19 @@ def convert_text(encoder, folder: str) -> bool:
         return False
     t = time.perf_counter()
     example = encoder.tokenize(["a photo of a dog"])  # also sets the backend's truncation and padding, saved with it
-    tower = _TextTower(encoder.load_text(torch.float32)).eval()
+    text = encoder.load_text(torch.float32)
+    # converting holds about two more copies of the weights at its peak (so400m's text tower, 2.8 GB: 7.6 GB in
+    # all): where that memory is not there, the text tower stays on torch rather than the run being killed
+    from ..config import available_memory
+
+    need, free = 2 * sum(p.numel() * p.element_size() for p in text.parameters()), available_memory()
+    if free is not None and free < need:
+        _say(f"note: the text tower stays on torch: converting it for OpenVINO needs about {need / 2**30:.1f} GB "
+             f"more memory than the {free / 2**30:.1f} GB available")
+        if encoder._text is None and encoder.text_dtype == torch.float32:  # loaded already: used as it is
+            encoder._text = text.to(encoder.device).eval()
+        return False
+    tower = _TextTower(text).eval()
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".text-", dir=parent)
