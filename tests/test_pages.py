@@ -43,10 +43,16 @@ def test_pages_equal_pyarrow(tmp_path, dtype, nulls, way):
     meta = pq.ParquetFile(path).metadata
     start = 0
     for g in range(meta.num_row_groups):
-        present, got = pages.read_vectors(path, meta, g, "embedding", x.shape[1], np.dtype(dtype))
+        present, got, spans = pages.read_vectors(path, meta, g, "embedding", x.shape[1], np.dtype(dtype))
         n = meta.row_group(g).num_rows
         np.testing.assert_array_equal(present, ~mask[start : start + n])
         np.testing.assert_array_equal(got.view(np.uint8), x[start : start + n][present].view(np.uint8))
+        # the same values read back page by page from where the spans say (as a later search does)
+        codec = meta.row_group(g).column(1).compression
+        for a, b in ((0, len(spans)), (len(spans) // 2, len(spans))):
+            values = pages.read_values(path, codec, spans[a:b], np.dtype(dtype))
+            skip = spans[:a, -1].sum()
+            np.testing.assert_array_equal(values.view(np.uint8), got.ravel()[skip:].view(np.uint8))
         start += n
     assert start == len(x)
 
