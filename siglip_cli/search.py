@@ -115,8 +115,13 @@ def _cached_text(v: Vectors, q: Query):
     from .weights import fingerprint
 
     precision = {"bfloat16": "bf16", "float16": "f16"}.get(meta.get("dtype"), "f32")
-    folder = ovtext.place(fingerprint(name, commit), int(meta.get("text_length") or 64), precision)
-    return ovtext.TextTower(folder, precision, usable_cpus()) if ovtext.cached(folder) else None
+    folder = ovtext.place(fingerprint(name, commit), int(meta.get("text_length") or 64))
+    if not ovtext.cached(folder):
+        return None
+    try:
+        return ovtext.TextTower(folder, precision, usable_cpus())
+    except Exception:  # a cached tower OpenVINO cannot compile here: the model, with torch
+        return None
 
 
 def _stored(v: Vectors, path: str) -> np.ndarray | None:

@@ -180,9 +180,9 @@ def _fill(tmp: str, files: list[str], rows: np.ndarray, vector: pa.DataType, pag
         np.save(os.path.join(tmp, "starts.npy"), starts)
 
 
-def _readable(files: list[str], dtype: np.dtype) -> bool:
+def _readable(files: list[str], dtype: np.dtype, dim: int) -> bool:
     """Whether every file's vectors can be read from its pages later (pages.readable), and with one codec."""
-    return all(pages.readable(pq.ParquetFile(f).metadata, "embedding", dtype) for f in files)
+    return all(pages.readable(pq.ParquetFile(f).metadata, "embedding", dtype, dim) for f in files)
 
 
 def build(index: str, place: str, key: dict) -> None:
@@ -203,7 +203,7 @@ def build(index: str, place: str, key: dict) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
     try:
-        paged = _readable(files, dtype)
+        paged = _readable(files, dtype, vector.list_size)
         try:
             _fill(tmp, files, rows, vector, paged)
         except _CopyInstead:

@@ -97,7 +97,9 @@ class Paged:
         return self.take(np.asarray(key))
 
     def __array__(self, dtype=None, copy=None):
-        out = self.take(np.arange(len(self)))
+        out = np.empty(self.shape, self.dtype)
+        for lo in range(0, len(self), 65536):  # memory: the result and a block's pages
+            out[lo : lo + 65536] = self.take(np.arange(lo, min(len(self), lo + 65536)))
         return out if dtype is None else out.astype(dtype)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
@@ -118,14 +120,28 @@ class Paged:
         np.add.at(marks, b + 1, -1)
         wanted = np.flatnonzero(np.cumsum(marks)[:-1] > 0)
         cuts = np.flatnonzero((np.diff(wanted) != 1) | (np.diff(self.pages[wanted, 0]) != 0)) + 1
-        for run in np.split(wanted, cuts):  # consecutive pages of one file
+        runs = np.split(wanted, cuts)  # consecutive pages of one file
+
+        def read(run: np.ndarray) -> np.ndarray:
             number = int(self.pages[run[0], 0])
             try:
-                values = read_values(self.files[number], self.codecs[number], self.pages[run, 1:7], self.dtype)
+                return read_values(self.files[number], self.codecs[number], self.pages[run, 1:7], self.dtype)
             except (OSError, ValueError) as e:
                 raise RunError(f"cannot read the vectors of {self.files[number]} ({e}); if the index was changed "
                                "in place, delete its sidecar (.siglip-vectors) to rebuild it") from None
-            base = first[run[0]]
+
+        from .config import usable_cpus
+
+        threads = min(usable_cpus(), len(runs) // 8)
+        if threads > 1:  # a recheck's ~150 scattered pages: reading and decompressing release the GIL
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads) as pool:
+                got = list(pool.map(read, runs))
+        else:
+            got = [read(run) for run in runs]
+        for run, values in zip(runs, got):
+            number, base = int(self.pages[run[0], 0]), first[run[0]]
             inside = np.flatnonzero((a >= run[0]) & (b <= run[-1]))
             if len(values) < count[run].sum():
                 raise RunError(f"{self.files[number]} holds fewer vectors than its sidecar says; delete the sidecar")

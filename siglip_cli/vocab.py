@@ -113,6 +113,9 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
             pass  # an unreadable cache entry is recomputed and rewritten
     per_template = torch.stack([encoder.encode_texts([t.format(tag) for tag in tags]) for t in templates])
     emb = ensemble(per_template)
+    # filed under what computed them (a text tower that could not be converted fell back to torch)
+    key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates)
+    path = os.path.join(cache_dir(), "text", key + ".npy")
     if use_cache:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:

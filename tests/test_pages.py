@@ -75,3 +75,39 @@ def test_pages_decline_what_they_do_not_read(tmp_path):
     with pytest.raises(pages.Unsupported):
         pages.read_vectors(str(tmp_path / "n.parquet"), pq.ParquetFile(tmp_path / "n.parquet").metadata, 0,
                            "embedding", 2, np.dtype(np.float32))
+    # a plain list whose rows hold 7 and 9 values: read as vectors of 8 it would shift them
+    ragged = pa.array([[1.0] * 7, [2.0] * 9], pa.list_(pa.float32()))
+    pq.write_table(pa.table({"embedding": ragged}), tmp_path / "r.parquet", use_dictionary=False)
+    meta = pq.ParquetFile(tmp_path / "r.parquet").metadata
+    assert not pages.readable(meta, "embedding", np.float32, 8)
+    with pytest.raises(pages.Unsupported):
+        pages.read_vectors(str(tmp_path / "r.parquet"), meta, 0, "embedding", 8, np.dtype(np.float32))
+
+
+def test_damaged_pages_are_declined_not_crashed_on(tmp_path):
+    """Bytes overwritten inside the vector column's pages: Unsupported (the caller falls back to pyarrow, which
+    reports the damage), never an IndexError or a wrong vector."""
+    path = str(tmp_path / "i.parquet")
+    write(path, np.float16, [5], use_dictionary=False, compression="none", data_page_size=1024)
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(0).column(1)
+    good = open(path, "rb").read()
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        bad = bytearray(good)
+        at = chunk.data_page_offset + int(rng.integers(0, 64))  # the first page's header and levels
+        bad[at : at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        open(path, "wb").write(bad)
+        try:
+            present, got, _ = pages.read_vectors(path, meta, 0, "embedding", 24, np.dtype(np.float16))
+        except pages.Unsupported:
+            continue
+        # read anyway: then it is what pyarrow reads from the same bytes, where pyarrow can read them
+        try:
+            column = pq.read_table(path, columns=["embedding"]).column(0).combine_chunks()
+        except (OSError, pa.ArrowException):
+            continue
+        np.testing.assert_array_equal(present, column.is_valid().to_numpy(zero_copy_only=False))
+        theirs = np.stack([np.array(v, np.float16) for v in column.to_pylist() if v is not None])
+        np.testing.assert_array_equal(got.view(np.uint16), theirs.view(np.uint16))
+

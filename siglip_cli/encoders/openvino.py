@@ -285,7 +285,7 @@ class TextRunner:
 
         if self.tower is None:
             e = self.encoder
-            folder = ovtext.place(e.fingerprint, e.info.text_length, self.precision)
+            folder = ovtext.place(e.fingerprint, e.info.text_length)
             if not ovtext.cached(folder):
                 try:
                     converted = convert_text(e, folder)
@@ -296,10 +296,20 @@ class TextRunner:
                     _say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {first})")
                     converted = False
                 if not converted:
-                    e.text_runner, e.text_backend = None, "torch"  # text_kind stays: the same each run
-                    return e._texts(texts).cpu().numpy()
-            self.tower = ovtext.TextTower(folder, self.precision, self.threads)
+                    return self._torch(texts)
+            try:
+                self.tower = ovtext.TextTower(folder, self.precision, self.threads)
+            except Exception as error:  # a cached tower OpenVINO cannot compile here: torch, for this run
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                _say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {first})")
+                return self._torch(texts)
         return self.tower(texts)
+
+    def _torch(self, texts: list[str]) -> np.ndarray:
+        """The encoder's torch text tower from now on (and the vocabulary cache's key says so)."""
+        e = self.encoder
+        e.text_runner, e.text_backend, e.text_kind = None, "torch", str(e.text_dtype)
+        return e._texts(texts).cpu().numpy()
 
 
 def attach_text(encoder, dtype: torch.dtype, threads: int) -> None:

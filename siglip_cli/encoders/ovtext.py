@@ -1,4 +1,4 @@
-"""The text tower on OpenVINO, as the cache keeps it: converted once per model, text length and precision (see
+"""The text tower on OpenVINO, as the cache keeps it: converted once per model and text length (see
 openvino.convert_text), with the checkpoint's tokenizer as transformers configures it for SigLIP's text rules
 (lowercased by the caller, right-padded to the trained length, truncated, EOS kept). Reading it needs neither
 torch nor transformers: a text search whose tower is cached starts in seconds, not in the ten that importing
@@ -30,11 +30,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def place(fingerprint: str, length: int, precision: str) -> str:
-    """The cache folder of this model's text tower at this text length and inference precision."""
+def place(fingerprint: str, length: int) -> str:
+    """The cache folder of this model's text tower at this text length (saved in float32: the precision it
+    runs at is chosen when it is compiled)."""
     from ..vocab import cache_dir
 
-    key = json.dumps([VERSION, fingerprint, "text", length, precision, _version("openvino"), _version("transformers"),
+    key = json.dumps([VERSION, fingerprint, "text", length, _version("openvino"), _version("transformers"),
                       _version("tokenizers")])
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24])
 

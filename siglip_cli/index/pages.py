@@ -119,13 +119,25 @@ def leaf(schema, name: str):
     raise Unsupported(f"no column {name}")
 
 
-def readable(metadata, name: str, dtype) -> bool:
+def _fixed(metadata, name: str, dim: int):
+    """The column's Arrow field, where it is a fixed-size list of dim (a plain list's rows may hold any number of
+    values: only Arrow's own reader may rebuild those)."""
+    import pyarrow as pa
+
+    field = metadata.schema.to_arrow_schema().field(name)
+    if not pa.types.is_fixed_size_list(field.type) or field.type.list_size != dim:
+        raise Unsupported(f"{name} is not a fixed-size list of {dim}")
+    return field
+
+
+def readable(metadata, name: str, dtype, dim: int) -> bool:
     """Whether read_vectors and read_values can read this file's list column `name` of dtype: plain values and
     RLE levels in every row group, no dictionary, one codec they know (the pages themselves may still surprise:
     read_vectors checks each)."""
     try:
         index, column = leaf(metadata.schema, name)
-    except Unsupported:
+        _fixed(metadata, name, dim)
+    except (Unsupported, KeyError):
         return False
     want = PHYSICAL.get(np.dtype(dtype))
     if want is None or column.physical_type != want[0] or column.max_repetition_level != 1 or \
@@ -151,7 +163,14 @@ SPAN = ("offset", "stored", "decoded", "compressed", "start", "count")
 def read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: np.dtype):
     """(present, vectors, spans) of one row group's fixed-size list column: which rows have a vector (bool, one
     per row), those vectors (n present, dim) in the stored dtype, and where each data page's values lie (rows
-    of SPAN), read from the pages; or Unsupported."""
+    of SPAN), read from the pages; or Unsupported (a page this reader does not expect, damaged ones too)."""
+    try:
+        return _read_vectors(path, metadata, group, name, dim, dtype)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
+        raise Unsupported(f"a page not as expected ({type(e).__name__}: {e})") from None
+
+
+def _read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: np.dtype):
     import pyarrow as pa
 
     index, column = leaf(metadata.schema, name)
@@ -166,7 +185,7 @@ def read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: np
         raise Unsupported(f"codec {chunk.compression}")
     codec = codec and pa.Codec(codec)
     top, width, item = column.max_definition_level, column.max_definition_level.bit_length(), want[1]
-    nullable = metadata.schema.to_arrow_schema().field(name).nullable
+    nullable = _fixed(metadata, name, dim).nullable
     raw, fd = bytearray(chunk.total_compressed_size), os.open(path, os.O_RDONLY)
     try:
         view, got = memoryview(raw), 0
