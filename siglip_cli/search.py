@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import RunError
 from .report import Results
-from .vectors import Paged, Vectors, as_tensor, top_k
+from .vectors import Vectors, as_tensor, top_k
 
 # dedup's two starting points (cosine): copies that were resized or recompressed, and shots of one scene
 NEAR_IDENTICAL = 0.99
@@ -302,11 +302,8 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
 def dedup(v: Vectors, threshold: float) -> Results:
     """Groups of near-duplicates: one row per member (group, path, score to the group's representative, size,
     resolution, whether it is the representative: the member with the most pixels, then the largest file)."""
-    # all pairs read every row many times: vectors in the index's pages are read once, into memory (100,000 x
-    # 1152 float16: 0.23 GB)
-    matrix = np.asarray(v.matrix) if isinstance(v.matrix, Paged) else v.matrix
-    i, j, _ = pairs(matrix, threshold)
-    parent = np.arange(len(matrix))
+    i, j, _ = pairs(v.matrix, threshold)
+    parent = np.arange(len(v.matrix))
 
     def root(x: int) -> int:
         while parent[x] != x:
@@ -325,8 +322,8 @@ def dedup(v: Vectors, threshold: float) -> Results:
     out = []
     for g, group in enumerate(sorted(members.values(), key=lambda m: rows[m[0]]["path"]), start=1):
         rep = max(group, key=lambda x: ((rows[x]["width"] or 0) * (rows[x]["height"] or 0), rows[x]["size"] or 0, -x))
-        r = np.asarray(matrix[rep], np.float32)
+        r = np.asarray(v.matrix[rep], np.float32)
         for x in sorted(group, key=lambda x: (x != rep, rows[x]["path"])):
-            score = float(np.float32(np.dot(np.asarray(matrix[x], np.float32), r)))
+            score = float(np.float32(np.dot(np.asarray(v.matrix[x], np.float32), r)))
             out.append({"group": g, "representative": x == rep, "score": score, **rows[x]})
     return Results(["group", "representative", "score", "path", "width", "height", "size"], out, "cosine")

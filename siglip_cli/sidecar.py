@@ -3,7 +3,6 @@ sizes and resolutions, and the index's metadata, streamed a row group at a time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -77,66 +76,61 @@ def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
     return rows, light.take(pa.array(rows, pa.int64())).select(ROW_COLUMNS)
 
 
-class _CopyInstead(Exception):
-    """A page the sidecar cannot point into after all: build it again with a copy of the vectors."""
-
-
-def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType, paged: bool):
-    """(lo, hi, vectors, quantized, where) for the kept rows[lo:hi] of each row group of the files, in order;
-    read, selected and quantized by one thread per usable CPU a few groups ahead (reading and quantizing are
-    the slow part of a build; memory: those few groups). The first group with rows sets the column scales of
-    all. paged: the vectors are read from the pages (pages.py) and `where` is (file number, the group's page
-    spans, each kept row's first value among the group's pages); else (pyarrow) `where` is None."""
+def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
+    """(lo, hi, vectors, quantized) for the kept rows[lo:hi] of each row group of the files, in order; read,
+    selected and quantized by one thread per usable CPU a few groups ahead (Parquet's list decoding and the
+    quantization are the slow part of a build; memory: those few groups). The first group with rows sets the
+    column scales of all."""
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
     from .config import usable_cpus
 
     dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
+
     metadata = {f: pq.ParquetFile(f).metadata for f in files}
 
-    def read(number: int, file: str, group: int, offset: int, count: int):
+    def read(file: str, group: int, offset: int, count: int):
         lo, hi = np.searchsorted(rows, [offset, offset + count])
         if hi == lo:
-            return lo, hi, None, None
-        kept = rows[lo:hi] - offset
-        if paged:
-            try:
-                present, matrix, spans = pages.read_vectors(file, metadata[file], group, "embedding", dim, dtype)
-                if not present[kept].all():
-                    raise pages.Unsupported("a kept row without a vector")
-            except pages.Unsupported as e:
-                raise _CopyInstead(str(e)) from None
-            at = (np.cumsum(present) - 1)[kept]  # each kept row's place among the rows with a vector
-            where = (number, spans, at * dim)
-            if at[-1] - at[0] + 1 == len(at):  # every row of the span kept (the usual case): a view, not a copy
-                return lo, hi, matrix[at[0] : at[-1] + 1], where
-            return lo, hi, np.ascontiguousarray(matrix[at]), where
+            return lo, hi, None
+        try:  # straight from the pages (a third of the time, or less), where they are as siglip writes them
+            present, matrix = pages.read_vectors(file, metadata[file], group, "embedding", dim, dtype)
+            if not present[rows[lo:hi] - offset].all():
+                raise pages.Unsupported("a kept row without a vector")
+            at = np.cumsum(present) - 1  # each row's place among the rows with a vector
+            a, b = at[rows[lo] - offset], at[rows[hi - 1] - offset] + 1
+            if b - a == hi - lo:
+                return lo, hi, matrix[a:b]
+            return lo, hi, np.ascontiguousarray(matrix[at[rows[lo:hi] - offset]])
+        except pages.Unsupported:
+            pass
         table = pq.ParquetFile(file, pre_buffer=False).read_row_group(group, columns=["embedding"], use_threads=False)
         column = table.column(0).combine_chunks().cast(vector)
         child = column.values  # every row's dim slots (null rows' too), from the array's own offset
         flat = np.frombuffer(child.buffers()[1], dtype, count=len(child), offset=child.offset * dtype.itemsize)
         matrix = flat[column.offset * dim : (column.offset + len(column)) * dim].reshape(-1, dim)
-        if kept[-1] - kept[0] + 1 == len(kept):
-            return lo, hi, matrix[kept[0] : kept[-1] + 1], None
-        return lo, hi, np.ascontiguousarray(matrix[kept]), None
+        a, b = rows[lo] - offset, rows[hi - 1] - offset + 1
+        if b - a == hi - lo:  # every row of the span kept (the usual case): a view, not a copy (0.3 s a group)
+            return lo, hi, matrix[a:b]
+        return lo, hi, np.ascontiguousarray(matrix[rows[lo:hi] - offset])
 
     def work(*job):
-        lo, hi, block, where = read(*job)
-        return lo, hi, block, None if block is None else quantize(block, columns), where
+        lo, hi, block = read(*job)
+        return lo, hi, block, None if block is None else quantize(block, columns)
 
     jobs, offset = [], 0
-    for number, f in enumerate(files):
+    for f in files:
         meta = metadata[f]
         for g in range(meta.num_row_groups):
-            jobs.append((number, f, g, offset, meta.row_group(g).num_rows))
+            jobs.append((f, g, offset, meta.row_group(g).num_rows))
             offset += meta.row_group(g).num_rows
     columns = None
     while jobs and columns is None:
-        lo, hi, block, where = read(*jobs.pop(0))
+        lo, hi, block = read(*jobs.pop(0))
         if block is not None:
             columns = column_scales(block[:: max(1, len(block) // 4096)])
-        yield lo, hi, block, None if block is None else quantize(block, columns), where
+        yield lo, hi, block, None if block is None else quantize(block, columns)
     ahead = max(1, usable_cpus())
     with ThreadPoolExecutor(ahead) as pool:
         pending: collections.deque = collections.deque()
@@ -148,49 +142,10 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType, paged: bool
             yield pending.popleft().result()
 
 
-def _fill(tmp: str, files: list[str], rows: np.ndarray, vector: pa.DataType, paged: bool) -> None:
-    """fast.npy, bounds.npy and columns.npy; and either vectors.npy (a copy of the vectors as stored) or, paged,
-    where they lie in the index's own pages (pages.npy, starts.npy, pages.json: see vectors.Paged)."""
-    dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
-    bounds, columns = np.zeros((len(rows), 2), np.float32), np.ones(dim, np.float32)
-    spans, starts, base = [], np.zeros(len(rows), np.int64), 0
-    with contextlib.ExitStack() as stack:
-        outs = [(stack.enter_context(open(os.path.join(tmp, "fast.npy"), "wb")), np.dtype(np.int8))]
-        if not paged:
-            outs.append((stack.enter_context(open(os.path.join(tmp, "vectors.npy"), "wb")), dtype))
-        for f, t in outs:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
-                                                     "fortran_order": False, "shape": (len(rows), dim)})
-        for lo, hi, block, q, where in _groups(files, rows, vector, paged):
-            if hi == lo:
-                continue
-            outs[0][0].write(q.values.data)
-            if paged:
-                number, group_spans, first = where
-                counts = group_spans[:, -1]
-                spans.append(np.column_stack([np.full(len(counts), number), group_spans, base + np.cumsum(counts) - counts]))
-                starts[lo:hi], base = base + first, base + int(counts.sum())
-            else:
-                outs[1][0].write(block.data)
-            bounds[lo:hi, 0], bounds[lo:hi, 1], columns = q.scale, q.error, q.columns
-    np.save(os.path.join(tmp, "bounds.npy"), bounds)
-    np.save(os.path.join(tmp, "columns.npy"), columns)
-    if paged:
-        np.save(os.path.join(tmp, "pages.npy"), np.concatenate(spans) if spans else np.zeros((0, 8), np.int64))
-        np.save(os.path.join(tmp, "starts.npy"), starts)
-
-
-def _readable(files: list[str], dtype: np.dtype, dim: int) -> bool:
-    """Whether every file's vectors can be read from its pages later (pages.readable), and with one codec."""
-    return all(pages.readable(pq.ParquetFile(f).metadata, "embedding", dtype, dim) for f in files)
-
-
 def build(index: str, place: str, key: dict) -> None:
-    """The sidecar of an index, streamed a row group at a time with plain writes (memory: a few row groups,
-    whatever the index's size): fast.npy (int8; scales and error bounds in bounds.npy), the rows' paths and
-    sizes, the metadata, and the vectors as stored: where the index's pages hold them plainly (as siglip
-    writes them), where they lie there (a third of the bytes to write); else a copy, vectors.npy. The folder
-    appears whole (renamed into place) or not at all."""
+    """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (int8; scales and error bounds
+    in bounds.npy), a row group at a time, with plain writes: memory stays at a few row groups whatever the
+    index's size. The folder appears whole (renamed into place) or not at all."""
     meta, embeddings = _settings(index)
     if not embeddings:
         raise RunError(f"{index} holds no embeddings (made by `siglip {meta.get('task')}`); search an index "
@@ -198,23 +153,23 @@ def build(index: str, place: str, key: dict) -> None:
     files = _sources(index)
     rows, light = _current(files)
     vector = pq.read_schema(files[-1]).field("embedding").type
-    dtype = np.dtype(vector.value_type.to_pandas_dtype())
+    dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
     parent = os.path.dirname(place)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
     try:
-        paged = _readable(files, dtype, vector.list_size)
-        try:
-            _fill(tmp, files, rows, vector, paged)
-        except _CopyInstead:
-            paged = False
-            _fill(tmp, files, rows, vector, paged)
-        if paged:
-            where = os.path.realpath(index)
-            names = ["" if f == index else os.path.relpath(os.path.realpath(f), where) for f in files]
-            codecs = [pages.codec(pq.ParquetFile(f).metadata, "embedding") for f in files]
-            with open(os.path.join(tmp, "pages.json"), "w") as f:
-                json.dump({"files": names, "codecs": codecs, "dtype": dtype.name, "dim": vector.list_size}, f)
+        bounds, columns = np.zeros((len(rows), 2), np.float32), np.ones(dim, np.float32)
+        with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
+            for f, t in ((out, dtype), (fast, np.dtype(np.int8))):
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
+                                                         "fortran_order": False, "shape": (len(rows), dim)})
+            for lo, hi, block, q in _groups(files, rows, vector):
+                if hi > lo:
+                    out.write(block.data)
+                    fast.write(q.values.data)
+                    bounds[lo:hi, 0], bounds[lo:hi, 1], columns = q.scale, q.error, q.columns
+        np.save(os.path.join(tmp, "bounds.npy"), bounds)
+        np.save(os.path.join(tmp, "columns.npy"), columns)
         _write_rows(light, tmp)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)

@@ -21,16 +21,16 @@ import numpy as np
 from .errors import RunError
 from .index.layouts import _parts, is_file_output
 
-SIDECAR_VERSION = 6  # 6: the vectors read from the index's own pages where it stores them plainly
+SIDECAR_VERSION = 5
 # float32's unit roundoff u: quantize's error bounds and top_k's first pass and recheck are bounded with it
 ROUNDING = 2.0**-24
 
 
 @dataclass
 class Vectors:
-    """An index's ok rows: vectors (n, D) memory-mapped or Paged, their rows, and the index's metadata."""
+    """An index's ok rows: vectors (n, D) memory-mapped, their rows, and the index's metadata."""
 
-    matrix: "np.ndarray | Paged"
+    matrix: np.ndarray
     rows: "Rows"
     meta: dict
     fast: "Quantized | None" = None  # the same vectors in int8, for a first pass
@@ -71,84 +71,6 @@ class Rows:
     def record(self, i: int) -> dict:
         width, height, size = (None if x < 0 else x for x in self.ints[i].tolist())
         return {"path": self.path(i), "width": width, "height": height, "size": size}
-
-
-class Paged:
-    """The vectors (n, D) where the index's Parquet pages hold them (see sidecar.build): rows read on demand, a
-    page at a time (a search rechecks about 150 rows: 150 pages of 1 MB, 35 ms). Indexed like an array: a row,
-    a slice, or an array of rows."""
-
-    def __init__(self, index: str, place: str):
-        with open(os.path.join(place, "pages.json")) as f:
-            info = json.load(f)
-        self.files = [os.path.join(index, name) if name else index for name in info["files"]]
-        self.codecs, self.dtype = info["codecs"], np.dtype(info["dtype"])
-        self.pages, self.starts = np.load(os.path.join(place, "pages.npy")), np.load(os.path.join(place, "starts.npy"))
-        self.shape, self.ndim = (len(self.starts), int(info["dim"])), 2
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)):
-            return self.take(np.array([key]))[0]
-        if isinstance(key, slice):
-            return self.take(np.arange(len(self))[key])
-        return self.take(np.asarray(key))
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.empty(self.shape, self.dtype)
-        for lo in range(0, len(self), 65536):  # memory: the result and a block's pages
-            out[lo : lo + 65536] = self.take(np.arange(lo, min(len(self), lo + 65536)))
-        return out if dtype is None else out.astype(dtype)
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """These rows' vectors (len(rows), D) in the stored dtype: each run of consecutive pages they need is read
-        once, and a row whose values continue on the next page is whole."""
-        from .index.pages import read_values
-
-        dim, rows = self.shape[1], np.asarray(rows, np.int64).reshape(-1)
-        out = np.empty((len(rows), dim), self.dtype)
-        if not len(rows):
-            return out
-        begin = self.starts[rows]
-        first, count = self.pages[:, 7], self.pages[:, 6]
-        a = np.searchsorted(first, begin, "right") - 1
-        b = np.searchsorted(first, begin + dim - 1, "right") - 1
-        marks = np.zeros(len(first) + 1, np.int64)
-        np.add.at(marks, a, 1)
-        np.add.at(marks, b + 1, -1)
-        wanted = np.flatnonzero(np.cumsum(marks)[:-1] > 0)
-        cuts = np.flatnonzero((np.diff(wanted) != 1) | (np.diff(self.pages[wanted, 0]) != 0)) + 1
-        runs = np.split(wanted, cuts)  # consecutive pages of one file
-
-        def read(run: np.ndarray) -> np.ndarray:
-            number = int(self.pages[run[0], 0])
-            try:
-                return read_values(self.files[number], self.codecs[number], self.pages[run, 1:7], self.dtype)
-            except (OSError, ValueError) as e:
-                raise RunError(f"cannot read the vectors of {self.files[number]} ({e}); if the index was changed "
-                               "in place, delete its sidecar (.siglip-vectors) to rebuild it") from None
-
-        from .config import usable_cpus
-
-        threads = min(usable_cpus(), len(runs) // 8)
-        if threads > 1:  # a recheck's ~150 scattered pages: reading and decompressing release the GIL
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads) as pool:
-                got = list(pool.map(read, runs))
-        else:
-            got = [read(run) for run in runs]
-        for run, values in zip(runs, got):
-            number, base = int(self.pages[run[0], 0]), first[run[0]]
-            inside = np.flatnonzero((a >= run[0]) & (b <= run[-1]))
-            if len(values) < count[run].sum():
-                raise RunError(f"{self.files[number]} holds fewer vectors than its sidecar says; delete the sidecar")
-            rowsview = np.lib.stride_tricks.as_strided(values, (max(0, len(values) - dim + 1), dim),
-                                                       (values.itemsize, values.itemsize), writeable=False)
-            out[inside] = rowsview[begin[inside] - base]
-        return out
 
 
 @dataclass
@@ -255,7 +177,7 @@ def load(index: str) -> Vectors:
         try:
             with open(os.path.join(place, "key.json")) as f:
                 if json.load(f) == key:
-                    return _open(place, index)
+                    return _open(place)
         except (OSError, ValueError):
             continue
     from .sidecar import build
@@ -263,7 +185,7 @@ def load(index: str) -> Vectors:
     for place in _places(index):
         try:
             build(index, place, key)
-            return _open(place, index)
+            return _open(place)
         except PermissionError:
             continue
         except OSError as e:
@@ -272,12 +194,11 @@ def load(index: str) -> Vectors:
     raise RunError(f"cannot write the vectors of {index} beside it or in the cache")
 
 
-def _open(place: str, index: str) -> Vectors:
+def _open(place: str) -> Vectors:
     def at(name: str) -> str:
         return os.path.join(place, name)
 
-    paged = os.path.exists(at("pages.json"))
-    matrix = Paged(index, place) if paged else np.load(at("vectors.npy"), mmap_mode="r")
+    matrix = np.load(at("vectors.npy"), mmap_mode="r")
     bounds = np.load(at("bounds.npy"))
     fast = Quantized(np.load(at("fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1], np.load(at("columns.npy")))
     with open(at("paths.bin"), "rb") as f, open(at("meta.json")) as m:

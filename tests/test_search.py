@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from siglip_cli.index import read_index
-from siglip_cli.vectors import Paged, column_scales, quantize, top_k
+from siglip_cli.vectors import column_scales, quantize, top_k
 
 from test_devices import table
 
@@ -211,13 +211,10 @@ def test_text_search_reads_a_cached_text_tower_without_torch(cli, indexes, libra
             assert g["score"] == pytest.approx(want[g["path"]], abs=1e-5)
 
 
-@pytest.mark.parametrize("paged", [True, False])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype, paged):
+def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype):
     """Error rows (no vector) between ok ones, across row groups: the sidecar holds the ok rows' vectors, paths
-    and sizes in order, whether a group's kept rows are one span (a view) or scattered (a copy); and whether it
-    points into the index's pages (plain values, as siglip writes them: here pages of 64 bytes, so that rows
-    run across pages) or copies the vectors (dictionary-encoded, as older indexes are)."""
+    and sizes in order, whether a group's kept rows are one span (a view) or scattered (a copy)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -236,19 +233,9 @@ def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype, paged):
                       "width": pa.array(range(n), pa.int32()), "height": pa.array([5] * n, pa.int32()),
                       "size": pa.array(range(100, 100 + n), pa.int64()), "embedding": emb})
     index = tmp_path / "i.parquet"
-    layout = dict(use_dictionary=["path", "status"], data_page_size=64) if paged else dict(use_dictionary=True)
-    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), index, row_group_size=10,
-                   **layout)
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), index, row_group_size=10)
     v = load(str(index))
-    assert isinstance(v.matrix, Paged) is paged
-    want = vecs[ok]
-    np.testing.assert_array_equal(np.asarray(v.matrix), want)
-    pick = np.array([34, 0, 7, 7, 20, 1])
-    np.testing.assert_array_equal(v.matrix[pick], want[pick])
-    np.testing.assert_array_equal(v.matrix[5], want[5])
-    np.testing.assert_array_equal(v.matrix[3:30:4], want[3:30:4])
-    idx, cos = top_k(v.matrix, want[9].astype(np.float32) / np.linalg.norm(want[9].astype(np.float32)), 3, fast=v.fast)
-    assert idx[0] == 9
+    np.testing.assert_array_equal(np.asarray(v.matrix), vecs[ok])
     assert v.rows.paths() == [f"/p/{i:02d}.jpg" for i in np.flatnonzero(ok)] and v.meta == meta
     assert [v.rows.record(j)["size"] for j in range(len(v.rows))] == (100 + np.flatnonzero(ok)).tolist()
 
@@ -271,12 +258,12 @@ def test_sidecar_rows_find_exact_paths(tmp_path):
         np.save(folder / "bounds.npy", np.zeros((rows.num_rows, 2), np.float32))
         np.save(folder / "columns.npy", np.ones(2, np.float32))
         (folder / "meta.json").write_text("{}")
-    rows = _open(str(tmp_path / "all"), "").rows
+    rows = _open(str(tmp_path / "all")).rows
     assert rows.paths() == paths and [rows.find(p) for p in paths] == list(range(len(paths)))
     for absent in ("/a", "b.jpg", "/a/b.jpg.", "/a/b.jpg/a", "jpg/a", "/p/caf\u00e9", "", "/\udce9.jpg"):
         assert rows.find(absent) == -1, absent
     assert rows.record(1) == {"path": "/a/b.jpg.jpg", "width": None, "height": 2, "size": 10}
-    empty = _open(str(tmp_path / "none"), "").rows
+    empty = _open(str(tmp_path / "none")).rows
     assert len(empty) == 0 and empty.paths() == [] and empty.find("/a/b.jpg") == -1
 
 

@@ -130,40 +130,10 @@ def _fixed(metadata, name: str, dim: int):
     return field
 
 
-def readable(metadata, name: str, dtype, dim: int) -> bool:
-    """Whether read_vectors and read_values can read this file's list column `name` of dtype: plain values and
-    RLE levels in every row group, no dictionary, one codec they know (the pages themselves may still surprise:
-    read_vectors checks each)."""
-    try:
-        index, column = leaf(metadata.schema, name)
-        _fixed(metadata, name, dim)
-    except (Unsupported, KeyError):
-        return False
-    want = PHYSICAL.get(np.dtype(dtype))
-    if want is None or column.physical_type != want[0] or column.max_repetition_level != 1 or \
-            column.path.count(".") != 2 or (want[0] == "FIXED_LEN_BYTE_ARRAY" and column.length != want[1]):
-        return False
-    chunks = [metadata.row_group(g).column(index) for g in range(metadata.num_row_groups)]
-    return len({c.compression for c in chunks}) <= 1 and all(
-        not c.has_dictionary_page and set(c.encodings) <= {"PLAIN", "RLE"}
-        and c.compression in set(_DECOMPRESS) | {"UNCOMPRESSED"} for c in chunks)
-
-
-def codec(metadata, name: str) -> str:
-    """The codec of a file's list column `name` (readable: one for all its row groups)."""
-    index = leaf(metadata.schema, name)[0]
-    return metadata.row_group(0).column(index).compression if metadata.num_row_groups else "UNCOMPRESSED"
-
-
-# where a data page's values lie: its bytes in the file, their size as stored and decoded, whether they are
-# compressed, where the values start in the decoded bytes, and how many values it holds
-SPAN = ("offset", "stored", "decoded", "compressed", "start", "count")
-
-
 def read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: np.dtype):
-    """(present, vectors, spans) of one row group's fixed-size list column: which rows have a vector (bool, one
-    per row), those vectors (n present, dim) in the stored dtype, and where each data page's values lie (rows
-    of SPAN), read from the pages; or Unsupported (a page this reader does not expect, damaged ones too)."""
+    """(present, vectors) of one row group's fixed-size list column: which rows have a vector (bool, one per
+    row), and those vectors (n present, dim) in the stored dtype, read from the pages; or Unsupported (a page
+    this reader does not expect, damaged ones too)."""
     try:
         return _read_vectors(path, metadata, group, name, dim, dtype)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as e:
@@ -198,12 +168,11 @@ def _read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: n
         os.close(fd)
     values = np.empty(rows * dim, dtype)
     out = memoryview(values).cast("B")
-    levels, spans, pos, filled = [], [], 0, 0
+    levels, pos, filled = [], 0, 0
     while pos < len(raw):
         header, pos = _struct(raw, pos)
         kind, full, size = header.get(1), header.get(2), header.get(3)
         body, pos = memoryview(raw)[pos : pos + size], pos + size
-        where = chunk.data_page_offset + pos - size  # the body's place in the file
         if kind == DATA_PAGE:
             page = header[5]
             if page.get(2) != PLAIN or page.get(3) != RLE or page.get(4) != RLE:
@@ -213,16 +182,13 @@ def _read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: n
             at += 4 + int.from_bytes(data[at : at + 4], "little")  # repetition levels: not needed
             length = int.from_bytes(data[at : at + 4], "little")
             defs, data = _levels(data[at + 4 : at + 4 + length], width, n), data[at + 4 + length :]
-            span = [where, size, full, codec is not None, at + 4 + length]
         elif kind == DATA_PAGE_V2:
             page = header[8]
             if page.get(4) != PLAIN:
                 raise Unsupported("not PLAIN values")
             n, dl, rl = page[1], page[5], page[6]
             defs, data = _levels(body[rl : rl + dl], width, n), body[rl + dl :]
-            squeezed = bool(codec and page.get(7, True))
-            span = [where + rl + dl, size - rl - dl, full - rl - dl if squeezed else size - rl - dl, squeezed, 0]
-            if squeezed:
+            if codec and page.get(7, True):
                 data = memoryview(codec.decompress(data, full - rl - dl)).cast("B")
         elif kind == DICTIONARY_PAGE:
             raise Unsupported("a dictionary page")
@@ -234,7 +200,6 @@ def _read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: n
         out[filled : filled + len(data)] = data
         filled += len(data)
         levels.append(defs)
-        spans.append(span + [count])
     runs = np.concatenate([d[0] for d in levels]) if levels else np.zeros(0, np.uint8)
     counts = np.concatenate([d[1] for d in levels]) if levels else np.zeros(0, np.int64)
     starts, other = np.cumsum(counts) - counts, runs != top
@@ -248,33 +213,4 @@ def _read_vectors(path: str, metadata, group: int, name: str, dim: int, dtype: n
         raise Unsupported("nulls inside a vector, or vectors of another length")
     present = np.ones(rows, bool)
     present[np.arange(len(nulls)) + before // dim] = False
-    return present, values[: filled // item].reshape(-1, dim), np.array(spans, np.int64).reshape(-1, len(SPAN))
-
-
-def read_values(file: str, codec: str, spans: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The values of these data pages (rows of SPAN, consecutive), one after another; decompressed with
-    cramjam (a 2 ms import: a later search imports no pyarrow)."""
-    import cramjam
-
-    item, parts = np.dtype(dtype).itemsize, []
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        for offset, stored, decoded, compressed, start, count in spans.tolist():
-            data = os.pread(fd, stored, offset)
-            if len(data) != stored:
-                raise OSError(f"{file} is shorter than when its vectors were indexed")
-            if compressed:
-                data = _DECOMPRESS[codec](cramjam, data, decoded)
-            parts.append(data[start : start + count * item])
-    finally:
-        os.close(fd)
-    return np.frombuffer(b"".join(parts), dtype)
-
-
-_DECOMPRESS = {
-    "SNAPPY": lambda c, data, n: bytes(c.snappy.decompress_raw(data)),
-    "GZIP": lambda c, data, n: bytes(c.gzip.decompress(data, output_len=n)),
-    "ZSTD": lambda c, data, n: bytes(c.zstd.decompress(data, output_len=n)),
-    "BROTLI": lambda c, data, n: bytes(c.brotli.decompress(data, output_len=n)),
-    "LZ4_RAW": lambda c, data, n: bytes(c.lz4.decompress_block(data, output_len=n)),
-}
+    return present, values[: filled // item].reshape(-1, dim)
