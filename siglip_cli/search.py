@@ -93,8 +93,8 @@ def _encoder(v: Vectors, q: Query):
     name = q.model or meta.get("model")
     revision = None if q.model else (meta.get("commit") or meta.get("revision"))
     dtype = meta.get("dtype", "float32") if meta.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
-    # torch: converting a tower for OpenVINO costs more than one query saves (so400m's text tower: 35 s and 7.6 GB
-    # once, on a slow CPU); `tag`, `classify` and `serve` on a CPU convert it, and then _cached_text reads it
+    # torch: converting a tower for OpenVINO costs more than one query saves (so400m's text tower: 16-20 s and
+    # 7.6 GB once, on a slow CPU); `tag` and `classify` on a CPU convert it, and then _cached_text reads it
     try:
         return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
     except RunError as e:
@@ -103,7 +103,7 @@ def _encoder(v: Vectors, q: Query):
 
 def _cached_text(v: Vectors, q: Query):
     """The index's model's text tower as the OpenVINO cache keeps it (ovtext), on the CPU, or None where it is
-    not cached (a `tag`, `classify` or `serve` on a CPU with the openvino extra converts it) or cannot be: no
+    not cached (a `tag` or `classify` on a CPU with the openvino extra converts it) or cannot be: no
     torch, no transformers, no model load."""
     from .encoders import ovtext
 
@@ -114,7 +114,7 @@ def _cached_text(v: Vectors, q: Query):
     from .config import usable_cpus
     from .weights import fingerprint
 
-    precision = {"bfloat16": "bf16", "float16": "f16"}.get(meta.get("dtype"), "f32")
+    precision = ovtext.precision(meta.get("dtype", "float32"))
     folder = ovtext.place(fingerprint(name, commit), int(meta.get("text_length") or 64))
     if not ovtext.cached(folder):
         return None

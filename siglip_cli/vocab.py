@@ -104,8 +104,11 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
 
     from .heads import ensemble
 
-    key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates)
-    path = os.path.join(cache_dir(), "text", key + ".npy")
+    def where() -> str:  # by what computes them (a text tower that cannot be converted falls back to torch)
+        key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates)
+        return os.path.join(cache_dir(), "text", key + ".npy")
+
+    path = where()
     if use_cache and os.path.exists(path):
         try:
             return torch.from_numpy(np.load(path)).to(encoder.device)
@@ -113,9 +116,7 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
             pass  # an unreadable cache entry is recomputed and rewritten
     per_template = torch.stack([encoder.encode_texts([t.format(tag) for tag in tags]) for t in templates])
     emb = ensemble(per_template)
-    # filed under what computed them (a text tower that could not be converted fell back to torch)
-    key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates)
-    path = os.path.join(cache_dir(), "text", key + ".npy")
+    path = where()
     if use_cache:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:

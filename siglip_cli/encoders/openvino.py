@@ -82,6 +82,10 @@ def cache_path(encoder, batch: int, quantize: str) -> str:
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24], "image.xml")
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _say(message: str) -> None:
     print(f"siglip: {message}", file=sys.stderr)
 
@@ -164,8 +168,7 @@ class OpenVINOTower:
             try:
                 model = self._convert(sample)
             except Exception as e:  # a converter or quantizer that fails: one line, and the way around it
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise RunError(f"cannot convert the model for OpenVINO: {first}; run with --backend torch") from None
+                raise RunError(f"cannot convert the model for OpenVINO: {_first_line(e)}; run with --backend torch") from None
         config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": self.threads}
         self.compiled = core.compile_model(model, "CPU", config)
@@ -205,7 +208,9 @@ def prepare(encoders, records, spec, batch_size: int):
 
 def attach(encoder, dtype: torch.dtype, quantize: str, threads: int) -> None:
     """Run the encoder's image tower (loaded in float32) on OpenVINO at the precision of dtype."""
-    precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
+    from .ovtext import precision as _precision
+
+    precision = _precision(dtype)
     encoder._features = OpenVINOTower(encoder, quantize, precision, threads)
     encoder.dtype, encoder.backend, encoder.quantize = dtype, "openvino", quantize
 
@@ -292,16 +297,14 @@ class TextRunner:
                 except RunError:
                     raise
                 except Exception as error:  # a converter that fails: the text tower stays on torch
-                    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                    _say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {first})")
+                    _say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {_first_line(error)})")
                     converted = False
                 if not converted:
                     return self._torch(texts)
             try:
                 self.tower = ovtext.TextTower(folder, self.precision, self.threads)
             except Exception as error:  # a cached tower OpenVINO cannot compile here: torch, for this run
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                _say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {first})")
+                _say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {_first_line(error)})")
                 return self._torch(texts)
         return self.tower(texts)
 
@@ -314,6 +317,8 @@ class TextRunner:
 
 def attach_text(encoder, dtype: torch.dtype, threads: int) -> None:
     """Run the encoder's text tower on OpenVINO at the precision of dtype (converted and cached at first use)."""
-    precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
+    from .ovtext import precision as _precision
+
+    precision = _precision(dtype)
     encoder.text_runner = TextRunner(encoder, precision, threads)
     encoder.text_backend, encoder.text_kind = "openvino", f"openvino {precision}"

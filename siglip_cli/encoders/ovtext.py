@@ -19,6 +19,11 @@ VERSION = 1
 FILES = ("text.xml", "text.bin", "tokenizer.json", "text.json")  # text.json last: its presence means all are there
 
 
+def precision(dtype: str) -> str:
+    """OpenVINO's inference precision for a dtype's name ("float32", "bfloat16", "torch.float16", ...)."""
+    return {"bfloat16": "bf16", "float16": "f16"}.get(str(dtype).removeprefix("torch."), "f32")
+
+
 def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("openvino", "tokenizers"))
 
