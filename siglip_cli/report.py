@@ -114,8 +114,14 @@ def write_html(path: str, results: Results, title: str) -> None:
         parts += [_card(r, f'#{r["rank"]}  score {r["score"]:.4f}') for r in rows]
         parts.append("</div>")
     parts.append("</body></html>\n")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(parts))
-    os.replace(tmp, path)
+    from .index.files import write_error
+    from .scratch import scratch
+
+    try:
+        with scratch(os.path.dirname(path) or ".") as folder:
+            with open(os.path.join(folder, "page.html"), "w", encoding="utf-8") as f:
+                f.write("".join(parts))
+            os.replace(f.name, path)
+    except OSError as e:
+        raise write_error(path, e) from None
     print(f"siglip: {len(rows)} results -> {path}", file=sys.stderr)

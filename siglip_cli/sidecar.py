@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +16,7 @@ from .errors import RunError
 from .index import pages
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, is_file_output
+from .scratch import scratch
 from .vectors import column_scales, index_files, quantize
 
 ROW_COLUMNS = ["path", "width", "height", "size"]
@@ -155,9 +155,10 @@ def build(index: str, place: str, key: dict) -> None:
     vector = pq.read_schema(files[-1]).field("embedding").type
     dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
     parent = os.path.dirname(place)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".vectors-", dir=parent)
-    try:
+    os.makedirs(parent, exist_ok=True)  # beside the index (there already) or in the cache
+    with scratch(parent) as work:
+        tmp = os.path.join(work, "vectors")
+        os.mkdir(tmp)
         bounds, columns = np.zeros((len(rows), 2), np.float32), np.ones(dim, np.float32)
         with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
             for f, t in ((out, dtype), (fast, np.dtype(np.int8))):
@@ -178,9 +179,6 @@ def build(index: str, place: str, key: dict) -> None:
         if os.path.exists(place):
             shutil.rmtree(place)
         os.replace(tmp, place)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_rows(light: pa.Table, folder: str) -> None:

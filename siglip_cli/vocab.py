@@ -118,14 +118,14 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
     emb = ensemble(per_template)
     path = where()
     if use_cache:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        from .scratch import scratch
+
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.save(f, emb.cpu().numpy())
-            os.replace(tmp, path)
+            with scratch(os.path.dirname(path)) as folder:
+                with open(os.path.join(folder, "text.npy"), "wb") as f:
+                    np.save(f, emb.cpu().numpy())
+                os.replace(f.name, path)
         except OSError as e:  # a read-only or full cache costs time, not the run
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             print(f"siglip: warning: cannot write the text-embedding cache {path}: {e.strerror or e}", file=sys.stderr)
     return emb

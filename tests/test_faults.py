@@ -337,7 +337,8 @@ def test_files_from_before_1970_stay_unchanged(fixed_ckpt, tmp_path):
 
 # -- 5. write errors are one line -------------------------------------------------------------------------
 def no_temporaries(folder) -> list[str]:
-    return [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if n.endswith(".tmp")]
+    return [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in names + dirs
+            if n.endswith(".tmp") or n.startswith(".siglip-tmp-")]
 
 
 def one_line_error(result, *fragments):
@@ -374,7 +375,7 @@ def test_full_or_read_only_disk_is_one_line(fixed_ckpt, tmp_path, mount, cause):
     disk.mkdir()
     fill = f"dd if=/dev/zero of={disk}/filler bs=1k 2>/dev/null;" if "size" in mount else ""
     cmd = f"{sys.executable} -m siglip_cli embed {lib} -o {disk}/index -m {fixed_ckpt} -j 1"
-    result = in_private_mount(f"mount -t tmpfs -o {mount} tmpfs {disk} && {fill} {{ {cmd}; rc=$?; find {disk} -name '*.tmp'; exit $rc; }}")
+    result = in_private_mount(f"mount -t tmpfs -o {mount} tmpfs {disk} && {fill} {{ {cmd}; rc=$?; find {disk} -name '*.tmp' -o -name '.siglip-tmp-*'; exit $rc; }}")
     one_line_error(result, cause)
     assert ".tmp" not in result.stdout  # nothing half-written left on the disk
 
@@ -395,6 +396,75 @@ def test_temporaries_of_killed_runs_are_removed(fixed_ckpt, tmp_path):
         assert result.returncode == 0, result.stderr
         assert len(rows(out)) == 4
     assert not any(p.exists() for p in left)
+
+
+KILLED_WRITING = """
+import os, sys
+from siglip_cli.scratch import scratch
+with scratch(sys.argv[1]) as folder:
+    with open(os.path.join(folder, "half-written"), "wb") as f:
+        f.write(b"x" * 4096)
+    os.kill(os.getpid(), 9)
+"""
+
+
+def killed_writing(parent, age: float = 120) -> list:
+    """Have a process killed (SIGKILL) while it writes in parent; return what it left there, made `age` s old."""
+    parent.mkdir(parents=True, exist_ok=True)
+    before = set(parent.iterdir())
+    assert subprocess.run([sys.executable, "-c", KILLED_WRITING, str(parent)]).returncode == -signal.SIGKILL
+    left = [p for p in parent.iterdir() if p not in before]
+    assert len(left) == 1 and left[0].name.startswith(".siglip-tmp-")
+    for p in [*left[0].iterdir(), left[0]]:
+        os.utime(p, (time.time() - age,) * 2)
+    return left
+
+
+def test_every_write_removes_what_killed_writes_left_beside_it(fixed_ckpt, photos, tmp_path):
+    """The class: each thing siglip writes (index parts, a merged index file, the search sidecar, search results
+    as Parquet and HTML, the text-embedding cache) is made in a scratch folder, and making one removes what
+    killed runs left in the same place."""
+    lib, cache = library(tmp_path / "lib", 3), tmp_path / "cache"
+    env = {"SIGLIP_CACHE_DIR": str(cache)}
+    folder, single, out = tmp_path / "index", tmp_path / "indexes" / "one.parquet", tmp_path / "out"
+    single.parent.mkdir()
+    for index in (folder, single):
+        assert run_siglip("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0", env=env).returncode == 0
+    (lib / "new.jpg").write_bytes(jpeg_bytes((9, 9, 9)))
+    left = killed_writing(folder) + killed_writing(single.parent) + killed_writing(out) + \
+        killed_writing(cache / "text")
+    for index in (folder, single):  # a new part, and a merge into the file
+        assert run_siglip("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0", env=env).returncode == 0
+    found = run_siglip("search", single, "--image", lib / "new.jpg", "-k", "2", "-o", out / "hits.parquet",
+                       "--html", out / "hits.html", env=env)
+    assert found.returncode == 0, found.stderr
+    assert len(pq.read_table(out / "hits.parquet")) == 2 and (out / "hits.html").stat().st_size > 0
+    (tmp_path / "vocab.txt").write_text("cat\ndog\n")
+    assert run_siglip("tag", lib, "--vocab", tmp_path / "vocab.txt", "-o", tmp_path / "tags.parquet", "-m",
+                      fixed_ckpt, "-j", "0", env=env).returncode == 0
+    assert list(cache.glob("text/*.npy"))
+    assert [str(p) for p in left if p.exists()] == []
+    assert no_temporaries(tmp_path) == []
+
+
+def test_a_live_writer_and_a_fresh_leftover_are_kept(tmp_path):
+    from siglip_cli.scratch import sweep
+
+    live = subprocess.Popen([sys.executable, "-c", KILLED_WRITING.replace("os.kill(os.getpid(), 9)",
+                                                                          "print(folder, flush=True); time.sleep(60)")
+                             .replace("import os, sys", "import os, sys, time"), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        held = live.stdout.readline().strip()
+        os.utime(held, (time.time() - 3600,) * 2)
+        fresh = killed_writing(tmp_path / "fresh", age=0)
+        sweep(str(tmp_path)), sweep(str(tmp_path / "fresh"))
+        assert os.path.isdir(held) and fresh[0].is_dir()  # locked by a live process; dead less than a minute
+    finally:
+        live.kill()
+        live.wait()
+    sweep(str(tmp_path))
+    assert not os.path.exists(held)  # its lock went with its process (the folder is old)
 
 
 # -- 6. the timeout is per file ----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RunError
+from ..scratch import scratch
 
 CACHE_VERSION = 3  # 3: int8 calibrated on CALIBRATION photos, not the first batch alone, its head in float
 QUANTIZE = ("none", "int8", "int8-weights", "int4")
@@ -146,13 +147,19 @@ class OpenVINOTower:
                                                        min_adjusted_group_size=16)
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, ratio=1.0,
                                               group_size=128, all_layers=True, advanced_parameters=adjust)
-        tmp = f"{self.path}.{os.getpid()}.tmp.xml"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        ov.save_model(model, tmp, compress_to_fp16=False)
-        os.replace(tmp[:-4] + ".bin", self.path[:-4] + ".bin")
-        os.replace(tmp, self.path)  # the .xml last: its presence means the pair is whole
-        _say(f"converted the image tower for OpenVINO ({self.quantize}) in {time.perf_counter() - t:.0f}s; "
-             f"cached in {os.path.dirname(self.path)}")
+        done = f"converted the image tower for OpenVINO ({self.quantize}) in {time.perf_counter() - t:.0f}s"
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with scratch(folder) as work:
+                tmp = os.path.join(work, "model.xml")
+                ov.save_model(model, tmp, compress_to_fp16=False)
+                os.replace(tmp[:-4] + ".bin", self.path[:-4] + ".bin")
+                os.replace(tmp, self.path)  # the .xml last: its presence means the pair is whole
+        except (OSError, RuntimeError) as e:  # a full disk, ulimit -f: this run uses it as it is, the next converts
+            _say(f"warning: {done}, but cannot cache it in {folder} ({_first_line(e)}); the next run converts again")
+        else:
+            _say(f"{done}; cached in {folder}")
         return model
 
     def _build(self, sample: np.ndarray) -> None:
@@ -231,9 +238,6 @@ def convert_text(encoder, folder: str) -> bool:
     with the tokenizer as transformers configures it for SigLIP's text rules. False where the checkpoint's
     tokenizer is a slow (Python) one, which cannot be saved for the tokenizers library, or where converting would
     need more memory than there is."""
-    import shutil
-    import tempfile
-
     import openvino as ov
 
     from .ovtext import FILES
@@ -258,8 +262,9 @@ def convert_text(encoder, folder: str) -> bool:
     tower = _TextTower(text).eval()
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".text-", dir=parent)
-    try:
+    with scratch(parent) as work:
+        tmp = os.path.join(work, "text")
+        os.mkdir(tmp)
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             model = ov.convert_model(tower, example_input=example, input=[(-1, example.shape[1])])
@@ -270,10 +275,7 @@ def convert_text(encoder, folder: str) -> bool:
         try:
             os.replace(tmp, folder)
         except OSError:  # another run converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            pass
     _say(f"converted the text tower for OpenVINO in {time.perf_counter() - t:.0f}s; cached in {folder}")
     return True
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..config import ROW_GROUP_SIZE
 from ..errors import RunError
+from ..scratch import scratch
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: reading a search's sidecar needs only the file names
     import pyarrow as pa
@@ -61,14 +62,10 @@ def fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def tmp_name(path: str) -> str:
-    """The temporary name a file is written under before it is renamed into place."""
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-
-
 def remove_leftovers(folder: str, name: str) -> None:
-    """Remove the temporary files that killed runs left in folder for the files named by the regex `name`
-    (the caller holds the output's lock, so no live run is writing them)."""
+    """Remove the temporary files (`.NAME.PID.tmp`) that runs of earlier versions, killed, left in folder for the
+    files named by the regex `name` (the caller holds the output's lock, so no live run is writing them). Files
+    are written in scratch folders now (scratch.py), which the next write beside them removes."""
     pattern = re.compile(r"\." + name + r"\.\d+\.tmp")
     try:
         for entry in os.listdir(folder):
@@ -108,41 +105,33 @@ def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> in
     """
     import pyarrow.parquet as pq
 
-    tmp = tmp_name(path)
     rows = 0
     try:
-        with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema)) as writer:
-            for table in tables:
-                if table.num_rows:
-                    writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
-                    rows += table.num_rows
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
+        with scratch(os.path.dirname(path) or ".") as folder:
+            tmp = os.path.join(folder, os.path.basename(path))
+            with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema)) as writer:
+                for table in tables:
+                    if table.num_rows:
+                        writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                        rows += table.num_rows
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the data is on disk before the name points at it
+            os.replace(tmp, path)
         fsync_dir(os.path.dirname(path))
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        raise
+    except OSError as e:
+        raise write_error(path, e) from None
     return rows
 
 
 def write_json(path: str, value) -> bool:
     """Write a small JSON file atomically (a cache: failing to write it only costs time). True when written."""
-    tmp = tmp_name(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, path)
+        with scratch(os.path.dirname(path)) as folder:
+            tmp = os.path.join(folder, "value.json")
+            with open(tmp, "w") as f:
+                json.dump(value, f)
+            os.replace(tmp, path)
         return True
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return False
