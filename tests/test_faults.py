@@ -446,7 +446,8 @@ def test_a_live_writer_and_a_fresh_leftover_are_kept(tmp_path):
                             stdout=subprocess.PIPE, text=True)
     try:
         held = live.stdout.readline().strip()
-        os.utime(held, (time.time() - 3600,) * 2)
+        for p in (os.path.join(held, "half-written"), held):
+            os.utime(p, (time.time() - 3600,) * 2)
         fresh = killed_writing(tmp_path / "fresh", age=0)
         sweep(str(tmp_path)), sweep(str(tmp_path / "fresh"))
         assert os.path.isdir(held) and fresh[0].is_dir()  # locked by a live process; dead less than a minute
