@@ -396,11 +396,10 @@ def search(
     A single text query scores SigLIP's own sigmoid probability; image queries and combinations score the cosine."""
     def work():
         from . import search as s
-        from .vectors import load
 
         q = s.Query(tuple(query or ()), tuple(image or ()), tuple(minus or ()), tuple(minus_image or ()),
                     image_weight, k, min_score, tuple(path or ()), model, device, server)
-        return s.search(load(index), q)
+        return s.run(index, q)
 
     _results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")
 

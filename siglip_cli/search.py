@@ -35,12 +35,17 @@ class Query:
 class Remote:
     """Queries embedded by a running `siglip serve` (its /txt/embed and /img/embed routes): a search then needs
     no torch and no model load, only the scan. The server must run the index's model (name, dim, and commit
-    where both know it): a vector from another model would rank the index by noise."""
+    where both know it): a vector from another model would rank the index by noise. Text queries are sent
+    (`ask`) before the index's vectors are opened, so that the server embeds them meanwhile."""
 
-    def __init__(self, url: str, name: str, dim: int, commit: str | None):
+    def __init__(self, url: str):
         if not url.startswith(("http://", "https://")):
             raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
-        self.url, self.name, self.dim, self.commit = url.rstrip("/"), name, dim, commit
+        self.url, self.asked = url.rstrip("/"), {}
+        self.name = self.dim = self.commit = None  # what the index needs (expect)
+
+    def expect(self, name: str, dim: int, commit: str | None) -> None:
+        self.name, self.dim, self.commit = name, dim, commit
 
     def _same_model(self, theirs: str | None) -> bool:
         """The same name, or the same local folder named another way (./ckpt here, /abs/ckpt there)."""
@@ -49,7 +54,7 @@ class Remote:
         return bool(theirs) and os.path.isdir(theirs) and os.path.isdir(self.name) and \
             os.path.realpath(theirs) == os.path.realpath(self.name)
 
-    def _post(self, route: str, items: list) -> np.ndarray:
+    def _request(self, route: str, items: list) -> dict:
         import json
         import urllib.error
         import urllib.request
@@ -60,19 +65,44 @@ class Remote:
         try:
             req = urllib.request.Request(self.url + route, json.dumps({"input": items}).encode(), headers)
             with urllib.request.urlopen(req, timeout=300) as r:
-                body = json.loads(r.read())
+                return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise RunError(f"--server {self.url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
         except (OSError, ValueError) as e:
             raise RunError(f"--server {self.url}: {getattr(e, 'reason', e)}") from None
+
+    def ask(self, texts: tuple[str, ...]) -> None:
+        """Send texts to be embedded now, in a thread; texts() of the same texts takes the answer."""
+        import threading
+
+        if not texts or texts in self.asked:
+            return
+        answer: list = []
+
+        def run():
+            try:
+                answer.append(self._request("/txt/embed", list(texts)))
+            except BaseException as e:  # raised again where the answer is taken
+                answer.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.asked[texts] = (thread, answer)
+
+    def _vectors(self, body: dict) -> np.ndarray:
         theirs = (body.get("model"), body.get("dim"), body.get("commit"))
         if not self._same_model(theirs[0]) or theirs[1] != self.dim or (self.commit and theirs[2] and theirs[2] != self.commit):
             raise RunError(f"--server {self.url} runs {theirs[0]!r} (dim {theirs[1]}, commit {theirs[2]}); the index "
                            f"needs {self.name!r} (dim {self.dim}, commit {self.commit})")
         return np.asarray(body["embeddings"], np.float32).reshape(-1, self.dim)
 
-    def texts(self, items: list[str]) -> np.ndarray:
-        return self._post("/txt/embed", items)
+    def texts(self, items: tuple[str, ...]) -> np.ndarray:
+        self.ask(items)
+        thread, answer = self.asked.pop(items)
+        thread.join()
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return self._vectors(answer[0])
 
     def image(self, path: str) -> np.ndarray:
         import base64
@@ -82,7 +112,7 @@ class Remote:
                 data = base64.b64encode(f.read()).decode()
         except OSError as e:
             raise RunError(f"--image {path}: {e.strerror or e}") from None
-        return self._post("/img/embed", [data])[0]
+        return self._vectors(self._request("/img/embed", [data]))[0]
 
 
 def _encoder(v: Vectors, q: Query):
@@ -131,7 +161,7 @@ def _stored(v: Vectors, path: str) -> np.ndarray | None:
     return np.asarray(v.matrix[at], np.float32) if at >= 0 else None
 
 
-def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray, bool]:
+def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = None) -> tuple[np.ndarray, bool]:
     """The unit query vector, and whether its score is SigLIP's probability (one text query alone)."""
     encoder = None
 
@@ -141,10 +171,9 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
             encoder = (encoder_factory or _encoder)(v, q)
         return encoder
 
-    remote = None
     if q.server:
-        name = q.model or v.meta.get("model")
-        remote = Remote(q.server, name, v.matrix.shape[1], None if q.model else v.meta.get("commit"))
+        remote = remote or Remote(q.server)
+        remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"))
 
     cached = False  # not looked for yet
 
@@ -153,7 +182,7 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
         if not items:
             return np.zeros((0, v.matrix.shape[1]), np.float32)
         if remote:
-            return remote.texts(list(items))
+            return remote.texts(tuple(items))
         if cached is False:
             cached = _cached_text(v, q) if encoder_factory is None else None
         if cached is not None:
@@ -189,9 +218,20 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None) -> tuple[np.ndarray
     return (vec / norm).astype(np.float32), len(q.texts) == 1 and not (q.images or q.minus or q.minus_images)
 
 
-def search(v: Vectors, q: Query, encoder_factory=None) -> Results:
+def run(index: str, q: Query) -> Results:
+    """search(load(index), q), with a --server embedding the text queries while the index's vectors open."""
+    from .vectors import load
+
+    remote = None
+    if q.server:
+        remote = Remote(q.server)
+        remote.ask(q.texts), remote.ask(q.minus)
+    return search(load(index), q, remote=remote)
+
+
+def search(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = None) -> Results:
     """The k best rows: rank, score, path, width, height, size."""
-    vec, probability = query_vector(v, q, encoder_factory)
+    vec, probability = query_vector(v, q, encoder_factory, remote)
     keep = None
     if q.paths:
         paths = v.rows.paths()

@@ -198,12 +198,32 @@ def _open(place: str) -> Vectors:
     def at(name: str) -> str:
         return os.path.join(place, name)
 
+    _read_ahead(at("fast.npy"))
     matrix = np.load(at("vectors.npy"), mmap_mode="r")
     bounds = np.load(at("bounds.npy"))
     fast = Quantized(np.load(at("fast.npy"), mmap_mode="r"), bounds[:, 0], bounds[:, 1], np.load(at("columns.npy")))
     with open(at("paths.bin"), "rb") as f, open(at("meta.json")) as m:
         rows, meta = Rows(f.read(), np.load(at("ends.npy")), np.load(at("ints.npy"))), json.load(m)
     return Vectors(matrix, rows, meta, fast)
+
+
+def _read_ahead(path: str) -> None:
+    """Have the kernel read a file the scan reads whole into the page cache, in a thread, now: while the query
+    is embedded (a model load, a server's answer) rather than during the scan. Where it is cached already
+    (the usual case) this costs nothing."""
+    import threading
+
+    def run():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):  # no posix_fadvise (macOS, Windows): the scan reads it as before
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def _scan(matrix: np.ndarray, q: np.ndarray, block: int = 256) -> np.ndarray:

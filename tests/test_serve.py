@@ -156,10 +156,19 @@ def test_search_with_a_server_embeds_its_queries_there(cli, fixed_ckpt, photos, 
         assert [g["path"] for g in got] == [t["path"][i] for i in want]
         score = 1 / (1 + np.exp(-(cos[want] * meta["logit_scale"] + meta["logit_bias"]))) if route == "/txt/embed" else cos[want]
         np.testing.assert_allclose([g["score"] for g in got], score, atol=1e-5)
+    # a text minus another: both sent before the index opens, combined as without a server
+    r = cli("search", idx, "a red car", "--minus", "a blue boat", "-k", "3", "--json", "--server", server.url)
+    assert r.exit_code == 0, r.stderr
+    plus, minus = (np.array(server.post("/txt/embed", {"input": x}).json()["embedding"]) for x in ("a red car", "a blue boat"))
+    q = (plus - minus) / np.linalg.norm(plus - minus)
+    want = np.argsort(-(vecs @ q), kind="stable")[:3]
+    assert [json.loads(line)["path"] for line in r.stdout.splitlines()] == [t["path"][i] for i in want]
     r = cli("search", idx, "a red car", "--server", server.url, "--model", "google/siglip2-base-patch16-224")
     assert r.exit_code == 1 and "runs" in r.stderr and "siglip2-base-patch16-224" in r.stderr
     r = cli("search", idx, "a red car", "--server", f"http://127.0.0.1:{free_port()}")
     assert r.exit_code == 1 and r.stderr.startswith("siglip: error: --server") and len(r.stderr.splitlines()) == 1
+    r = cli("search", tmp_path / "none", "a red car", "--server", f"http://127.0.0.1:{free_port()}")
+    assert r.exit_code == 1 and "no index at" in r.stderr  # the index's error, not the early request's
 
 
 def test_a_text_alone_equals_it_in_a_batch(server):
