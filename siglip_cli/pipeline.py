@@ -204,9 +204,6 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         torch.cuda.set_device(encoder.device)
     task = make_task(cfg.head, encoder)
     tasks = [task] + [task.on(e) for e in encoders[1:]]
-    meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
-    schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
-    sink = JsonLinesSink() if store is None else PartSink(store, schema)
     batch_size = cfg.batch_size or default_batch_size(encoder.device)
     for e in encoders:
         e.pad_to = batch_size if cfg.model.compile else 0
@@ -215,6 +212,9 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         from .encoders import openvino
 
         records = openvino.prepare(encoders, records, spec, batch_size)
+    meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
+    schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
+    sink = JsonLinesSink() if store is None else PartSink(store, schema)
     progress.begin()
 
     def finish(batch: Batch, wait) -> None:

@@ -83,6 +83,18 @@ def cache_path(encoder, batch: int, quantize: str) -> str:
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24], "image.xml")
 
 
+def _memory_short(module: torch.nn.Module, copies: float, what: str) -> str | None:
+    """Why converting `module` here would risk the run being killed, or None: converting holds about `copies`
+    more copies of its weights at its peak, and where the memory available (MemAvailable, capped by a cgroup's
+    limit) is short of that, the OOM killer would end the run, every night at the same point."""
+    from ..config import available_memory
+
+    need, free = copies * sum(p.numel() * p.element_size() for p in module.parameters()), available_memory()
+    if free is None or free >= need:
+        return None
+    return f"converting {what} for OpenVINO needs about {need / 2**30:.1f} GB more memory than the {free / 2**30:.1f} GB available"
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -162,6 +174,23 @@ class OpenVINOTower:
             _say(f"{done}; cached in {folder}")
         return model
 
+    def fits(self) -> None:
+        """Where this tower has to be converted and the memory for that is not there: torch runs it instead, with
+        a note (unquantized: the same numbers, and the run's settings allow it), or, quantized, the run stops
+        before any work with a one-line error. About 2.5 more copies of the weights at the peak: so400m's image
+        tower, 1.7 GB, peaked at 6.0 GB resident in all."""
+        if os.path.exists(cache_path(self.encoder, self.batch, self.quantize)):
+            return
+        e = self.encoder
+        short = _memory_short(e.vision, 2.5, "the image tower")
+        if short is None:
+            return
+        if self.quantize != "none":
+            raise RunError(f"{short}; run with --quantize none (torch), or where there is more memory")
+        _say(f"note: the image tower runs on torch: {short}")
+        e._features, e.backend = e._fixed, "torch"
+        e.vision.to(e.dtype)  # loaded in float32 for the converter
+
     def _build(self, sample: np.ndarray) -> None:
         import openvino as ov
 
@@ -183,6 +212,10 @@ class OpenVINOTower:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         pixels = x.numpy()
         if self.compiled is None:
+            self.batch = max(self.batch, len(pixels))
+            self.fits()  # again: a run that did not call prepare (Ray's actors)
+            if self.encoder._features is not self:
+                return self.encoder._fixed(x)
             self._build(pixels)
         out = []
         for i in range(0, len(pixels), self.batch):
@@ -195,12 +228,14 @@ class OpenVINOTower:
 
 def prepare(encoders, records, spec, batch_size: int):
     """The records, unchanged, after giving the encoders' OpenVINO towers the run's batch size (their graphs'
-    static batch) and, for int8, the run's first CALIBRATION photos to calibrate on: decoded only if a tower has
-    to be quantized (one read from the cache needs none)."""
+    static batch; then each checks that it can be converted here, see fits) and, for int8, the run's first
+    CALIBRATION photos to calibrate on: decoded only if a tower has to be quantized (one read from the cache
+    needs none). Before the output's metadata is made: it records what runs the image tower."""
     towers = [e._features for e in encoders if isinstance(e._features, OpenVINOTower)]
     for tower in towers:
         tower.batch = batch_size
-    towers = [t for t in towers if t.quantize == "int8"]
+        tower.fits()
+    towers = [t for t in towers if t.quantize == "int8" and t.encoder._features is t]
     if not towers:
         return records
     from ..decode import decode_photos
@@ -248,14 +283,9 @@ def convert_text(encoder, folder: str) -> bool:
     t = time.perf_counter()
     example = encoder.tokenize(["a photo of a dog"])  # also sets the backend's truncation and padding, saved with it
     text = encoder.load_text(torch.float32)
-    # converting holds about two more copies of the weights at its peak (so400m's text tower, 2.8 GB: 7.6 GB in
-    # all): where that memory is not there, the text tower stays on torch rather than the run being killed
-    from ..config import available_memory
-
-    need, free = 2 * sum(p.numel() * p.element_size() for p in text.parameters()), available_memory()
-    if free is not None and free < need:
-        _say(f"note: the text tower stays on torch: converting it for OpenVINO needs about {need / 2**30:.1f} GB "
-             f"more memory than the {free / 2**30:.1f} GB available")
+    # about two more copies of the weights at the peak (so400m's text tower, 2.8 GB: 7.6 GB in all)
+    if short := _memory_short(text, 2, "it"):
+        _say(f"note: the text tower stays on torch: {short}")
         if encoder._text is None and encoder.text_dtype == torch.float32:  # loaded already: used as it is
             encoder._text = text.to(encoder.device).eval()
         return False
