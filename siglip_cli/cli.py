@@ -344,6 +344,7 @@ def serve(
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
                                show_downloads=sys.stderr.isatty())
+        server.text_on_openvino(encoder)
         cfg = server.ServeConfig(host, port, api_key, batch_size, max_wait_ms / 1000, max_queue, max_items,
                                  int(max_body_mb * (1 << 20)), timeout, max(1, workers), max_pixels, vocab=found,
                                  threshold=threshold)
@@ -395,11 +396,14 @@ def search(
 
     A single text query scores SigLIP's own sigmoid probability; image queries and combinations score the cosine."""
     def work():
+        from .remote import early
+
+        remote = early(server, tuple(query or ()), tuple(minus or ()))  # embedded while the rest loads
         from . import search as s
 
         q = s.Query(tuple(query or ()), tuple(image or ()), tuple(minus or ()), tuple(minus_image or ()),
                     image_weight, k, min_score, tuple(path or ()), model, device, server)
-        return s.run(index, q)
+        return s.run(index, q, remote)
 
     _results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")
 

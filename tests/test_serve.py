@@ -323,3 +323,17 @@ def test_load(server, photos):
     assert counts["good"] > 100 and counts["bad"] > 0
     assert server.get("/ready").json()["ready"] is True
     assert rss[1] - rss[0] < 64 << 20, f"server memory grew {(rss[1] - rss[0]) >> 20} MB in the second half"
+
+
+def test_served_texts_are_those_of_a_cli_run(cli, fixed_ckpt, tmp_path, server):
+    """On a CPU with the openvino extra the server embeds texts with the OpenVINO text tower, as `embed --text`,
+    `tag` and `classify` there do: the same vectors, and torch's to a cosine of 0.9999."""
+    texts = ["a red car", "two dogs", "This is a photo of a Great Grey Owl."]
+    served = np.array(server.post("/txt/embed", {"input": texts}).json()["embeddings"])
+    for backend, out in (("auto", tmp_path / "cpu.parquet"), ("torch", tmp_path / "torch.parquet")):
+        args = [a for t in texts for a in ("-t", t)]
+        assert cli("embed", *args, "-o", out, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
+                   "--backend", backend).exit_code == 0
+    for out, close in ((tmp_path / "cpu.parquet", lambda a, b: np.abs(a - b).max() <= 1e-6),
+                       (tmp_path / "torch.parquet", lambda a, b: (a * b).sum(axis=1).min() >= 0.9999)):
+        assert close(served, np.array(table(out)["embedding"])), out.name
