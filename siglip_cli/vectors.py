@@ -85,6 +85,21 @@ class Quantized:
     columns: np.ndarray  # (D,) float32
 
 
+_HALF: np.ndarray | None = None  # every float16 bit pattern's float32 value
+
+
+def to_float32(src: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = src, in float32. float16 goes through a table of its 65,536 values: numpy casts it one value
+    at a time (0.88 ms per 256 x 1152 block on the 2-core EPYC, 0.63 ms by the table; int8's cast is SIMD)."""
+    global _HALF
+    if src.dtype != np.float16:
+        np.copyto(out, src, casting="unsafe")
+        return
+    if _HALF is None:
+        _HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    np.take(_HALF, src.view(np.uint16), out=out)
+
+
 def column_scales(rows: np.ndarray) -> np.ndarray:
     """Each dimension's root mean square over some rows (at least 1/1000 of the largest): dividing by it before
     the per-row scale keeps a dimension that is large in every row (embeddings have some) from taking all of
@@ -115,7 +130,7 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
     for lo in range(0, n, block):
         m = min(block, n - lo)
         xs, ys = x[:m], y[:m]
-        np.copyto(xs, rows[lo : lo + m], casting="unsafe")
+        to_float32(rows[lo : lo + m], xs)
         np.multiply(xs, inverse, out=ys)
         top = np.abs(ys).max(axis=1)
         big = top * widest  # at least max|x_j|
@@ -256,9 +271,9 @@ def _scan(matrix: np.ndarray, q: np.ndarray, block: int = 256) -> np.ndarray:
                     if not more:
                         raise RunError(f"{matrix.filename} is shorter than its header says; delete it to rebuild it")
                     got += more
-                np.copyto(buf[:m], raw[:m], casting="unsafe")
+                to_float32(raw[:m], buf[:m])
             else:
-                np.copyto(buf[:m], matrix[start : start + m], casting="unsafe")
+                to_float32(matrix[start : start + m], buf[:m])
             np.matmul(buf[:m], q, out=out[start : start + m])
 
     try:

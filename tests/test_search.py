@@ -349,3 +349,38 @@ def test_html_renders_in_a_browser(cli, indexes, library, tmp_path):
                          capture_output=True, text=True, timeout=120)
     title = out.stdout.split("<title>")[1].split("</title>")[0]
     assert title.split(",") == ["true"] * 6
+
+
+@pytest.mark.parametrize("odd_names", [False, True])
+def test_sidecar_keeps_each_paths_newest_ok_row(tmp_path, odd_names):
+    """Across the files of an index, oldest first, each path's newest row counts (an error row hides the older
+    ok one); names that are not UTF-8 are told apart by their exact bytes (path_bytes), not their display."""
+    import pyarrow as pa
+
+    from siglip_cli.sidecar import _current
+
+    rng = np.random.default_rng(0)
+    files, seen = [], []
+    for f in range(3):
+        n = 500
+        paths = [f"/p/{i}.jpg" for i in rng.integers(0, 300, n)]
+        raw = [None] * n
+        if odd_names:  # two names that show the same (U+FFFD for the bad byte) with different bytes
+            raw = [bytes([0x2F, 0xFF - (i % 2)]) if p.endswith(("7.jpg", "3.jpg")) else None for i, p in enumerate(paths)]
+            paths = ["/\ufffd" if b else p for p, b in zip(paths, raw)]
+        status = ["ok" if s else "error" for s in rng.random(n) > 0.1]
+        columns = {"path": paths, "width": list(range(n)), "height": [1] * n, "size": [f] * n, "status": status}
+        if odd_names:
+            columns["path_bytes"] = pa.array(raw, pa.binary())
+        pq.write_table(pa.table(columns), tmp_path / f"part-{f}.parquet", row_group_size=128)
+        files.append(str(tmp_path / f"part-{f}.parquet"))
+        seen += list(zip(paths, raw, status))
+    newest = {}
+    for i, (path, raw, status) in enumerate(seen):
+        newest[(path, raw)] = (i, status)
+    want = sorted(i for i, status in newest.values() if status == "ok")
+    rows, light = _current(files)
+    assert rows.tolist() == want
+    assert light.column("path").to_pylist() == [seen[i][0] for i in want]
+    if odd_names:
+        assert light.column("path").to_pylist().count("/\ufffd") == 2
