@@ -83,10 +83,15 @@ def scratch(parent: str):
     fail the write, not be made again on the mount point. Raises OSError where parent cannot be written."""
     sweep(parent)
     path = tempfile.mkdtemp(prefix=PREFIX, dir=parent)
-    fd = os.open(path, os.O_RDONLY)
     try:
-        _lock(fd)
+        fd = os.open(path, os.O_RDONLY)  # (Windows opens no folder: the minute alone protects it there)
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            _lock(fd)
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
