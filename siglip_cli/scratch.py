@@ -3,8 +3,9 @@ run leaves nothing behind for good.
 
 A scratch folder is `.siglip-tmp-*` beside its destination (a cache entry, a converted model, a search sidecar,
 an output file), locked with flock while its process lives. Making one first removes the scratch folders in the
-same place that no live process holds and that nothing touched for a minute: what a kill -9, an OOM kill or a
-power cut left there (a sidecar's is gigabytes). Where a file system has no locks the minute alone decides.
+same place that no live process holds and that were not touched for two minutes (a live one is touched every
+15 s): what a kill -9, an OOM kill or a power cut left there (a sidecar's is gigabytes). Where a file system
+has no locks, 15 minutes untouched decide.
 Standard library only: searches use it without numpy's friends.
 """
 
@@ -14,6 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 try:
@@ -22,31 +24,23 @@ except ImportError:  # Windows
     fcntl = None
 
 PREFIX = ".siglip-tmp-"
-GRACE = 60.0  # seconds: covers the moment between making a folder and locking it
+BEAT = 15.0  # seconds between the touches of a live scratch folder
+GRACE = 120.0  # untouched this long, an unlocked folder is abandoned (flock's gaps: the moment before the
+# owner locks, and file systems shared across hosts, where a lock is only seen on its own host)
+GRACE_NO_LOCKS = 900.0  # where there are no locks at all (and clocks of hosts sharing a folder may differ)
 
 
-def _lock(fd: int) -> bool | None:
+def _lock(fd: int, wait: bool = False) -> bool | None:
     """Take fd's exclusive lock: True, False when another open file holds it, None when there are no locks."""
     if fcntl is None:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         return True
     except BlockingIOError:
         return False
     except OSError:
         return None
-
-
-def _newest(path: str) -> float:
-    newest = os.stat(path).st_mtime
-    with os.scandir(path) as it:
-        for e in it:
-            try:
-                newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
-            except OSError:
-                pass
-    return newest
 
 
 def _abandoned(path: str) -> bool:
@@ -55,9 +49,11 @@ def _abandoned(path: str) -> bool:
     except OSError:
         return False
     try:
-        if _lock(fd) is False:
+        locked = _lock(fd)
+        if locked is False:
             return False  # a live run is writing in it
-        return time.time() - _newest(path) > GRACE
+        # its owner touches it every BEAT seconds while it lives
+        return time.time() - os.stat(path).st_mtime > (GRACE if locked else GRACE_NO_LOCKS)
     except OSError:
         return False
     finally:
@@ -84,14 +80,25 @@ def scratch(parent: str):
     sweep(parent)
     path = tempfile.mkdtemp(prefix=PREFIX, dir=parent)
     try:
-        fd = os.open(path, os.O_RDONLY)  # (Windows opens no folder: the minute alone protects it there)
+        fd = os.open(path, os.O_RDONLY)  # (Windows opens no folder: the touches alone protect it there)
     except OSError:
         fd = -1
+    done = threading.Event()
+
+    def beat() -> None:  # a conversion can write nothing for minutes, a build only into files further down
+        while not done.wait(BEAT):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
     try:
         if fd >= 0:
-            _lock(fd)
+            _lock(fd, wait=True)  # a sweep holds it only for a stat
+        threading.Thread(target=beat, daemon=True).start()
         yield path
     finally:
+        done.set()
         shutil.rmtree(path, ignore_errors=True)
         if fd >= 0:
             os.close(fd)

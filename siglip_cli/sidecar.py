@@ -85,7 +85,8 @@ def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
     names = pa.concat_arrays([c for f in files for c in _path_bytes(f).chunks]) if files else pa.array([], pa.binary())
     key = _codes(light.column("path"))
     if names.null_count < len(names):  # names that are not UTF-8 (rare) are told apart by their bytes
-        key = key * (int(key.max(initial=0)) + 2) + _codes(names) + 1
+        exact = _codes(names) + 1  # 0 for null
+        key = key * (int(exact.max(initial=0)) + 1) + exact
     # each key's last row: its first in reverse (a stable sort; Arrow's group_by would import pandas, 0.7 s)
     _, first = np.unique(key[::-1], return_index=True)
     rows = np.sort(len(key) - 1 - first)

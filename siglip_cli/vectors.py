@@ -231,8 +231,9 @@ def _read_ahead(path: str) -> None:
     def run():
         try:
             fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            try:  # in steps: Linux reads no more than the device's read-ahead window (128 KB-8 MB) per call
+                for at in range(0, os.fstat(fd).st_size, 8 << 20):
+                    os.posix_fadvise(fd, at, 8 << 20, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
         except (OSError, AttributeError):  # no posix_fadvise (macOS, Windows): the scan reads it as before

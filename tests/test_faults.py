@@ -390,7 +390,7 @@ with scratch(sys.argv[1]) as folder:
 """
 
 
-def killed_writing(parent, age: float = 120) -> list:
+def killed_writing(parent, age: float = 600) -> list:
     """Have a process killed (SIGKILL) while it writes in parent; return what it left there, made `age` s old."""
     parent.mkdir(parents=True, exist_ok=True)
     before = set(parent.iterdir())

@@ -328,3 +328,23 @@ def test_a_move_after_a_killed_run_copies_the_row_of_its_content(fixed_ckpt, tmp
     now = by_path(pq.read_table(out))
     assert now[str(lib / "restored.png")]["embedding"] == first[str(target)]["embedding"]
     assert now[str(lib / "restored.png")]["sha256"] == first[str(target)]["sha256"]
+
+
+def test_an_output_folder_that_vanishes_mid_run_is_not_made_again(tmp_path):
+    """A share unmounted during a run: writing the next part fails with one line, and neither the index folder
+    nor a file's staging folder is made again on the bare mount point."""
+    from siglip_cli.errors import RunError
+    from siglip_cli.index.layouts import FileLayout, FolderLayout
+
+    mount = tmp_path / "share"
+    folder = FolderLayout(str(mount / "index"))
+    folder.prepare()
+    single = FileLayout(str(mount / "one" / "index.parquet"))
+    (mount / "one").mkdir()
+    assert folder.next_part().endswith("part-00000000.parquet") and single.next_part().endswith("part-00000000.parquet")
+    for p in mount.iterdir():  # unmounted: the mount point stays, empty
+        shutil.rmtree(p)
+    for layout in (folder, single):
+        with pytest.raises(RunError, match="vanished"):
+            layout.next_part()
+    assert list(mount.iterdir()) == []

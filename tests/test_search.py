@@ -365,8 +365,8 @@ def test_sidecar_keeps_each_paths_newest_ok_row(tmp_path, odd_names):
         n = 500
         paths = [f"/p/{i}.jpg" for i in rng.integers(0, 300, n)]
         raw = [None] * n
-        if odd_names:  # two names that show the same (U+FFFD for the bad byte) with different bytes
-            raw = [bytes([0x2F, 0xFF - (i % 2)]) if p.endswith(("7.jpg", "3.jpg")) else None for i, p in enumerate(paths)]
+        if odd_names:  # three names that show the same (U+FFFD for the bad byte) with different bytes
+            raw = [bytes([0x2F, 0xFF - (i % 3)]) if p.endswith(("7.jpg", "3.jpg")) else None for i, p in enumerate(paths)]
             paths = ["/\ufffd" if b else p for p, b in zip(paths, raw)]
         status = ["ok" if s else "error" for s in rng.random(n) > 0.1]
         columns = {"path": paths, "width": list(range(n)), "height": [1] * n, "size": [f] * n, "status": status}
@@ -383,4 +383,17 @@ def test_sidecar_keeps_each_paths_newest_ok_row(tmp_path, odd_names):
     assert rows.tolist() == want
     assert light.column("path").to_pylist() == [seen[i][0] for i in want]
     if odd_names:
-        assert light.column("path").to_pylist().count("/\ufffd") == 2
+        assert light.column("path").to_pylist().count("/\ufffd") == 3
+
+
+def test_sidecar_tells_apart_many_names_that_show_the_same(tmp_path):
+    """More names that show the same than there are distinct paths: each keeps its row."""
+    import pyarrow as pa
+
+    from siglip_cli.sidecar import _current
+
+    raw = [b"/caf\xe8.jpg", b"/caf\xe9.jpg", b"/caf\xea.jpg", None]
+    pq.write_table(pa.table({"path": ["/caf\ufffd.jpg"] * 3 + ["/dog.jpg"], "width": [1] * 4, "height": [1] * 4,
+                             "size": [1] * 4, "status": ["ok"] * 4, "path_bytes": pa.array(raw, pa.binary())}),
+                   tmp_path / "part.parquet")
+    assert _current([str(tmp_path / "part.parquet")])[0].tolist() == [0, 1, 2, 3]

@@ -113,7 +113,7 @@ class OpenVINOTower:
 
     def __init__(self, encoder, quantize: str, precision: str, threads: int):
         self.encoder, self.quantize, self.precision, self.threads = encoder, quantize, precision, threads
-        self.compiled, self.batch, self.path = None, 0, ""
+        self.compiled, self.batch, self.path, self.checked = None, 0, "", False
         self.calibration = None  # () -> photos (n, h, w, 3) uint8 that calibrate int8, or None: the first batch
 
     def _convert(self, sample: np.ndarray):
@@ -179,8 +179,9 @@ class OpenVINOTower:
         a note (unquantized: the same numbers, and the run's settings allow it), or, quantized, the run stops
         before any work with a one-line error. About 2.5 more copies of the weights at the peak: so400m's image
         tower, 1.7 GB, peaked at 6.0 GB resident in all."""
-        if os.path.exists(cache_path(self.encoder, self.batch, self.quantize)):
+        if self.checked or os.path.exists(cache_path(self.encoder, self.batch, self.quantize)):
             return
+        self.checked = True  # once: a run whose metadata says openvino keeps it (prepare decides before)
         e = self.encoder
         short = _memory_short(e.vision, 2.5, "the image tower")
         if short is None:
@@ -213,7 +214,7 @@ class OpenVINOTower:
         pixels = x.numpy()
         if self.compiled is None:
             self.batch = max(self.batch, len(pixels))
-            self.fits()  # again: a run that did not call prepare (Ray's actors)
+            self.fits()  # where prepare did not check it (Ray's actors)
             if self.encoder._features is not self:
                 return self.encoder._fixed(x)
             self._build(pixels)

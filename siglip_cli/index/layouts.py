@@ -11,6 +11,7 @@ An output is a list of Parquet *segments*, oldest first; when a path has rows in
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -56,7 +57,10 @@ class FolderLayout:
     def next_part(self) -> str:
         """The path of a new part, numbered after every part already there."""
         try:
-            os.makedirs(self.parts_dir, exist_ok=True)
+            if not os.path.isdir(self.parts_dir):
+                if self.parts_dir == self.path:  # the output folder, made at the start, is gone: never made again
+                    raise FileNotFoundError(errno.ENOENT, "vanished", self.path)
+                os.mkdir(self.parts_dir)  # a file's staging folder, beside it (mkdir: not if the folder is gone)
             numbers = [int(m.group(1)) for n in os.listdir(self.parts_dir) if (m := PART.fullmatch(n))]
         except OSError as e:
             raise write_error(self.path, e) from None
