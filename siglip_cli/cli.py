@@ -320,6 +320,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False)] = None,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="/tag's default threshold (a request may give its own).")] = DEFAULT_THRESHOLD,
+    index: Annotated[Optional[str], typer.Option("--index", help="An index of this model for POST /search (and `siglip search --server`): searched here, its sidecar kept warm.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")] = 16,
     max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch's first item waits for others.")] = 5.0,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Items waiting, all requests together; beyond it, 429.")] = 1024,
@@ -347,7 +348,7 @@ def serve(
         server.text_on_openvino(encoder)
         cfg = server.ServeConfig(host, port, api_key, batch_size, max_wait_ms / 1000, max_queue, max_items,
                                  int(max_body_mb * (1 << 20)), timeout, max(1, workers), max_pixels, vocab=found,
-                                 threshold=threshold)
+                                 threshold=threshold, index=index)
         server.run(encoder, cfg)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
@@ -396,8 +397,13 @@ def search(
 
     A single text query scores SigLIP's own sigmoid probability; image queries and combinations score the cosine."""
     def work():
-        from .remote import early
+        from .remote import Remote, early
 
+        if server and query and not (image or minus_image or model):  # a server holding this index searches it
+            found = Remote(server).search(index, {"query": query, "minus": minus or [], "k": k, "min_score": min_score,
+                                                  "path": path or []})
+            if found is not None:
+                return found
         remote = early(server, tuple(query or ()), tuple(minus or ()))  # embedded while the rest loads
         from . import search as s
 

@@ -30,7 +30,7 @@ class Remote:
         return bool(theirs) and os.path.isdir(theirs) and os.path.isdir(self.name) and \
             os.path.realpath(theirs) == os.path.realpath(self.name)
 
-    def _request(self, route: str, items: list) -> dict:
+    def _request(self, route: str, items: list | dict) -> dict:
         import json
         import urllib.error
         import urllib.request
@@ -39,7 +39,8 @@ class Remote:
         if key := os.environ.get("SIGLIP_API_KEY"):
             headers["Authorization"] = f"Bearer {key}"
         try:
-            req = urllib.request.Request(self.url + route, json.dumps({"input": items}).encode(), headers)
+            body = items if isinstance(items, dict) else {"input": items}
+            req = urllib.request.Request(self.url + route, json.dumps(body).encode(), headers)
             with urllib.request.urlopen(req, timeout=300) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
@@ -91,6 +92,20 @@ class Remote:
         except OSError as e:
             raise RunError(f"--image {path}: {e.strerror or e}") from None
         return self._vectors(self._request("/img/embed", [data]))[0]
+
+
+    def search(self, index: str, query: dict):
+        """The results of a search the server runs over its own `--index` (sidecar warm, model loaded: the whole
+        query in the time of its text embedding and one scan), or None where it serves another index or none."""
+        from .report import Results
+
+        try:
+            body = self._request("/search", {"index": os.path.realpath(index), **query})
+        except RunError as e:
+            if "HTTP 404" in str(e):
+                return None
+            raise
+        return Results(body["columns"], body["rows"], body["score"])
 
 
 def early(url: str | None, *texts: tuple[str, ...]) -> Remote | None:

@@ -89,8 +89,9 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
             encoder = (encoder_factory or _encoder)(v, q)
         return encoder
 
-    if q.server:
-        remote = remote or Remote(q.server)
+    if q.server and remote is None:
+        remote = Remote(q.server)
+    if remote:  # a server's embeddings (or, in the server, its own: see serve's /search)
         remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"))
 
     cached = False  # not looked for yet

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +27,7 @@ import numpy as np
 
 from .batcher import Batcher, QueueFull
 from .config import DEFAULT_TEMPLATE, DEFAULT_THRESHOLD
+from .errors import SiglipError
 from .model import Encoder
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -48,6 +50,7 @@ class ServeConfig:
     canary_every: float = 10.0  # seconds between the /ready canary's embeddings
     vocab: object = None  # a Vocab for /tag, or None
     threshold: float = DEFAULT_THRESHOLD
+    index: str | None = None  # an index (of this model) that POST /search searches
 
 
 class ApiError(Exception):
@@ -151,6 +154,9 @@ class Server:
         self.canary_ok = 0.0
         self.labels: collections.OrderedDict = collections.OrderedDict()  # labels -> text embeddings (LRU)
         self.tags = self.tag_text = self.thresholds = None
+        self.index_lock = threading.Lock()
+        if cfg.index is not None:
+            self.open_index()  # its sidecar built, and its model checked, before the port opens
         if cfg.vocab is not None:
             from .vocab import text_embeddings
 
@@ -211,6 +217,42 @@ class Server:
                 self.labels.popitem(last=False)
         self.labels.move_to_end(labels)
         return self.labels[labels]
+
+    def open_index(self):
+        """The --index's vectors, reopened (rebuilt by vectors.load) when the index changed since the last search;
+        refused at startup when another model made it."""
+        from .errors import RunError
+        from .remote import Remote
+        from .vectors import load
+
+        with self.index_lock:
+            v = load(self.cfg.index)
+        info = self.encoder.info
+        own = Remote("http://-")
+        own.expect(v.meta.get("model"), v.matrix.shape[1], v.meta.get("commit"))
+        try:
+            own._vectors({"model": info.name, "dim": info.dim, "commit": info.commit, "embeddings": []})
+        except RunError:
+            raise RunError(f"--index {self.cfg.index} was made with {v.meta.get('model')!r} (dim {v.matrix.shape[1]}); "
+                           f"this server runs {info.name!r} (dim {info.dim})") from None
+        return v
+
+    def search(self, texts: list[str], minus: list[str], vectors: np.ndarray, k: int, min_score, paths: list[str]):
+        """A text search of the --index (see search.py), with the texts embedded already: the same results as
+        `siglip search` there."""
+        from . import search as s
+
+        known = dict(zip(texts + minus, vectors))
+
+        class Embedded:  # in place of a Remote: this server's own vectors
+            def expect(self, *_):
+                pass
+
+            def texts(self, items):
+                return np.stack([known[t] for t in items])
+
+        q = s.Query(tuple(texts), minus=tuple(minus), k=k, min_score=min_score, paths=tuple(paths))
+        return s.search(self.open_index(), q, remote=Embedded())
 
     def scores(self, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
         e = self.encoder
@@ -395,6 +437,39 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                         "top_k": [{"label": labels[i], "score": float(s)} for i, s in zip(idx, val)]}
                        for idx, val in select(scores, np.zeros(len(labels), np.float32), top_k)]
             return {"model": name, "results": results} if many else {"model": name, **results[0]}
+        return await guarded(request, work)
+
+    def strings(payload: dict, key: str, need: bool) -> list[str]:
+        value = payload.get(key, [])
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value) or (need and not value):
+            raise ApiError(422, f'"{key}" must be a string or a list of strings' + (" (at least one)" if need else ""))
+        return value
+
+    @app.post("/search")
+    async def search(request: Request):
+        async def work(payload):
+            if cfg.index is None:
+                raise ApiError(404, "this server holds no index: start it with --index INDEX")
+            if not isinstance(payload, dict):
+                raise ApiError(422, "the body must be a JSON object")
+            given = payload.get("index")
+            if given is not None and (not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)):
+                raise ApiError(404, f"this server searches {cfg.index}, not {given}")
+            texts, minus, paths = strings(payload, "query", True), strings(payload, "minus", False), strings(payload, "path", False)
+            if len(texts) + len(minus) > cfg.max_items:
+                raise ApiError(422, f"at most {cfg.max_items} texts in one request (--max-items)")
+            k = _count(payload, "k", 10)
+            min_score = payload.get("min_score")
+            if min_score is not None:
+                min_score = _number(payload, "min_score", 0.0, -1.0, 1.0)
+            vectors = await server.texts(texts + minus)
+            try:
+                found = await asyncio.to_thread(server.search, texts, minus, vectors, k, min_score, paths)
+            except SiglipError as e:
+                raise ApiError(500, str(e)) from None
+            return {"columns": found.columns, "rows": found.rows, "score": found.score, "model": name, "dim": dim,
+                    "commit": commit}
         return await guarded(request, work)
 
     @app.get("/health")

@@ -337,3 +337,35 @@ def test_served_texts_are_those_of_a_cli_run(cli, fixed_ckpt, tmp_path, server):
     for out, close in ((tmp_path / "cpu.parquet", lambda a, b: np.abs(a - b).max() <= 1e-6),
                        (tmp_path / "torch.parquet", lambda a, b: (a * b).sum(axis=1).min() >= 0.9999)):
         assert close(served, np.array(table(out)["embedding"])), out.name
+
+
+def test_a_server_with_the_index_runs_the_search(cli, fixed_ckpt, photos, tmp_path):
+    """`siglip serve --index INDEX`: POST /search searches it there (sidecar warm, model loaded), and
+    `siglip search --server` on that index asks for it: the results of a local search. A search of another
+    index still only has its texts embedded there; bad requests are 4xx."""
+    import json
+
+    files = photo_files(photos, 12)
+    idx, other = tmp_path / "idx", tmp_path / "other"
+    for out, some in ((idx, files), (other, files[:6])):
+        assert cli("embed", *some, "-o", out, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
+                   "--backend", "torch", "-q").exit_code == 0
+    served = start(fixed_ckpt, "--index", idx)
+    try:
+        for where in (idx, other):
+            args = ["a red car", "--minus", "a blue boat", "-k", "4", "--path", "*", "--json"]
+            local = cli("search", where, *args)
+            remote = cli("search", where, *args, "--server", served.url)
+            assert remote.exit_code == 0, remote.stderr
+            got, want = ([json.loads(x) for x in r.stdout.splitlines()] for r in (remote, local))
+            assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == 4
+            np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-5)
+        metrics = served.get("/metrics").text
+        assert 'route="/search",status="200"} 1' in metrics  # idx by /search; other by /txt/embed
+        assert 'route="/search",status="404"} 1' in metrics
+        one = served.post("/search", {"query": "a red car", "k": 2}).json()
+        assert [r["rank"] for r in one["rows"]] == [1, 2] and one["score"] == "sigmoid probability"
+        for bad in ({"query": []}, {"query": "x", "k": 0}, {"query": [1]}, {"query": "x", "min_score": 5}):
+            assert served.post("/search", bad).status_code == 422, bad
+    finally:
+        stop(served)
