@@ -154,7 +154,7 @@ class Server:
         self.canary_ok = 0.0
         self.labels: collections.OrderedDict = collections.OrderedDict()  # labels -> text embeddings (LRU)
         self.tags = self.tag_text = self.thresholds = None
-        self.index_lock = threading.Lock()
+        self.index_lock, self.index_key, self.index_vectors = threading.Lock(), None, None
         if cfg.index is not None:
             self.open_index()  # its sidecar built, and its model checked, before the port opens
         if cfg.vocab is not None:
@@ -223,10 +223,16 @@ class Server:
         refused at startup when another model made it."""
         from .errors import RunError
         from .remote import Remote
-        from .vectors import load
+        from .vectors import SIDECAR_VERSION, _state, load
 
         with self.index_lock:
-            v = load(self.cfg.index)
+            try:
+                key = [SIDECAR_VERSION, _state(self.cfg.index)]  # the index's files' names, sizes and times
+            except OSError:
+                key = None  # gone: load says so
+            if key != self.index_key:
+                self.index_vectors, self.index_key = load(self.cfg.index), key
+            v = self.index_vectors
         info = self.encoder.info
         own = Remote("http://-")
         own.expect(v.meta.get("model"), v.matrix.shape[1], v.meta.get("commit"))

@@ -347,21 +347,27 @@ def test_a_server_with_the_index_runs_the_search(cli, fixed_ckpt, photos, tmp_pa
 
     files = photo_files(photos, 12)
     idx, other = tmp_path / "idx", tmp_path / "other"
-    for out, some in ((idx, files), (other, files[:6])):
+    def embed(out, some):
         assert cli("embed", *some, "-o", out, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
                    "--backend", "torch", "-q").exit_code == 0
+
+    embed(idx, files[:8]), embed(other, files[:6])
     served = start(fixed_ckpt, "--index", idx)
     try:
-        for where in (idx, other):
-            args = ["a red car", "--minus", "a blue boat", "-k", "4", "--path", "*", "--json"]
+        for where in (idx, other, "more", idx):  # more: the served index grows, and its next search sees it
+            if where == "more":
+                embed(idx, files)
+                continue
+            args = ["a red car", "--minus", "a blue boat", "-k", "10", "--path", "*", "--json"]
             local = cli("search", where, *args)
             remote = cli("search", where, *args, "--server", served.url)
             assert remote.exit_code == 0, remote.stderr
             got, want = ([json.loads(x) for x in r.stdout.splitlines()] for r in (remote, local))
-            assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == 4
+            assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == min(10, len(table(where)["path"]))
             np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-5)
+        assert len(got) == 10
         metrics = served.get("/metrics").text
-        assert 'route="/search",status="200"} 1' in metrics  # idx by /search; other by /txt/embed
+        assert 'route="/search",status="200"} 2' in metrics  # idx by /search; other by /txt/embed
         assert 'route="/search",status="404"} 1' in metrics
         one = served.post("/search", {"query": "a red car", "k": 2}).json()
         assert [r["rank"] for r in one["rows"]] == [1, 2] and one["score"] == "sigmoid probability"
