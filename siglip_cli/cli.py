@@ -16,7 +16,7 @@ from typing_extensions import Annotated
 
 from . import __version__
 from .config import ARCHS, DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers
-from .errors import SiglipError, UsageError
+from .errors import RunError, SiglipError, UsageError
 
 EXIT_CODES = "Exit codes: 0 done (failed images are rows, not failures, unless --strict); 1 the run could not be done; 2 bad usage."
 
@@ -342,6 +342,9 @@ def serve(
     try:
         from . import serve as server
         from .model import Encoder
+
+        if index is not None and not os.path.exists(index):  # before the model loads
+            raise RunError(f"--index {index}: no index there")
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
                                show_downloads=sys.stderr.isatty())

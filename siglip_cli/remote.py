@@ -44,7 +44,9 @@ class Remote:
             with urllib.request.urlopen(req, timeout=300) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise RunError(f"--server {self.url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+            error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}")
+            error.status = e.code
+            raise error from None
         except (OSError, ValueError) as e:
             raise RunError(f"--server {self.url}: {getattr(e, 'reason', e)}") from None
 
@@ -97,12 +99,17 @@ class Remote:
     def search(self, index: str, query: dict):
         """The results of a search the server runs over its own `--index` (sidecar warm, model loaded: the whole
         query in the time of its text embedding and one scan), or None where it serves another index or none."""
+        from .index.layouts import state
         from .report import Results
 
         try:
-            body = self._request("/search", {"index": os.path.realpath(index), **query})
+            here = state(index)
+        except OSError:
+            return None  # the local search says what is wrong
+        try:
+            body = self._request("/search", {"index": os.path.realpath(index), "state": here, **query})
         except RunError as e:
-            if "HTTP 404" in str(e):
+            if getattr(e, "status", None) in (404, 405, 501):  # another index, or a server without /search
                 return None
             raise
         return Results(body["columns"], body["rows"], body["score"])

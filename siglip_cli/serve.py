@@ -223,14 +223,15 @@ class Server:
         refused at startup when another model made it."""
         from .errors import RunError
         from .remote import Remote
-        from .vectors import SIDECAR_VERSION, _state, load
+        from .index.layouts import state
+        from .vectors import SIDECAR_VERSION, load
 
         with self.index_lock:
             try:
-                key = [SIDECAR_VERSION, _state(self.cfg.index)]  # the index's files' names, sizes and times
+                key = [SIDECAR_VERSION, state(self.cfg.index)]  # the index's files' names, sizes and times
             except OSError:
                 key = None  # gone: load says so
-            if key != self.index_key:
+            if key is None or key != self.index_key:
                 self.index_vectors, self.index_key = load(self.cfg.index), key
             v = self.index_vectors
         info = self.encoder.info
@@ -349,12 +350,12 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         server.metrics.request(route, response.status_code, time.perf_counter() - t)
         return response
 
-    async def guarded(request: Request, work):
+    async def guarded(request: Request, work, deadline: float | None = cfg.timeout):
         """The work of a request, within its deadline, dropped if the client goes away."""
         payload = await read_json(request, cfg.max_body)
         task = asyncio.ensure_future(work(payload))
         gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({task, gone}, timeout=cfg.timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, gone}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if task in done:
             return task.result()
@@ -459,8 +460,17 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                 raise ApiError(404, "this server holds no index: start it with --index INDEX")
             if not isinstance(payload, dict):
                 raise ApiError(422, "the body must be a JSON object")
-            given = payload.get("index")
-            if given is not None and (not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)):
+            given, theirs = payload.get("index"), payload.get("state")
+            if theirs is not None:  # the client's index as it sees it: the same files, sizes and times, on any host
+                from .index.layouts import state
+
+                try:
+                    ours = state(cfg.index)
+                except OSError:
+                    ours = None
+                if theirs != ours:
+                    raise ApiError(404, f"this server searches {cfg.index} (as it is now), not {given}")
+            elif given is not None and (not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)):
                 raise ApiError(404, f"this server searches {cfg.index}, not {given}")
             texts, minus, paths = strings(payload, "query", True), strings(payload, "minus", False), strings(payload, "path", False)
             if len(texts) + len(minus) > cfg.max_items:
@@ -468,15 +478,16 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             k = _count(payload, "k", 10)
             min_score = payload.get("min_score")
             if min_score is not None:
-                min_score = _number(payload, "min_score", 0.0, -1.0, 1.0)
+                min_score = _number(payload, "min_score", 0.0, -1e30, 1e30)
             vectors = await server.texts(texts + minus)
             try:
                 found = await asyncio.to_thread(server.search, texts, minus, vectors, k, min_score, paths)
-            except SiglipError as e:
-                raise ApiError(500, str(e)) from None
+            except (SiglipError, OSError) as e:  # the index gone or unreadable now, or rebuilt by another run
+                raise ApiError(503, f"cannot search {cfg.index} now: {e}", headers={"Retry-After": "5"}) from None
             return {"columns": found.columns, "rows": found.rows, "score": found.score, "model": name, "dim": dim,
                     "commit": commit}
-        return await guarded(request, work)
+        # no deadline: after the index changed, the first search rebuilds its sidecar (a minute for 10M rows)
+        return await guarded(request, work, deadline=None)
 
     @app.get("/health")
     async def health():

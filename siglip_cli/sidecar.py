@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 from .errors import RunError
 from .index import pages
 from .index.files import METADATA_KEY
-from .index.layouts import _parts, is_file_output
+from .index.layouts import _parts, index_files, is_file_output
 from .scratch import scratch
-from .vectors import column_scales, index_files, quantize
+from .vectors import column_scales, quantize
 
 ROW_COLUMNS = ["path", "width", "height", "size"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import RunError
-from .index.layouts import _parts, is_file_output
+from .index.layouts import state as _state
 
 SIDECAR_VERSION = 5
 # float32's unit roundoff u: quantize's error bounds and top_k's first pass and recheck are bounded with it
@@ -159,18 +159,6 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
     return out
 
 
-def index_files(index: str) -> list[str]:
-    """The index's files: itself, or its folder's parts."""
-    return [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
-
-
-def _state(index: str) -> list:
-    """What identifies the index's contents now: its files' names, sizes and times."""
-    out = []
-    for f in index_files(index):
-        st = os.stat(f)
-        out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
-    return out
 
 
 def _places(index: str) -> list[str]:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import run_siglip
 from test_devices import table
 
 httpx = pytest.importorskip("httpx", reason="the test extra's httpx")
@@ -371,7 +372,11 @@ def test_a_server_with_the_index_runs_the_search(cli, fixed_ckpt, photos, tmp_pa
         assert 'route="/search",status="404"} 1' in metrics
         one = served.post("/search", {"query": "a red car", "k": 2}).json()
         assert [r["rank"] for r in one["rows"]] == [1, 2] and one["score"] == "sigmoid probability"
-        for bad in ({"query": []}, {"query": "x", "k": 0}, {"query": [1]}, {"query": "x", "min_score": 5}):
+        for bad in ({"query": []}, {"query": "x", "k": 0}, {"query": [1]}, {"query": "x", "min_score": "high"}):
             assert served.post("/search", bad).status_code == 422, bad
+        assert served.post("/search", {"query": "x", "min_score": 1.5}).json()["rows"] == []  # as the CLI: none
+        assert served.post("/search", {"query": "x", "index": str(idx), "state": []}).status_code == 404
     finally:
         stop(served)
+    gone = run_siglip("serve", "-m", fixed_ckpt, "--index", tmp_path / "none", "--port", free_port())
+    assert gone.returncode == 1 and gone.stderr.strip().splitlines()[-1].endswith("no index there")

@@ -36,6 +36,20 @@ def _parts(folder: str) -> list[str]:
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if PART.fullmatch(n))
 
 
+def index_files(index: str) -> list[str]:
+    """An index's files: itself, or its folder's parts."""
+    return [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
+
+
+def state(index: str) -> list:
+    """What identifies an index's contents now: its files' names, sizes and times (OSError where it is gone)."""
+    out = []
+    for f in index_files(index):
+        st = os.stat(f)
+        out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
 class FolderLayout:
     """A folder of part files (see the module docstring)."""
 
