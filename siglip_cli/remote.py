@@ -8,6 +8,15 @@ import os
 from .errors import RunError
 
 
+def same_model(a: tuple, b: tuple) -> bool:
+    """Whether two (name, dim, commit) are one model: the same name, or the same local folder named another way
+    (./ckpt here, /abs/ckpt there), the same dimension, and the same commit where both know it."""
+    (name, dim, commit), (other, other_dim, other_commit) = a, b
+    same = name == other or (bool(name) and bool(other) and os.path.isdir(name) and os.path.isdir(other)
+                             and os.path.realpath(name) == os.path.realpath(other))
+    return same and dim == other_dim and not (commit and other_commit and commit != other_commit)
+
+
 class Remote:
     """Queries embedded by a running `siglip serve` (its /txt/embed and /img/embed routes): a search then needs
     no torch and no model load, only the scan. The server must run the index's model (name, dim, and commit
@@ -22,13 +31,6 @@ class Remote:
 
     def expect(self, name: str, dim: int, commit: str | None) -> None:
         self.name, self.dim, self.commit = name, dim, commit
-
-    def _same_model(self, theirs: str | None) -> bool:
-        """The same name, or the same local folder named another way (./ckpt here, /abs/ckpt there)."""
-        if theirs == self.name:
-            return True
-        return bool(theirs) and os.path.isdir(theirs) and os.path.isdir(self.name) and \
-            os.path.realpath(theirs) == os.path.realpath(self.name)
 
     def _request(self, route: str, items: list | dict) -> dict:
         import json
@@ -70,7 +72,7 @@ class Remote:
 
     def _vectors(self, body: dict):
         theirs = (body.get("model"), body.get("dim"), body.get("commit"))
-        if not self._same_model(theirs[0]) or theirs[1] != self.dim or (self.commit and theirs[2] and theirs[2] != self.commit):
+        if not same_model(theirs, (self.name, self.dim, self.commit)):
             raise RunError(f"--server {self.url} runs {theirs[0]!r} (dim {theirs[1]}, commit {theirs[2]}); the index "
                            f"needs {self.name!r} (dim {self.dim}, commit {self.commit})")
         import numpy as np

@@ -222,8 +222,8 @@ class Server:
         """The --index's vectors, reopened (rebuilt by vectors.load) when the index changed since the last search;
         refused at startup when another model made it."""
         from .errors import RunError
-        from .remote import Remote
         from .index.layouts import state
+        from .remote import same_model
         from .vectors import SIDECAR_VERSION, load
 
         with self.index_lock:
@@ -235,13 +235,9 @@ class Server:
                 self.index_vectors, self.index_key = load(self.cfg.index), key
             v = self.index_vectors
         info = self.encoder.info
-        own = Remote("http://-")
-        own.expect(v.meta.get("model"), v.matrix.shape[1], v.meta.get("commit"))
-        try:
-            own._vectors({"model": info.name, "dim": info.dim, "commit": info.commit, "embeddings": []})
-        except RunError:
+        if not same_model((v.meta.get("model"), v.matrix.shape[1], v.meta.get("commit")), (info.name, info.dim, info.commit)):
             raise RunError(f"--index {self.cfg.index} was made with {v.meta.get('model')!r} (dim {v.matrix.shape[1]}); "
-                           f"this server runs {info.name!r} (dim {info.dim})") from None
+                           f"this server runs {info.name!r} (dim {info.dim})")
         return v
 
     def search(self, texts: list[str], minus: list[str], vectors: np.ndarray, k: int, min_score, paths: list[str]):
