@@ -409,10 +409,11 @@ def search(
                 return found
         remote = early(server, tuple(query or ()), tuple(minus or ()))  # embedded while the rest loads
         from . import search as s
+        from .vectors import load
 
         q = s.Query(tuple(query or ()), tuple(image or ()), tuple(minus or ()), tuple(minus_image or ()),
                     image_weight, k, min_score, tuple(path or ()), model, device, server)
-        return s.run(index, q, remote)
+        return s.search(load(index), q, remote=remote)
 
     _results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")
 

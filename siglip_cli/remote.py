@@ -97,7 +97,6 @@ class Remote:
             raise RunError(f"--image {path}: {e.strerror or e}") from None
         return self._vectors(self._request("/img/embed", [data]))[0]
 
-
     def search(self, index: str, query: dict):
         """The results of a search the server runs over its own `--index` (sidecar warm, model loaded: the whole
         query in the time of its text embedding and one scan), or None where it serves another index or none."""

@@ -137,17 +137,6 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
     return (vec / norm).astype(np.float32), len(q.texts) == 1 and not (q.images or q.minus or q.minus_images)
 
 
-def run(index: str, q: Query, remote: Remote | None = None) -> Results:
-    """search(load(index), q), with a --server embedding the text queries while the index's vectors open (the
-    CLI sends them before it imports this module: see remote.early)."""
-    from .vectors import load
-
-    remote = remote or (Remote(q.server) if q.server else None)
-    if remote:
-        remote.ask(q.texts), remote.ask(q.minus)
-    return search(load(index), q, remote=remote)
-
-
 def search(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = None) -> Results:
     """The k best rows: rank, score, path, width, height, size."""
     vec, probability = query_vector(v, q, encoder_factory, remote)
