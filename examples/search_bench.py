@@ -10,11 +10,13 @@ peak memory. The query is an indexed image (its stored vector is reused), so no 
 
 --text times a text query three ways, on a random-weight checkpoint with so400m's text tower (27 layers, width
 1152, a 256,000-token vocabulary; built once, offline): loading the model with torch, with `--server` against a
-running `siglip serve` of it, and (with the openvino extra) after converting the text tower as `tag` and
+running `siglip serve` of it (and of it with `--index` on the index: the server embeds and scans; medians of
+eleven), and (with the openvino extra) after converting the text tower as `tag` and
 `classify` on a CPU do, reading it from the cache (medians of five).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -119,18 +121,13 @@ def main() -> None:
         print(f"| {label} | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
 
 
-def text(index: str, model: str, a) -> None:
-    query = ["search", index, "a photo of a dog", "-k", "10", "--json", "--device", "cpu"]
-    timed(["search", index, "--image", "/photos/00000007.jpg"])  # the sidecar, if missing
-    # a cache of its own: no converted text tower until the server (on OpenVINO, where installed) converts it
-    os.environ["SIGLIP_CACHE_DIR"] = cache = os.path.join(a.folder, "text-cache")
-    subprocess.run(["rm", "-rf", cache])
-    took, rss = timed(query)
-    print(f"| text search, loading the model with torch | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
+@contextlib.contextmanager
+def serving(model: str, extra: list[str]):
+    """A `siglip serve` of the model on the CPU, ready; its URL and process id."""
     port = 8765
     t = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "siglip_cli", "serve", "-m", model, "--port", str(port),
-                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--device", "cpu", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):
@@ -140,12 +137,34 @@ def text(index: str, model: str, a) -> None:
             except OSError:
                 time.sleep(0.5)
         print(f"(the server was ready in {time.perf_counter() - t:.0f} s)")
-        runs = [timed(query + ["--server", url]) for _ in range(6)][1:]  # the first warms the server's caches
-        took, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
-        print(f"| text search with --server | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
+        yield url, server.pid
     finally:
         server.terminate()
         server.wait()
+
+
+def peak_memory(pid: int) -> float:
+    """A process's peak resident memory in GB (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 2**20
+
+
+def text(index: str, model: str, a) -> None:
+    query = ["search", index, "a photo of a dog", "-k", "10", "--json", "--device", "cpu"]
+    timed(["search", index, "--image", "/photos/00000007.jpg"])  # the sidecar, if missing
+    # a cache of its own: no converted text tower until the server (on OpenVINO, where installed) converts it
+    os.environ["SIGLIP_CACHE_DIR"] = cache = os.path.join(a.folder, "text-cache")
+    subprocess.run(["rm", "-rf", cache])
+    took, rss = timed(query)
+    print(f"| text search, loading the model with torch | {a.rows:,} x {a.dim} float16 | {took:.2f} s | {rss:.2f} GB |")
+    for label, extra in (("--server", []), ("--server of a `serve --index` of this index", ["--index", index])):
+        with serving(model, extra) as (url, pid):
+            runs = [timed(query + ["--server", url]) for _ in range(12)][1:]  # the first warms the server
+            server_rss = peak_memory(pid)
+        took = sorted(r[0] for r in runs)
+        print(f"| text search with {label} | {a.rows:,} x {a.dim} float16 | {took[0]:.2f}-{took[-1]:.2f} s, "
+              f"median {statistics.median(took):.2f} s (11 runs) | {max(r[1] for r in runs):.2f} GB "
+              f"(the server: {server_rss:.1f} GB) |")
     from siglip_cli.config import ModelConfig
     from siglip_cli.encoders import ovtext
     from siglip_cli.model import Encoder

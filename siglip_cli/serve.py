@@ -232,7 +232,7 @@ class Server:
             except OSError:
                 key = None  # gone: load says so
             if key is None or key != self.index_key:
-                self.index_vectors, self.index_key = load(self.cfg.index), key
+                self.index_vectors, self.index_key = load(self.cfg.index, resident=True), key
             v = self.index_vectors
         info = self.encoder.info
         if not same_model((v.meta.get("model"), v.matrix.shape[1], v.meta.get("commit")), (info.name, info.dim, info.commit)):
