@@ -207,10 +207,31 @@ def _open(place: str, resident: bool = False) -> Vectors:
     matrix = np.load(at("vectors.npy"), mmap_mode="r")
     bounds = np.load(at("bounds.npy"))
     values = np.load(at("fast.npy"), mmap_mode="r")
-    fast = Quantized(np.asarray(values) if resident else values, bounds[:, 0], bounds[:, 1], np.load(at("columns.npy")))
+    fast = Quantized(_resident(values) if resident else values, bounds[:, 0], bounds[:, 1], np.load(at("columns.npy")))
     with open(at("paths.bin"), "rb") as f, open(at("meta.json")) as m:
         rows, meta = Rows(f.read(), np.load(at("ends.npy")), np.load(at("ints.npy"))), json.load(m)
     return Vectors(matrix, rows, meta, fast)
+
+
+def _resident(values: np.memmap) -> np.ndarray:
+    """A mapped .npy as a plain array (which _scan reads in place), its pages mapped now, in a thread
+    (MADV_POPULATE_READ, Linux 5.14+; 0.12 s for 1.15 GB cached) and kept: the first scan is as fast as the next."""
+    import mmap
+    import threading
+
+    if not values.size:
+        return values
+    with open(values.filename, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def populate():
+        try:
+            mapping.madvise(22)  # MADV_POPULATE_READ
+        except (OSError, AttributeError, ValueError):  # an older kernel or no madvise: the first scan maps them
+            pass
+
+    threading.Thread(target=populate, daemon=True).start()
+    return np.frombuffer(mapping, values.dtype, values.size, values.offset).reshape(values.shape)
 
 
 def _read_ahead(path: str) -> None:

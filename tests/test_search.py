@@ -238,6 +238,11 @@ def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype):
     np.testing.assert_array_equal(np.asarray(v.matrix), vecs[ok])
     assert v.rows.paths() == [f"/p/{i:02d}.jpg" for i in np.flatnonzero(ok)] and v.meta == meta
     assert [v.rows.record(j)["size"] for j in range(len(v.rows))] == (100 + np.flatnonzero(ok)).tolist()
+    kept = load(str(index), resident=True)  # as `serve --index` opens it: its int8 copy mapped and scanned in place
+    assert type(kept.fast.values) is np.ndarray and np.array_equal(kept.fast.values, v.fast.values)
+    q = (vecs[7] / np.linalg.norm(vecs[7])).astype(np.float32)
+    for a, b in zip(top_k(kept.matrix, q, 5, fast=kept.fast), top_k(v.matrix, q, 5, fast=v.fast)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_sidecar_rows_find_exact_paths(tmp_path):
