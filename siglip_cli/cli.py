@@ -329,7 +329,7 @@ def serve(
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request may take; beyond it, 504.")] = 30.0,
     workers: Workers = ..., max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
-    """Serve embeddings, tags and labels over HTTP (pip install 'siglip-cli[serve]'), batched across requests."""
+    """Serve embeddings, tags and labels over HTTP (pip install 'siglip-cli\\[serve]'), batched across requests."""
     from .vocab import read_vocab
 
     found = _usage(lambda: read_vocab(vocab)) if vocab else None

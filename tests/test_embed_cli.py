@@ -172,7 +172,8 @@ def test_help_does_not_import_heavy_modules():
 
 def test_help_shows_every_option_text_whole(cli):
     """Rich reads [brackets] in help text as markup and drops them: `siglip-cli[ray]` became `siglip-cli` and
-    `[env: SIGLIP_MODEL]` vanished. Every bracketed piece of every option's help appears in `--help`."""
+    `[env: SIGLIP_MODEL]` vanished. Every bracketed piece of every command's and option's help appears in `--help`
+    (a command's own text too: `serve`'s said "pip install 'siglip-cli'")."""
     import re
 
     import typer.main
@@ -181,8 +182,8 @@ def test_help_shows_every_option_text_whole(cli):
 
     for name, command in typer.main.get_command(app).commands.items():
         shown = re.sub(r"[\s\u2502]+", "", cli(name, "--help").stdout)
-        for param in command.params:
-            text = (getattr(param, "help", None) or "").replace("\\[", "[")
+        for help in [command.help] + [getattr(param, "help", None) for param in command.params]:
+            text = (help or "").replace("\\[", "[")
             for piece in re.findall(r"\S*\[[^\]]*\]\S*", text):
                 assert re.sub(r"\s+", "", piece) in shown, (name, piece)
 
