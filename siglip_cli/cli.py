@@ -6,6 +6,7 @@ Imports nothing heavy at module level: `siglip --help` must not pay for torch, t
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -42,6 +43,14 @@ def _one_of(*choices: str):
     return check
 
 
+def _finite(value: float | None) -> float | None:
+    """Every float option's callback: click's ranges let nan (and inf) through, and a nan threshold or weight
+    quietly matches nothing."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter("expected a finite number")
+    return value
+
+
 _dtype = _one_of("auto", "float32", "bfloat16", "float16")
 _backend = _one_of("auto", "torch", "openvino")
 _quantize = _one_of("none", "int8", "int8-weights", "int4")
@@ -76,7 +85,7 @@ Prune = Annotated[bool, typer.Option("--prune", help="Remove the rows of files t
 PruneAnyway = Annotated[bool, typer.Option("--prune-anyway", help="With --prune: prune even a missing or empty folder's rows, or most of them.")]
 Rehash = Annotated[bool, typer.Option("--rehash", help="Find changed files by content hash (reads every file) instead of size and mtime.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse images with more pixels than this (decompression bombs).")]
-Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
+Timeout = Annotated[float, typer.Option("--timeout", callback=_finite, min=0.1, help="Seconds one file may take to read and decode before it becomes an error row.")]
 Exact = Annotated[bool, typer.Option("--exact", help="Decode JPEGs at full size: bit-exact reference preprocessing, slower on big photos.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the image tower: faster on a GPU after a one-time compile (cached on disk).")]
 Ray = Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data (pip install 'siglip-cli\\[ray]'): local starts a Ray on this machine, auto joins the cluster `ray start` made, or give its address (HOST:PORT, ray://HOST:PORT).", show_default=False)]
@@ -211,7 +220,7 @@ def tag(
     paths: Paths = None,
     vocab: Annotated[str, typer.Option("--vocab", help="Tags, one a line ('#' comments; 'tag<TAB>0.2' sets its own threshold).", show_default=False)] = ...,
     output: Output = None,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="Keep tags scoring at least this (per-tag thresholds in the file win).")] = DEFAULT_THRESHOLD,
+    threshold: Annotated[float, typer.Option("--threshold", callback=_finite, min=0.0, max=1.0, help="Keep tags scoring at least this (per-tag thresholds in the file win).")] = DEFAULT_THRESHOLD,
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Keep at most this many tags per image.", show_default=False)] = None,
     template: Templates = None,
     all_scores: Annotated[bool, typer.Option("--all-scores", help="Also write the dense score vector (float16, one per tag).")] = False,
@@ -276,7 +285,7 @@ def bench(
     arch: Annotated[Optional[str], typer.Option("--arch", help=f"Build this architecture with random weights instead of loading --model: {', '.join(ARCHS)}.", show_default=False)] = None,
     images: Annotated[Optional[int], typer.Option("--images", "-n", min=1, help="Images through the pipeline (default: 20 batches).", show_default=False)] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="Also measure `tag` with this vocabulary, against `embed`.", show_default=False)] = None,
-    seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="Time the model alone for at least this long.")] = 3.0,
+    seconds: Annotated[float, typer.Option("--seconds", callback=_finite, min=0.1, help="Time the model alone for at least this long.")] = 3.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
     backends: Annotated[bool, typer.Option("--backends", help="Compare every backend, dtype and quantization this machine can run: images/s and cosine to torch float32.")] = False,
     ext: Ext = None,
@@ -319,14 +328,14 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False)] = None,
-    threshold: Annotated[float, typer.Option("--threshold", min=0.0, max=1.0, help="/tag's default threshold (a request may give its own).")] = DEFAULT_THRESHOLD,
+    threshold: Annotated[float, typer.Option("--threshold", callback=_finite, min=0.0, max=1.0, help="/tag's default threshold (a request may give its own).")] = DEFAULT_THRESHOLD,
     index: Annotated[Optional[str], typer.Option("--index", help="An index of this model for POST /search (and `siglip search --server`): searched here, its sidecar kept warm.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")] = 16,
-    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0.0, help="How long a batch's first item waits for others.")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", callback=_finite, min=0.0, help="How long a batch's first item waits for others.")] = 5.0,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Items waiting, all requests together; beyond it, 429.")] = 1024,
     max_items: Annotated[int, typer.Option("--max-items", min=1, help="Items in one request; beyond it, 422.")] = 256,
-    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body; beyond it, 413.")] = 32.0,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds a request may take; beyond it, 504.")] = 30.0,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", callback=_finite, min=0.001, help="Largest request body; beyond it, 413.")] = 32.0,
+    timeout: Annotated[float, typer.Option("--timeout", callback=_finite, min=0.1, help="Seconds a request may take; beyond it, 504.")] = 30.0,
     workers: Workers = ..., max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Serve embeddings, tags and labels over HTTP (pip install 'siglip-cli\\[serve]'), batched across requests."""
@@ -387,9 +396,9 @@ def search(
     image: Annotated[Optional[List[str]], typer.Option("--image", help="An image query (repeatable): a file in the index reuses its stored vector.", show_default=False)] = None,
     minus: Annotated[Optional[List[str]], typer.Option("--minus", help="A text to move away from (repeatable).", show_default=False)] = None,
     minus_image: Annotated[Optional[List[str]], typer.Option("--minus-image", help="An image to move away from (repeatable).", show_default=False)] = None,
-    image_weight: Annotated[float, typer.Option("--image-weight", help="Weight of the image parts against the texts' 1.")] = 1.0,
+    image_weight: Annotated[float, typer.Option("--image-weight", callback=_finite, help="Weight of the image parts against the texts' 1.")] = 1.0,
     k: Annotated[int, typer.Option("-k", "--top", min=1, help="How many results.")] = 10,
-    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop results scoring below this.", show_default=False)] = None,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", callback=_finite, help="Drop results scoring below this.", show_default=False)] = None,
     path: Annotated[Optional[List[str]], typer.Option("--path", help="Only rows whose path matches this glob (repeatable).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embed text queries with this model instead of the index's.", show_default=False)] = None,
     device: Device = "auto",
@@ -422,7 +431,7 @@ def search(
 def dedup(
     index: Index,
     similar: Annotated[bool, typer.Option("--similar", help="Group similar shots (bursts, cosine >= 0.92) instead of near-identical copies (>= 0.99).")] = False,
-    threshold: Annotated[Optional[float], typer.Option("--threshold", min=-1.0, max=1.0, help="Cosine at which two photos join a group (overrides the presets).", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", callback=_finite, min=-1.0, max=1.0, help="Cosine at which two photos join a group (overrides the presets).", show_default=False)] = None,
     output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
 ) -> None:
     """Find groups of near-duplicate photos in an index (never deletes anything).

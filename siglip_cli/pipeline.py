@@ -80,7 +80,10 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
             if isinstance(value, Vocab):
                 value = hashlib.sha256(json.dumps([value.tags, value.thresholds]).encode()).hexdigest()
             sig[f.name] = value
-    model = dataclasses.replace(cfg.model, commit=None if local else weights)
+    # a local folder by its absolute path: the index's metadata then names it from anywhere (./ckpt from
+    # another folder is another checkpoint, or none)
+    model = dataclasses.replace(cfg.model, name=os.path.abspath(name) if local else name,
+                                commit=None if local else weights)
     return dataclasses.replace(cfg, model=model), json.loads(json.dumps(sig))  # tuples -> lists, as they read back
 
 

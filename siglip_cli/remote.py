@@ -9,12 +9,29 @@ from .errors import RunError
 
 
 def same_model(a: tuple, b: tuple) -> bool:
-    """Whether two (name, dim, commit) are one model: the same name, or the same local folder named another way
-    (./ckpt here, /abs/ckpt there), the same dimension, and the same commit where both know it."""
-    (name, dim, commit), (other, other_dim, other_commit) = a, b
+    """Whether two (name, dim, commit, weights) are one model. weights is what an index records in its signature
+    (the Hub commit, or a local folder's content fingerprint "local:...") and a server reports; where both know
+    it, it decides (with the dimension): a folder named ./ckpt here may be another checkpoint than ./ckpt there.
+    Otherwise: the same name, or the same local folder named another way (./ckpt, /abs/ckpt), the same
+    dimension, and the same commit where both know it."""
+    (name, dim, commit, weights), (other, other_dim, other_commit, other_weights) = a, b
+    if dim != other_dim:
+        return False
+    if weights and other_weights:
+        return weights == other_weights
     same = name == other or (bool(name) and bool(other) and os.path.isdir(name) and os.path.isdir(other)
                              and os.path.realpath(name) == os.path.realpath(other))
-    return same and dim == other_dim and not (commit and other_commit and commit != other_commit)
+    return same and not (commit and other_commit and commit != other_commit)
+
+
+def describe(model: tuple) -> str:
+    name, dim, commit, weights = model
+    return f"{name!r} (dim {dim}, " + (f"commit {commit})" if commit else f"weights {weights})")
+
+
+def index_model(meta: dict, dim: int) -> tuple:
+    """An index's model as same_model takes it, from the index's metadata."""
+    return meta.get("model"), dim, meta.get("commit"), (meta.get("signature") or {}).get("weights")
 
 
 class Remote:
@@ -27,10 +44,10 @@ class Remote:
         if not url.startswith(("http://", "https://")):
             raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
         self.url, self.asked = url.rstrip("/"), {}
-        self.name = self.dim = self.commit = None  # what the index needs (expect)
+        self.model = (None, None, None, None)  # what the index needs (expect): see same_model
 
-    def expect(self, name: str, dim: int, commit: str | None) -> None:
-        self.name, self.dim, self.commit = name, dim, commit
+    def expect(self, name: str, dim: int, commit: str | None, weights: str | None = None) -> None:
+        self.model = (name, dim, commit, weights)
 
     def _request(self, route: str, items: list | dict) -> dict:
         import json
@@ -46,7 +63,7 @@ class Remote:
             with urllib.request.urlopen(req, timeout=300) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}")
+            error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {_message(e.read(4096))}")
             error.status = e.code
             raise error from None
         except (OSError, ValueError) as e:
@@ -71,13 +88,12 @@ class Remote:
         self.asked[texts] = (thread, answer)
 
     def _vectors(self, body: dict):
-        theirs = (body.get("model"), body.get("dim"), body.get("commit"))
-        if not same_model(theirs, (self.name, self.dim, self.commit)):
-            raise RunError(f"--server {self.url} runs {theirs[0]!r} (dim {theirs[1]}, commit {theirs[2]}); the index "
-                           f"needs {self.name!r} (dim {self.dim}, commit {self.commit})")
+        theirs = (body.get("model"), body.get("dim"), body.get("commit"), body.get("weights"))
+        if not same_model(theirs, self.model):
+            raise RunError(f"--server {self.url} runs {describe(theirs)}; the index needs {describe(self.model)}")
         import numpy as np
 
-        return np.asarray(body["embeddings"], np.float32).reshape(-1, self.dim)
+        return np.asarray(body["embeddings"], np.float32).reshape(-1, self.model[1])
 
     def texts(self, items: tuple[str, ...]):
         self.ask(items)
@@ -113,7 +129,29 @@ class Remote:
             if getattr(e, "status", None) in (404, 405, 501):  # another index, or a server without /search
                 return None
             raise
+        import base64
+
+        for row in body["rows"]:
+            if row.get("path_bytes") is not None:
+                row["path_bytes"] = base64.b64decode(row["path_bytes"])
         return Results(body["columns"], body["rows"], body["score"])
+
+
+def _message(body: bytes) -> str:
+    """One line from an error's body: a siglip server's message, or the start of whatever else answered."""
+    import json
+    import re
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
+        return str(data["error"]["message"])[:300]
+    if isinstance(data, dict) and "detail" in data:  # FastAPI's own answers (an unknown route, say)
+        return str(data["detail"])[:300]
+    text = " ".join(re.sub(r"<[^>]*>", " ", body.decode(errors="replace")).split())
+    return (text[:200] or "(no message)") + " (is this a siglip serve?)"
 
 
 def early(url: str | None, *texts: tuple[str, ...]) -> Remote | None:

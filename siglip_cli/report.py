@@ -14,7 +14,7 @@ from dataclasses import dataclass
 THUMB = 256  # pixels, the longer side
 # the Parquet type of each column a result can have (sizes and resolutions as the index stores them)
 TYPES = {"group": "int32", "representative": "bool_", "rank": "int32", "score": "float32", "path": "string",
-         "width": "int32", "height": "int32", "size": "int64"}
+         "width": "int32", "height": "int32", "size": "int64", "path_bytes": "binary"}
 
 
 @dataclass
@@ -44,14 +44,19 @@ def emit(results: Results, output: str | None, as_json: bool) -> None:
         return
     if as_json or output == "-" or not sys.stdout.isatty():
         for row in results.rows:
-            sys.stdout.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
         return
-    cols = [c for c in results.columns if c not in ("representative",)]
+    cols = [c for c in results.columns if c not in ("representative", "path_bytes")]
     rows = [[_cell(r[c]) for c in cols] for r in results.rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _json_default(value) -> str:
+    """path_bytes (the exact name, where it is not UTF-8) in base64, as the index's JSON Lines have it."""
+    return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
 
 
 def _cell(v) -> str:
@@ -86,7 +91,7 @@ align-items:center;justify-content:center;color:#a00;background:#eee}.meta{font-
 
 
 def _card(row: dict, label: str, rep: bool = False) -> str:
-    uri = thumbnail(row["path"])
+    uri = thumbnail(os.fsdecode(row["path_bytes"]) if row.get("path_bytes") else row["path"])
     img = f'<img src="{uri}" alt="{html.escape(os.path.basename(row["path"]))}">' if uri else \
         '<div class="missing">cannot read this file now</div>'
     size = f'{row.get("width")}x{row.get("height")}, {row.get("size") or 0:,} bytes'

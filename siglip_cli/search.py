@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RunError
+from .errors import RunError, UsageError
 from .remote import Remote
 from .report import Results
 from .vectors import Vectors, as_tensor, top_k
@@ -33,6 +33,12 @@ class Query:
     server: str | None = None  # a running `siglip serve` of the index's model embeds the queries
 
 
+def _weights(v: Vectors, q: Query) -> str | None:
+    """The index's model's weights as its signature records them (a Hub commit, or "local:" and a local folder's
+    content fingerprint), or None where --model overrides it or the index predates them."""
+    return None if q.model else (v.meta.get("signature") or {}).get("weights")
+
+
 def _encoder(v: Vectors, q: Query):
     from .config import ModelConfig
     from .model import Encoder
@@ -41,12 +47,22 @@ def _encoder(v: Vectors, q: Query):
     name = q.model or meta.get("model")
     revision = None if q.model else (meta.get("commit") or meta.get("revision"))
     dtype = meta.get("dtype", "float32") if meta.get("dtype") in ("float32", "bfloat16", "float16") else "auto"
+    weights = _weights(v, q)
+    if weights and weights.startswith("local:") and name and os.path.isdir(name):
+        from .weights import local_fingerprint
+
+        if (here := local_fingerprint(name)) != weights:  # another checkpoint by that name (./ckpt from elsewhere)
+            raise RunError(f"the index was made with {name!r} (weights {weights}); here that is "
+                           f"{os.path.realpath(name)}, other weights ({here}): give --model the index's checkpoint")
     # torch: converting a tower for OpenVINO costs more than one query saves (so400m's text tower: 16-20 s and
     # 7.6 GB once, on a slow CPU); `tag` and `classify` on a CPU convert it, and then _cached_text reads it
     try:
-        return Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
+        encoder = Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
     except RunError as e:
         raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
+    if encoder.info.dim != v.matrix.shape[1]:
+        raise RunError(f"{name!r} makes vectors of {encoder.info.dim} dimensions; the index holds {v.matrix.shape[1]}")
+    return encoder
 
 
 def _cached_text(v: Vectors, q: Query):
@@ -56,14 +72,15 @@ def _cached_text(v: Vectors, q: Query):
     from .encoders import ovtext
 
     meta = v.meta
-    name, commit = q.model or meta.get("model"), None if q.model else meta.get("commit")
-    if q.device not in ("auto", "cpu") or not name or not (commit or os.path.isdir(name)) or not ovtext.available():
+    name, commit, weights = q.model or meta.get("model"), None if q.model else meta.get("commit"), _weights(v, q)
+    local = weights if weights and weights.startswith("local:") else None  # found by content, wherever it is now
+    if q.device not in ("auto", "cpu") or not name or not (commit or local or os.path.isdir(name)) or not ovtext.available():
         return None
     from .config import usable_cpus
     from .weights import fingerprint
 
     precision = ovtext.precision(meta.get("dtype", "float32"))
-    folder = ovtext.place(fingerprint(name, commit), int(meta.get("text_length") or 64))
+    folder = ovtext.place(local or fingerprint(name, commit), int(meta.get("text_length") or 64))
     if not ovtext.cached(folder):
         return None
     try:
@@ -92,7 +109,8 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
     if q.server and remote is None:
         remote = Remote(q.server)
     if remote:  # a server's embeddings (or, in the server, its own: see serve's /search)
-        remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"))
+        remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"),
+                      _weights(v, q))
 
     cached = False  # not looked for yet
 
@@ -105,7 +123,10 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
         if cached is False:
             cached = _cached_text(v, q) if encoder_factory is None else None
         if cached is not None:
-            return cached([t.lower() for t in items])
+            out = cached([t.lower() for t in items])
+            if out.shape[1] != v.matrix.shape[1]:  # --model's cached tower, of another size
+                raise RunError(f"{q.model!r} makes vectors of {out.shape[1]} dimensions; the index holds {v.matrix.shape[1]}")
+            return out
         return model().encode_texts(list(items)).cpu().numpy()
 
     def images(paths):
@@ -119,6 +140,8 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
                 from .decode import decode
                 from .sources import FileRecord
 
+                if not os.path.isfile(p):
+                    raise UsageError(f"--image {p}: no such file")
                 d = decode(FileRecord(os.path.abspath(p)), model().spec)
                 if d.error:
                     raise RunError(f"--image {p}: {d.error}")
@@ -129,7 +152,7 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
     plus = np.concatenate([texts(q.texts), q.image_weight * images(q.images)])
     minus = np.concatenate([texts(q.minus), q.image_weight * images(q.minus_images)])
     if not len(plus):
-        raise RunError("give a text query, or --image PATH")
+        raise UsageError("give a text query, or --image PATH")
     vec = plus.sum(axis=0) - minus.sum(axis=0)
     norm = np.linalg.norm(vec)
     if norm == 0:
@@ -150,10 +173,11 @@ def search(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = N
     else:
         scores = cos
     if q.min_score is not None:
-        idx, scores = idx[scores >= q.min_score], scores[scores >= q.min_score]
+        passed = scores.astype(np.float64) >= q.min_score  # float64: a score like -1e300 does not overflow
+        idx, scores = idx[passed], scores[passed]
     rows = [{"rank": rank, "score": float(score), **v.rows.record(i)}
             for rank, (i, score) in enumerate(zip(idx.tolist(), scores.astype(np.float32)), start=1)]
-    return Results(["rank", "score", "path", "width", "height", "size"], rows,
+    return Results(["rank", "score", "path", "width", "height", "size", "path_bytes"], rows,
                    "sigmoid probability" if probability else "cosine")
 
 
@@ -195,6 +219,8 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
     fast = torch.bfloat16 if device.type == "cuda" or cpu_bf16_native() else torch.float32
     margin = 0.02 if fast != torch.float32 else 1e-3
     n, d = matrix.shape
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     basis = _basis(matrix, device) if d >= 4 * LOW and n > 2 * block else None
     P, R = [], []  # every row's first-pass form, and its length outside the basis (rounded up)
     for start in range(0, n, 16384):
@@ -274,4 +300,4 @@ def dedup(v: Vectors, threshold: float) -> Results:
         for x in sorted(group, key=lambda x: (x != rep, rows[x]["path"])):
             score = float(np.float32(np.dot(np.asarray(v.matrix[x], np.float32), r)))
             out.append({"group": g, "representative": x == rep, "score": score, **rows[x]})
-    return Results(["group", "representative", "score", "path", "width", "height", "size"], out, "cosine")
+    return Results(["group", "representative", "score", "path", "width", "height", "size", "path_bytes"], out, "cosine")

@@ -147,6 +147,16 @@ class Server:
         import dataclasses
 
         self.encoder, self.cfg = encoder, cfg
+        info = encoder.info
+        # its weights as an index's signature records them: the Hub commit, or a local folder's fingerprint
+        # (which tells ./ckpt here from another ./ckpt: see remote.same_model)
+        if os.path.isdir(info.name):
+            from .weights import local_fingerprint
+
+            weights = local_fingerprint(info.name)
+        else:
+            weights = info.commit
+        self.model = (info.name, info.dim, info.commit, weights)
         self.metrics = Metrics()
         self.batcher = Batcher(encoder, cfg.batch_size, cfg.max_wait, cfg.max_queue, self.metrics)
         self.spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
@@ -223,7 +233,7 @@ class Server:
         refused at startup when another model made it."""
         from .errors import RunError
         from .index.layouts import state
-        from .remote import same_model
+        from .remote import describe, index_model, same_model
         from .vectors import SIDECAR_VERSION, load
 
         with self.index_lock:
@@ -234,10 +244,9 @@ class Server:
             if key is None or key != self.index_key:
                 self.index_vectors, self.index_key = load(self.cfg.index, resident=True), key
             v = self.index_vectors
-        info = self.encoder.info
-        if not same_model((v.meta.get("model"), v.matrix.shape[1], v.meta.get("commit")), (info.name, info.dim, info.commit)):
-            raise RunError(f"--index {self.cfg.index} was made with {v.meta.get('model')!r} (dim {v.matrix.shape[1]}); "
-                           f"this server runs {info.name!r} (dim {info.dim})")
+        if not same_model(index_model(v.meta, v.matrix.shape[1]), self.model):
+            raise RunError(f"--index {self.cfg.index} was made with {describe(index_model(v.meta, v.matrix.shape[1]))}; "
+                           f"this server runs {describe(self.model)}")
         return v
 
     def search(self, texts: list[str], minus: list[str], vectors: np.ndarray, k: int, min_score, paths: list[str]):
@@ -312,7 +321,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     server = Server(encoder, cfg)
-    name, dim, commit = encoder.info.name, encoder.info.dim, encoder.info.commit
+    name, dim, commit, weights = server.model
 
     @asynccontextmanager
     async def lifespan(app):
@@ -362,8 +371,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
         if many:
-            return {"embeddings": vectors.tolist(), "model": name, "dim": dim, "commit": commit}
-        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim, "commit": commit}
+            return {"embeddings": vectors.tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights}
+        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights}
 
     def embed_route(path: str, embed) -> None:
         """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""
@@ -480,8 +489,11 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                 found = await asyncio.to_thread(server.search, texts, minus, vectors, k, min_score, paths)
             except (SiglipError, OSError) as e:  # the index gone or unreadable now, or rebuilt by another run
                 raise ApiError(503, f"cannot search {cfg.index} now: {e}", headers={"Retry-After": "5"}) from None
+            for row in found.rows:  # the exact name (not UTF-8) in base64, as JSON Lines have it
+                if row.get("path_bytes") is not None:
+                    row["path_bytes"] = base64.b64encode(row["path_bytes"]).decode()
             return {"columns": found.columns, "rows": found.rows, "score": found.score, "model": name, "dim": dim,
-                    "commit": commit}
+                    "commit": commit, "weights": weights}
         # no deadline: after the index changed, the first search rebuilds its sidecar (a minute for 10M rows)
         return await guarded(request, work, deadline=None)
 

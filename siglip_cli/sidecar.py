@@ -27,7 +27,11 @@ def _settings(index: str) -> tuple[dict, bool]:
     files = index_files(index)
     if not files:
         raise RunError(f"{index} holds no siglip index")
-    schema = pq.read_schema(files[-1])
+    try:
+        schema = pq.read_schema(files[-1])
+    except pa.ArrowException:
+        where = "" if files[-1] == index else f"{files[-1]}: "
+        raise RunError(f"{index} is not a siglip index ({where}not a Parquet file, or one cut short)") from None
     try:
         return json.loads(schema.metadata[METADATA_KEY]), "embedding" in schema.names
     except (KeyError, TypeError, ValueError):
@@ -92,7 +96,8 @@ def _current(files: list[str]) -> tuple[np.ndarray, pa.Table]:
     rows = np.sort(len(key) - 1 - first)
     if len(rows):
         rows = rows[pc.equal(light.column("status").take(_int64(rows)), "ok").to_numpy(zero_copy_only=False)]
-    return rows, light.take(_int64(rows)).select(ROW_COLUMNS)
+    taken = _int64(rows)
+    return rows, light.take(taken).select(ROW_COLUMNS).append_column("path_bytes", names.take(taken))
 
 
 def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
@@ -164,7 +169,16 @@ def _groups(files: list[str], rows: np.ndarray, vector: pa.DataType):
 def build(index: str, place: str, key: dict) -> None:
     """Stream the current rows' vectors into vectors.npy (as stored) and fast.npy (int8; scales and error bounds
     in bounds.npy), a row group at a time, with plain writes: memory stays at a few row groups whatever the
-    index's size. The folder appears whole (renamed into place) or not at all."""
+    index's size. The folder appears whole (renamed into place) or not at all. An index file that Arrow cannot
+    read (cut short, not Parquet) is one line."""
+    try:
+        _build(index, place, key)
+    except pa.ArrowException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunError(f"cannot read the index {index}: {first}") from None
+
+
+def _build(index: str, place: str, key: dict) -> None:
     meta, embeddings = _settings(index)
     if not embeddings:
         raise RunError(f"{index} holds no embeddings (made by `siglip {meta.get('task')}`); search an index "
@@ -201,9 +215,10 @@ def build(index: str, place: str, key: dict) -> None:
 
 
 def _write_rows(light: pa.Table, folder: str) -> None:
-    """paths.bin (the paths' UTF-8 bytes, one after another), ends.npy (where each ends), ints.npy (width,
-    height and size; -1 for none): what vectors.Rows reads, without pyarrow."""
-    paths = light.column("path").combine_chunks().cast(pa.large_string())
+    """paths.bin (the paths' exact bytes, one after another: path_bytes where the name is not UTF-8), ends.npy
+    (where each ends), ints.npy (width, height and size; -1 for none): what vectors.Rows reads, without pyarrow."""
+    exact = light.column("path_bytes").combine_chunks().cast(pa.large_binary())
+    paths = pc.if_else(pc.is_null(exact), light.column("path").combine_chunks().cast(pa.large_binary()), exact)
     n, ends = len(paths), np.zeros(len(paths) + 1, np.int64)
     with open(os.path.join(folder, "paths.bin"), "wb") as f:
         _, offsets, data = paths.buffers() if n else (None, None, None)

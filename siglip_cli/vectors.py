@@ -21,7 +21,7 @@ import numpy as np
 from .errors import RunError
 from .index.layouts import state as _state
 
-SIDECAR_VERSION = 5
+SIDECAR_VERSION = 6  # 6: paths.bin holds the exact bytes of names that are not UTF-8
 # float32's unit roundoff u: quantize's error bounds and top_k's first pass and recheck are bounded with it
 ROUNDING = 2.0**-24
 
@@ -38,7 +38,8 @@ class Vectors:
 
 @dataclass
 class Rows:
-    """The rows' paths (UTF-8, one after another), where each path ends, and width, height and size (-1: none)."""
+    """The rows' paths (their exact bytes, one after another: UTF-8, or what a name that is not UTF-8 holds),
+    where each path ends, and width, height and size (-1: none)."""
 
     text: bytes
     ends: np.ndarray  # (n,) int64
@@ -47,18 +48,22 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ends)
 
+    def raw(self, i: int) -> bytes:
+        return self.text[int(self.ends[i - 1]) if i else 0 : int(self.ends[i])]
+
     def path(self, i: int) -> str:
-        return self.text[int(self.ends[i - 1]) if i else 0 : int(self.ends[i])].decode()
+        """The path as the index's `path` column shows it (U+FFFD for bytes that are not UTF-8)."""
+        return self.raw(i).decode(errors="replace")
 
     def paths(self) -> list[str]:
         ends = self.ends.tolist()
-        return [self.text[a:b].decode() for a, b in zip([0] + ends[:-1], ends)]
+        return [self.text[a:b].decode(errors="replace") for a, b in zip([0] + ends[:-1], ends)]
 
     def find(self, path: str) -> int:
-        """The row of exactly this path, or -1."""
+        """The row of exactly this path (a name that is not UTF-8 as os.fsdecode gives it), or -1."""
         try:
-            want = path.encode()
-        except UnicodeEncodeError:  # not a name the index can hold
+            want = os.fsencode(path)
+        except UnicodeEncodeError:  # not a name a file can have
             return -1
         at = self.text.find(want) if want else -1
         while at >= 0:
@@ -69,8 +74,14 @@ class Rows:
         return -1
 
     def record(self, i: int) -> dict:
+        """path, width, height, size, and path_bytes: the exact name where it is not UTF-8 (as in the index)."""
+        raw = self.raw(i)
+        try:
+            path, exact = raw.decode(), None
+        except UnicodeDecodeError:
+            path, exact = raw.decode(errors="replace"), raw
         width, height, size = (None if x < 0 else x for x in self.ints[i].tolist())
-        return {"path": self.path(i), "width": width, "height": height, "size": size}
+        return {"path": path, "width": width, "height": height, "size": size, "path_bytes": exact}
 
 
 @dataclass
@@ -210,6 +221,11 @@ def _open(place: str, resident: bool = False) -> Vectors:
     fast = Quantized(_resident(values) if resident else values, bounds[:, 0], bounds[:, 1], np.load(at("columns.npy")))
     with open(at("paths.bin"), "rb") as f, open(at("meta.json")) as m:
         rows, meta = Rows(f.read(), np.load(at("ends.npy")), np.load(at("ints.npy"))), json.load(m)
+    n, d = matrix.shape
+    whole = (fast.values.shape == (n, d) and bounds.shape == (n, 2) and fast.columns.shape == (d,)
+             and rows.ends.shape == (n,) and rows.ints.shape == (n, 3) and len(rows.text) == (rows.ends[-1] if n else 0))
+    if not whole:  # a file cut short or replaced by hand: load() builds the sidecar again
+        raise ValueError(f"the sidecar in {place} is not whole")
     return Vectors(matrix, rows, meta, fast)
 
 

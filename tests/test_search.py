@@ -252,9 +252,13 @@ def test_sidecar_rows_find_exact_paths(tmp_path):
     from siglip_cli.sidecar import _write_rows
     from siglip_cli.vectors import _open
 
-    paths = ["/a/b.jpg", "/a/b.jpg.jpg", "/x/a/b.jpg", "/p/caf\u00e9 \u5199\u771f.jpg", "/a/b", ".jpg/a/b.jpg", "/q"]
-    light = pa.table({"path": paths, "width": pa.array([1, None, 3, 4, 5, 6, 7], pa.int32()),
-                      "height": pa.array([2] * 7, pa.int32()), "size": pa.array([10] * 7, pa.int64())})
+    paths = ["/a/b.jpg", "/a/b.jpg.jpg", "/x/a/b.jpg", "/p/caf\u00e9 \u5199\u771f.jpg", "/a/b", ".jpg/a/b.jpg", "/q",
+             os.fsdecode(b"/p/caf\xe9.jpg"), os.fsdecode(b"/p/caf\xe8.jpg")]  # two names that are not UTF-8
+    exact = [None] * 7 + [b"/p/caf\xe9.jpg", b"/p/caf\xe8.jpg"]
+    light = pa.table({"path": [p.encode(errors="surrogateescape").decode(errors="replace") for p in paths],
+                      "width": pa.array([1, None, 3, 4, 5, 6, 7, 8, 9], pa.int32()),
+                      "height": pa.array([2] * 9, pa.int32()), "size": pa.array([10] * 9, pa.int64()),
+                      "path_bytes": pa.array(exact, pa.binary())})
     for folder, rows in ((tmp_path / "all", light), (tmp_path / "none", light.slice(0, 0))):
         folder.mkdir()
         _write_rows(rows, str(folder))
@@ -264,20 +268,95 @@ def test_sidecar_rows_find_exact_paths(tmp_path):
         np.save(folder / "columns.npy", np.ones(2, np.float32))
         (folder / "meta.json").write_text("{}")
     rows = _open(str(tmp_path / "all")).rows
-    assert rows.paths() == paths and [rows.find(p) for p in paths] == list(range(len(paths)))
+    assert rows.paths() == light.column("path").to_pylist() and [rows.find(p) for p in paths] == list(range(len(paths)))
+    assert rows.record(8) == {"path": "/p/caf\ufffd.jpg", "width": 9, "height": 2, "size": 10, "path_bytes": b"/p/caf\xe8.jpg"}
     for absent in ("/a", "b.jpg", "/a/b.jpg.", "/a/b.jpg/a", "jpg/a", "/p/caf\u00e9", "", "/\udce9.jpg"):
         assert rows.find(absent) == -1, absent
-    assert rows.record(1) == {"path": "/a/b.jpg.jpg", "width": None, "height": 2, "size": 10}
+    assert rows.record(1) == {"path": "/a/b.jpg.jpg", "width": None, "height": 2, "size": 10, "path_bytes": None}
     empty = _open(str(tmp_path / "none")).rows
     assert len(empty) == 0 and empty.paths() == [] and empty.find("/a/b.jpg") == -1
 
 
-def test_search_errors(cli, tmp_path, indexes):
+def narrow_checkpoint(fixed_ckpt, folder):
+    """fixed_ckpt's layout with 16-dimensional embeddings: another model than the index's."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel
+
+    config = SiglipConfig.from_pretrained(fixed_ckpt)
+    for part in (config.text_config, config.vision_config):
+        part.hidden_size, part.intermediate_size = 16, 32
+    config.text_config.projection_size = 16
+    torch.manual_seed(0)
+    SiglipModel(config).save_pretrained(folder)
+    for f in fixed_ckpt.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "preprocessor")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_search_errors(cli, tmp_path, indexes, library, fixed_ckpt):
+    """Each a line on stderr: exit 2 for what the user gave wrong, 1 for what cannot be done."""
+    def one_line(r, code: int, text: str) -> bool:
+        return r.exit_code == code and text in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
     assert cli("search", tmp_path / "nothing", "x").exit_code == 1
-    r = cli("search", indexes["float32"], "x", "--server", "127.0.0.1:8002")
-    assert r.exit_code == 1 and "like http://" in r.stderr and len(r.stderr.splitlines()) == 1
-    r = cli("search", indexes["float32"], "--device", "cpu")
-    assert r.exit_code == 1 and "give a text query" in r.stderr
+    assert one_line(cli("search", indexes["float32"], "x", "--server", "127.0.0.1:8002"), 1, "like http://")
+    assert one_line(cli("search", indexes["float32"], "--device", "cpu"), 2, "give a text query")
+    assert one_line(cli("search", library / "n01440764_tench.JPEG", "x"), 1, "not a siglip index")  # a photo
+    (tmp_path / "cut.parquet").write_bytes(next(indexes["float32"].glob("*.parquet")).read_bytes()[:5000])
+    assert one_line(cli("dedup", tmp_path / "cut.parquet"), 1, "not a siglip index")
+    assert one_line(cli("search", indexes["float32"], "--image", tmp_path / "gone.jpg"), 2, "no such file")
+    narrow = narrow_checkpoint(fixed_ckpt, tmp_path / "narrow")
+    new = tmp_path / "new.jpg"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(new)
+    for query in (["a dog"], ["--image", new]):  # another model, by --model: its vectors do not fit the index
+        r = cli("search", indexes["float32"], *query, "-m", narrow, "--device", "cpu")
+        assert one_line(r, 1, "makes vectors of 16 dimensions; the index holds 32"), r.stderr
+
+
+def test_every_float_option_refuses_nan_and_inf(cli):
+    """click's float ranges let nan and inf through: a nan threshold or weight quietly matched nothing."""
+    import typer.main
+
+    from siglip_cli.cli import app
+
+    seen = 0
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if getattr(param.type, "name", "") in ("float", "float range"):
+                for value in ("nan", "inf", "-inf"):
+                    r = cli(name, param.opts[0], value)
+                    said = " ".join(r.stderr.replace("\u2502", " ").split())  # a range's own refusal for -inf, say
+                    assert r.exit_code == 2 and f"Invalid value for '{param.opts[0]}'" in said, (name, param.opts, value)
+                seen += 1
+    assert seen >= 12  # timeouts, thresholds, weights, scores, serve's limits
+
+
+def test_dedup_and_search_of_an_index_without_ok_rows(cli, tmp_path, fixed_ckpt):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.jpg").write_text("not a photo")
+    assert cli("embed", tmp_path / "in", "-o", tmp_path / "idx.parquet", "-m", fixed_ckpt, *TORCH).exit_code == 0
+    for args in (["dedup"], ["dedup", "--similar"], ["search", "--image", tmp_path / "in" / "x.jpg"]):
+        r = cli(args[0], tmp_path / "idx.parquet", *args[1:], "--json")
+        assert r.exit_code == (0 if args[0] == "dedup" else 1) and r.stdout == "", (args, r.stderr)
+
+
+def test_a_sidecar_file_cut_short_is_rebuilt(cli, indexes, library, tmp_path):
+    """Any of the sidecar's files cut short (by hand, a full disk elsewhere): the next search builds it again
+    and answers as before; paths.bin cut short had given rows with empty paths."""
+    index = tmp_path / "idx"
+    shutil.copytree(indexes["float32"], index)
+    query = ["--image", library / "n01440764_tench.JPEG", "-k", "5", "--json"]
+    first = cli("search", index, *query)
+    assert first.exit_code == 0 and len(first.stdout.splitlines()) == 5
+    sidecar = index / ".siglip-vectors"
+    for f in sorted(sidecar.iterdir()):
+        if f.name == "key.json":
+            continue
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+        again = cli("search", index, *query)
+        assert again.exit_code == 0 and again.stdout == first.stdout, f.name
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "alike", "outlier"])
@@ -402,3 +481,30 @@ def test_sidecar_tells_apart_many_names_that_show_the_same(tmp_path):
                              "size": [1] * 4, "status": ["ok"] * 4, "path_bytes": pa.array(raw, pa.binary())}),
                    tmp_path / "part.parquet")
     assert _current([str(tmp_path / "part.parquet")])[0].tolist() == [0, 1, 2, 3]
+
+
+def test_results_carry_exact_names_that_are_not_utf8(cli, library, fixed_ckpt, tmp_path):
+    """Two copies whose names differ only in a byte that is not UTF-8 show the same `path`: results carry
+    path_bytes, as the index does (base64 in JSON Lines, binary in Parquet), the page shows both photos, and an
+    image query by such a name finds its row (its stored vector, score 1)."""
+    import base64
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    names = [os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), os.path.join(os.fsencode(folder), b"caf\xe8.jpg")]
+    for name in names:
+        shutil.copy(library / "n01440764_tench.JPEG", name)
+    index = tmp_path / "idx.parquet"
+    assert cli("embed", folder, "-o", index, "-m", fixed_ckpt, *TORCH).exit_code == 0
+    r = cli("dedup", index, "--json", "--html", tmp_path / "d.html")
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and len(got) == 2 and got[0]["path"] == got[1]["path"]
+    assert sorted(base64.b64decode(g["path_bytes"]) for g in got) == sorted(names)
+    assert "cannot read this file" not in (tmp_path / "d.html").read_text()
+    assert cli("dedup", index, "-o", tmp_path / "d.parquet").exit_code == 0
+    assert sorted(pq.read_table(tmp_path / "d.parquet").column("path_bytes").to_pylist()) == sorted(names)
+    os.remove(names[1])  # gone from the disk: only its stored vector can answer
+    r = cli("search", index, "--image", os.fsdecode(names[1]), "-k", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    (hit,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert hit["score"] == pytest.approx(1.0, abs=1e-6)

@@ -380,3 +380,36 @@ def test_a_server_with_the_index_runs_the_search(cli, fixed_ckpt, photos, tmp_pa
         stop(served)
     gone = run_siglip("serve", "-m", fixed_ckpt, "--index", tmp_path / "none", "--port", free_port())
     assert gone.returncode == 1 and gone.stderr.strip().splitlines()[-1].endswith("no index there")
+
+
+def test_a_checkpoint_saved_over_under_its_name_is_refused(cli, fixed_ckpt, naflex_ckpt, photos, tmp_path):
+    """An index's model is its weights, not its name: a local folder saved over with another checkpoint (or a
+    ./ckpt that is another one from another folder) is refused by a local search, by `search --server` of a
+    server that loads that folder, and by `serve --index`, each in one line; the name alone had been trusted."""
+    import shutil
+
+    from siglip_cli.remote import same_model
+
+    ck = tmp_path / "ck"
+    shutil.copytree(fixed_ckpt, ck)
+    idx = tmp_path / "idx"
+    assert cli("embed", *photo_files(photos, 4), "-o", idx, "-m", ck, "--device", "cpu", "--dtype", "float32",
+               "--backend", "torch", "-q").exit_code == 0
+    shutil.rmtree(ck)
+    shutil.copytree(naflex_ckpt, ck)  # the same name and size, other weights
+    env = {"SIGLIP_CACHE_DIR": str(tmp_path / "cache")}  # no converted text tower of the index's own model
+    r = run_siglip("search", idx, "a dog", "--device", "cpu", env=env)
+    assert r.returncode == 1 and "other weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    served = start(ck)
+    try:
+        r = cli("search", idx, "a dog", "--server", served.url)
+        assert r.exit_code == 1 and "weights local:" in r.stderr, r.stderr
+    finally:
+        stop(served)
+    r = run_siglip("serve", "-m", ck, "--index", idx, "--port", free_port())
+    assert r.returncode == 1 and "was made with" in r.stderr.strip().splitlines()[-1], r.stderr
+    # the rule: weights decide where both sides know them, names only where one does not
+    assert not same_model(("ck", 32, None, "local:a"), ("ck", 32, None, "local:b"))
+    assert same_model(("/x/ck", 32, None, "local:a"), ("ck", 32, None, "local:a"))
+    assert not same_model(("ck", 32, None, "local:a"), ("ck", 16, None, "local:a"))
+    assert same_model(("ck", 32, None, None), ("ck", 32, None, "local:a"))
