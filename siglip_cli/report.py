@@ -120,13 +120,14 @@ def write_html(path: str, results: Results, title: str) -> None:
         parts.append("</div>")
     parts.append("</body></html>\n")
     from .index.files import write_error
-    from .scratch import scratch
+    from .scratch import destination, scratch
 
     try:
-        with scratch(os.path.dirname(path) or ".") as folder:
+        target = destination(path)
+        with scratch(os.path.dirname(target) or ".") as folder:
             with open(os.path.join(folder, "page.html"), "w", encoding="utf-8") as f:
                 f.write("".join(parts))
-            os.replace(f.name, path)
+            os.replace(f.name, target)
     except OSError as e:
         raise write_error(path, e) from None
     print(f"siglip: {len(rows)} results -> {path}", file=sys.stderr)

@@ -30,6 +30,12 @@ GRACE = 120.0  # untouched this long, an unlocked folder is abandoned (flock's g
 GRACE_NO_LOCKS = 900.0  # where there are no locks at all (and clocks of hosts sharing a folder may differ)
 
 
+def destination(path: str) -> str:
+    """The file a write to `path` replaces: where path is a symlink, its target (the link stays a link, and two
+    names of one file are one output, with one lock); otherwise path itself."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def _lock(fd: int, wait: bool = False) -> bool | None:
     """Take fd's exclusive lock: True, False when another open file holds it, None when there are no locks."""
     if fcntl is None:

@@ -129,6 +129,25 @@ def test_symlinks_and_dotdot_are_one_row_per_file(cli, fixed_ckpt, tmp_path):
     assert paths(out) == sorted(str(real / f"p{i:02d}.png") for i in range(3))
 
 
+def test_an_output_named_through_a_symlink_is_its_target(cli, fixed_ckpt, tmp_path):
+    """-o link.parquet -> real.parquet: the run writes and locks real.parquet (the link had been replaced by a
+    file of its own, and two runs through the two names took two locks and duplicated rows); results written
+    through a link update its target too."""
+    from siglip_cli.index.layouts import layout_for
+
+    real, link = tmp_path / "real.parquet", tmp_path / "link.parquet"
+    assert cli("embed", flat_library(tmp_path / "a", 2), "-o", real, "-m", fixed_ckpt).exit_code == 0
+    link.symlink_to(real.name)
+    assert layout_for(str(link)).lock_path == layout_for(str(real)).lock_path  # one output, one lock
+    assert cli("embed", flat_library(tmp_path / "b", 3), "-o", link, "-m", fixed_ckpt).exit_code == 0
+    assert link.is_symlink() and len(paths(real)) == 5 and paths(link) == paths(real)
+    results, shown = tmp_path / "results.parquet", tmp_path / "shown.parquet"
+    results.write_bytes(b"")
+    shown.symlink_to(results.name)
+    assert cli("search", link, "--image", tmp_path / "a" / "p00.png", "-k", "3", "-o", shown).exit_code == 0
+    assert shown.is_symlink() and pq.read_table(results).num_rows == 3
+
+
 def test_same_folder_given_three_ways_is_one_row_per_file(fixed_ckpt, tmp_path):
     lib = make_library(tmp_path / "photos", 5)
     os.symlink(lib, tmp_path / "link")

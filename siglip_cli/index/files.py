@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..config import ROW_GROUP_SIZE
 from ..errors import RunError
-from ..scratch import scratch
+from ..scratch import destination, scratch
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: reading a search's sidecar needs only the file names
     import pyarrow as pa
@@ -105,7 +105,7 @@ def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> in
     """
     import pyarrow.parquet as pq
 
-    rows = 0
+    rows, path = 0, destination(path)
     try:
         with scratch(os.path.dirname(path) or ".") as folder:
             tmp = os.path.join(folder, os.path.basename(path))

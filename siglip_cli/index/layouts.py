@@ -17,6 +17,7 @@ import re
 import shutil
 from typing import TYPE_CHECKING, Iterator
 
+from ..scratch import destination
 from .files import fsync_dir, remove_leftovers, write_atomic, write_error
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class FileLayout:
     """One Parquet file, with the parts of a run staged in a hidden folder beside it."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = path = destination(path)  # through a symlink: the file it names, locked as that file
         head, name = os.path.split(os.path.abspath(path))
         self.folder, self.name = head, name
         self.parts_dir = os.path.join(head, f".{name}.parts")
