@@ -42,16 +42,20 @@ def emit(results: Results, output: str | None, as_json: bool) -> None:
         write_atomic(output, [table], table.schema)
         print(f"siglip: {table.num_rows} rows -> {output}", file=sys.stderr)
         return
-    if as_json or output == "-" or not sys.stdout.isatty():
-        for row in results.rows:
-            sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-        return
-    cols = [c for c in results.columns if c not in ("representative", "path_bytes")]
-    rows = [[_cell(r[c]) for c in cols] for r in results.rows]
-    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    from .index.files import stdout_errors
+
+    with stdout_errors():
+        if as_json or output == "-" or not sys.stdout.isatty():
+            for row in results.rows:
+                sys.stdout.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        else:
+            cols = [c for c in results.columns if c not in ("representative", "path_bytes")]
+            rows = [[_cell(r[c]) for c in cols] for r in results.rows]
+            widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+            print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+            for r in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        sys.stdout.flush()
 
 
 def _json_default(value) -> str:

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from .decode import Decoded
 from .sources import FileRecord, display_path
 from .index import METADATA_KEY, write_atomic
+from .index.files import stdout_errors
 
 # A part file is written at least this often, so a killed run redoes at most this much work.
 FLUSH_ROWS = int(os.environ.get("SIGLIP_FLUSH_ROWS", 4096))
@@ -181,13 +182,14 @@ class JsonLinesSink:
         self.stream = stream or sys.stdout
 
     def write(self, batch) -> None:
-        for row in batch.to_pylist():
-            self.stream.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-        self.stream.flush()
+        with stdout_errors():
+            for row in batch.to_pylist():
+                self.stream.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        self.stream.flush()
-
+        with stdout_errors():
+            self.stream.flush()
 
 
 def make_schema(fields: list[pa.Field], metadata: dict) -> pa.Schema:

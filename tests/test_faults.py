@@ -572,6 +572,26 @@ def test_closed_pipe_ends_quietly(fixed_ckpt, tmp_path):
     assert result.stdout.strip() in ("0", "141")  # 0 when it finished before head closed the pipe
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux only)")
+def test_stdout_on_a_full_disk_is_one_line(fixed_ckpt, tmp_path):
+    """`> file` on a full disk (/dev/full): one line and exit 1, for the vectors of embed and tag and for the
+    results of search, not a traceback (and no second error from the exit's flush)."""
+    lib = library(tmp_path / "lib", 3)
+    index = tmp_path / "idx.parquet"
+    assert run_siglip("embed", lib, "-m", fixed_ckpt, "-o", index).returncode == 0
+    for args in (["embed", lib, "-m", fixed_ckpt, "-o", "-"],
+                 ["tag", lib, "-m", fixed_ckpt, "--vocab", tmp_path / "vocab.txt", "-o", "-"],
+                 ["search", index, "--image", next(lib.glob("*.jpg")), "--json"]):
+        (tmp_path / "vocab.txt").write_text("cat\ndog\n")
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, "-m", "siglip_cli", *map(str, args)], stdout=full,
+                                    stderr=subprocess.PIPE, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args[0], result.stderr)
+        assert lines[-1] == "siglip: error: cannot write stdout: No space left on device", (args[0], lines)
+        assert lines.count(lines[-1]) == 1
+
+
 # -- 10. a first run says what it downloads ---------------------------------------------------------------
 def test_download_note_and_progress(tmp_path, monkeypatch):
     from huggingface_hub import constants

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
+import sys
 from typing import TYPE_CHECKING, Iterable
 
 from ..config import ROW_GROUP_SIZE
@@ -46,6 +48,21 @@ def write_error(path: str, e: OSError) -> RunError:
     """A failed write as one line that names the output and the cause."""
     cause = HINTS.get(e.errno) or (os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0])
     return RunError(f"cannot write {path}: {cause}")
+
+
+@contextlib.contextmanager
+def stdout_errors():
+    """A write to stdout that fails (`> file` on a full disk, /dev/full) is one line, not a traceback; stdout is
+    then pointed at /dev/null, so that the exit's own flush fails no second time. A closed pipe (`| head`) is
+    the caller's: it ends quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise RunError(f"cannot write stdout: {os.strerror(e.errno) if e.errno else e}") from None
 
 
 def fsync_dir(folder: str) -> None:
