@@ -139,9 +139,14 @@ def _sources(paths: Optional[List[str]], files_from: Optional[str], ext: Optiona
 def _read_lines(path: str, what: str) -> list[str]:
     try:
         with (sys.stdin if path == "-" else open(path, encoding="utf-8")) as f:
-            return [line.rstrip("\r\n") for line in f if line.strip()]
+            lines = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError:
+        raise typer.BadParameter(f"cannot read {what} {path}: not UTF-8 text")
     except OSError as e:
         raise typer.BadParameter(f"cannot read {what} {path}: {e.strerror or e}")
+    if lines:  # a byte-order mark (Windows editors write one) is not part of the first text
+        lines[0] = lines[0].removeprefix("\ufeff")
+    return [line for line in lines if line.strip()]
 
 
 @app.callback()

@@ -78,8 +78,10 @@ def read_list(source: str) -> Iterator[str]:
     """
     stream = sys.stdin.buffer if source == "-" else open(source, "rb")
     try:
-        for line in stream:
+        for n, line in enumerate(stream):
             line = line.rstrip(b"\r\n")
+            if n == 0:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first name
             if line:
                 yield os.fsdecode(line)
     finally:

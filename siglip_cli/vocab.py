@@ -65,7 +65,7 @@ def parse_vocab(lines, source: str, allow_thresholds: bool = True) -> Vocab:
 def read_vocab(path: str, allow_thresholds: bool = True) -> Vocab:
     """Parse a vocabulary (or label) file; an unreadable or empty one is a usage error (exit 2)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first tag
             return parse_vocab(f.readlines(), path, allow_thresholds)
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None

@@ -235,3 +235,27 @@ def test_bfloat16_scores_use_the_float32_scale_and_bias(cli, fixed_ckpt, photos,
     np.testing.assert_allclose(got, want, atol=2e-6)
     rounded = 1 / (1 + np.exp(-(img @ txt.T * np.exp(2.296875) + bias)))
     assert np.abs(rounded - want).max() > 1e-4  # what scores with the rounded scale would be off by
+
+
+def test_a_byte_order_mark_is_not_part_of_any_text_file(cli, fixed_ckpt, tmp_path):
+    """Windows editors start a UTF-8 file with a byte-order mark: it is not part of the first tag, label, text
+    or listed path, in any file siglip reads (the first tag was "\\ufeffcat", scored as another text)."""
+    img = make_image(tmp_path / "a.png")
+    bom, plain = tmp_path / "bom.txt", tmp_path / "plain.txt"
+    bom.write_bytes(b"\xef\xbb\xbfcat\ndog\n")
+    plain.write_bytes(b"cat\ndog\n")
+
+    def rows(*args):
+        out = tmp_path / "out.parquet"
+        result = cli(*args, "-m", fixed_ckpt, "-o", out, "--overwrite", "-q")
+        assert result.exit_code == 0, result.stderr
+        return pq.read_table(out).drop(["mtime_ns"] if "mtime_ns" in pq.read_schema(out).names else []).to_pylist()
+
+    for option, command in (("--vocab", "tag"), ("--labels-file", "classify")):
+        assert rows(command, img, option, bom) == rows(command, img, option, plain)
+    assert rows("embed", "--texts-file", bom) == rows("embed", "--texts-file", plain)
+    assert rows("embed", "--text", "cat", "--text", "dog") == rows("embed", "--texts-file", bom)
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + str(img).encode() + b"\n")
+    (found,) = rows("embed", "--files-from", listed)
+    assert found["status"] == "ok" and found["path"] == str(img)
