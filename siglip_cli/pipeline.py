@@ -21,7 +21,7 @@ from . import __version__
 from .config import RunConfig
 from .loader import Batch, batches
 from .model import Encoder, resolve_devices, resolve_dtype
-from .weights import resolve_weights
+from .weights import patches_setting, resolve_weights
 from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
@@ -87,6 +87,15 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     return dataclasses.replace(cfg, model=model), json.loads(json.dumps(sig))  # tuples -> lists, as they read back
 
 
+def _normalized(theirs, cfg: RunConfig, sig: dict):
+    """An output's signature as this version records the same settings: an output made before --max-patches
+    was normalized recorded the checkpoint's default, or a value that a fixed-resolution checkpoint ignores."""
+    if not isinstance(theirs, dict) or theirs.get("max_patches") is None or theirs.get("weights") != sig["weights"]:
+        return theirs
+    patches = patches_setting(cfg.model.name, cfg.model.commit or cfg.model.revision, theirs["max_patches"])[0]
+    return {**theirs, "max_patches": patches}
+
+
 def roots(paths) -> list[Root]:
     """The folders given (and paths given that are missing): the rows under them are this run's to prune."""
     return [Root(p, canonical(p) if not is_dir(p) else os.path.realpath(p), os.path.lexists(p))
@@ -116,6 +125,10 @@ def run(cfg: RunConfig) -> Summary:
     out = cfg.output
     if out.path != "-":
         check_parent(out.path)  # before the model is resolved: a typo in -o fails at once
+    patches, note = patches_setting(cfg.model.name, cfg.model.revision, cfg.model.max_patches)
+    if note:
+        print(f"siglip: note: {note}", file=sys.stderr)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_patches=patches))
     if cfg.ray:
         from .cluster import prepare
 
@@ -123,7 +136,7 @@ def run(cfg: RunConfig) -> Summary:
     if out.path == "-":
         return _run(cfg, None)
     cfg, sig = resolve(cfg)
-    store = Store.open(out.path, sig, out.overwrite, out.wait)
+    store = Store.open(out.path, sig, out.overwrite, out.wait, same=lambda theirs: _normalized(theirs, cfg, sig))
     try:
         if out.prune and not out.prune_anyway:  # a missing root: refuse before any work
             store.index.check_roots([r for r in roots(cfg.sources.paths) if not r.exists])

@@ -57,7 +57,9 @@ def _encoder(v: Vectors, q: Query):
     # torch: converting a tower for OpenVINO costs more than one query saves (so400m's text tower: 16-20 s and
     # 7.6 GB once, on a slow CPU); `tag` and `classify` on a CPU convert it, and then _cached_text reads it
     try:
-        encoder = Encoder.load(ModelConfig(name, revision, q.device, dtype, backend="torch"))
+        # an image query is embedded as the index's images were: with its --max-patches (None: the default)
+        patches = (meta.get("signature") or {}).get("max_patches")
+        encoder = Encoder.load(ModelConfig(name, revision, q.device, dtype, patches, backend="torch"))
     except RunError as e:
         raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
     if encoder.info.dim != v.matrix.shape[1]:

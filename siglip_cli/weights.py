@@ -74,3 +74,31 @@ def fingerprint(name: str, commit: str | None) -> str:
     if os.path.isdir(name):
         return local_fingerprint(name)
     return name
+
+
+def checkpoint_json(name: str, revision: str | None, filename: str) -> dict:
+    """One of a checkpoint's JSON config files (a local folder's, or the Hub's, cached as loading caches it);
+    {} when it has none."""
+    try:
+        if os.path.isdir(name):
+            path = os.path.join(name, filename)
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(name, filename, revision=revision)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except Exception:  # absent, offline and not cached: the loader says what is wrong, with the model's name
+        return {}
+
+
+def patches_setting(name: str, revision: str | None, max_patches: int | None) -> tuple[int | None, str | None]:
+    """--max-patches as an output records it: None for the checkpoint's own default (so that `--max-patches 256`
+    on a checkpoint whose default is 256 is the same setting as leaving it out) and for a checkpoint of fixed
+    resolution, where it means nothing (then also a note to say it is ignored)."""
+    if max_patches is None:
+        return None, None
+    if checkpoint_json(name, revision, "config.json").get("model_type") != "siglip2":
+        return None, f"--max-patches is for NaFlex checkpoints; {name} takes images of one fixed size, so it is ignored"
+    default = checkpoint_json(name, revision, "preprocessor_config.json").get("max_num_patches", 256)
+    return (None if max_patches == default else max_patches), None

@@ -233,3 +233,55 @@ def test_examples_nightly_and_query(fixed_ckpt, tmp_path):
     query = subprocess.run(["bash", f"{examples}/query.sh", str(tmp_path / "index")], capture_output=True, text=True, env=env)
     assert query.returncode == 0, query.stderr
     assert "most frequent tags" in query.stdout and "img00000.png" in query.stdout
+
+
+def test_max_patches_is_recorded_as_the_setting_it_is(cli, fixed_ckpt, naflex_ckpt, tmp_path):
+    """--max-patches equal to the checkpoint's default is the default (an index made without it takes the run,
+    and one made with it, by an older version, takes a run without it); on a fixed-resolution checkpoint it
+    means nothing: a note, and not part of the settings. Another value is another setting."""
+    from siglip_cli.sink import read_metadata
+
+    lib = make_library(tmp_path / "lib", 4)
+    out = tmp_path / "naflex.parquet"
+    assert cli("embed", lib, "-o", out, "-m", naflex_ckpt).exit_code == 0
+    again = cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--max-patches", "256")
+    assert again.exit_code == 0, again.stderr
+    assert read_metadata(str(out))["signature"]["max_patches"] is None
+    refused = cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--max-patches", "64")
+    assert refused.exit_code == 1 and "different settings" in refused.stderr
+
+    # an index written by an older version, which recorded --max-patches 256 as 256
+    t = pq.read_table(out)
+    meta = read_metadata(str(out))
+    meta["signature"]["max_patches"] = 256
+    pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"siglip": __import__("json").dumps(meta).encode()}), out)
+    assert read_metadata(str(out))["signature"]["max_patches"] == 256
+    (lib / "new.png").write_bytes((lib / "d0" / "img00000.png").read_bytes())
+    later = cli("embed", lib, "-o", out, "-m", naflex_ckpt)
+    assert later.exit_code == 0, later.stderr
+    assert table(out).num_rows == 5
+
+    fixed = tmp_path / "fixed.parquet"
+    noted = cli("embed", lib, "-o", fixed, "-m", fixed_ckpt, "--max-patches", "64")
+    assert noted.exit_code == 0 and "--max-patches is for NaFlex checkpoints" in noted.stderr
+    assert read_metadata(str(fixed))["signature"]["max_patches"] is None
+    assert cli("embed", lib, "-o", fixed, "-m", fixed_ckpt).exit_code == 0
+
+
+def test_an_image_query_is_embedded_with_the_index_s_max_patches(cli, naflex_ckpt, tmp_path):
+    """search --image of a file outside the index is embedded as the index's images were (its --max-patches):
+    an exact copy of an indexed photo scores 1 against it."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(lib / f"p{i}.png")
+    out = tmp_path / "idx.parquet"
+    assert cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--max-patches", "16").exit_code == 0
+    copy = tmp_path / "copy.png"
+    copy.write_bytes((lib / "p1.png").read_bytes())
+    result = cli("search", out, "--image", copy, "--json", "-k", "1")
+    assert result.exit_code == 0, result.stderr
+    import json
+    (top,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert top["path"] == str(lib / "p1.png") and top["score"] > 0.9999

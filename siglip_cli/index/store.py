@@ -25,8 +25,9 @@ class Store:
     """A locked output and what it holds. `images`: rows keyed by path (the index); else a text output,
     rewritten whole by each run."""
 
-    def __init__(self, path: str, signature: dict, images: bool = True):
+    def __init__(self, path: str, signature: dict, images: bool = True, same=None):
         self.path, self.signature, self.images = path, signature, images
+        self.same = same or (lambda theirs: theirs)  # an older output's signature as this version writes it
         self.layout = layout_for(path)
         self.segments: list[str] = []
         self.foreign: set[int] = set()  # segments of other settings, dropped at the end (--overwrite)
@@ -34,9 +35,11 @@ class Store:
         self._lock: Lock | None = None
 
     @classmethod
-    def open(cls, path: str, signature: dict, overwrite: bool = False, wait: bool = False, images: bool = True) -> "Store":
-        """Create the output folder if needed, take the lock, read what is there and check it fits this run."""
-        store = cls(path, signature, images)
+    def open(cls, path: str, signature: dict, overwrite: bool = False, wait: bool = False, images: bool = True,
+             same=None) -> "Store":
+        """Create the output folder if needed, take the lock, read what is there and check it fits this run
+        (`same`: an older output's signature as this version would record the same settings)."""
+        store = cls(path, signature, images, same)
         check_parent(path)
         try:
             store.layout.prepare()
@@ -64,7 +67,7 @@ class Store:
                 theirs = json.loads(pq.read_schema(seg).metadata[METADATA_KEY]).get("signature")
             except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
                 raise RunError(f"{seg} is not a siglip output; move it away or choose another output") from None
-            if theirs != self.signature:
+            if theirs != self.signature and self.same(theirs) != self.signature:
                 if not overwrite:
                     pin = ""
                     old = (theirs or {}).get("weights", "")
