@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from typing import List, Optional
 
@@ -99,18 +100,32 @@ def _pipe_closed() -> None:
     raise typer.Exit(141)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cron job's timeout, systemd stopping a service): unwound as Ctrl-C is, so that the workers end,
+    the shared memory is freed and the rows written so far are kept."""
+
+
+def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+    raise Terminated()
+
+
 def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
     """Run the pipeline; expected errors become one line on stderr and an exit code, never a traceback."""
     try:
         from . import pipeline
 
-        summary = pipeline.run_texts(cfg, texts) if texts is not None else pipeline.run(cfg)
+        before = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            summary = pipeline.run_texts(cfg, texts) if texts is not None else pipeline.run(cfg)
+        finally:
+            signal.signal(signal.SIGTERM, before)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("siglip: interrupted", err=True)
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:
+        typer.echo("siglip: terminated" if isinstance(e, Terminated) else "siglip: interrupted", err=True)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     except BrokenPipeError:
         _pipe_closed()
     if not cfg.quiet:

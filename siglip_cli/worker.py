@@ -55,8 +55,11 @@ def _die_with(parent: int) -> None:
 
 
 def init(board, parent: int) -> None:
-    """Worker initializer: arm the parent-death exits and keep the progress board."""
+    """Worker initializer: arm the parent-death exits, leave Ctrl-C to the parent (it reaches the whole process
+    group; the parent ends the workers and says "interrupted" once, where each worker printed a traceback), and
+    keep the progress board."""
     global _board
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
     _board = board
 

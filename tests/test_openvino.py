@@ -172,3 +172,35 @@ def test_image_tower_runs_on_torch_without_the_memory_to_convert(cli, fixed_ckpt
     r = cli("embed", *paths, "-o", q, "-m", fixed_ckpt, "--backend", "openvino", "--quantize", "int8")
     assert r.exit_code == 1 and "--quantize none" in r.stderr.strip().splitlines()[-1] and not q.exists()
     assert not list(cache.glob("openvino/*/image.xml"))
+
+
+def test_nothing_is_sent_and_ctrl_c_waits_for_the_conversion(fixed_ckpt, tmp_path, cache, capsys):
+    """A conversion sends no telemetry (OpenVINO's converter and NNCF send usage events unless opted out), and a
+    Ctrl-C during it is held until it ends, then raised as at any other time (in the converter's callbacks into
+    Python it aborted the process); a second one would end the process at once."""
+    import signal
+    import sys
+
+    from siglip_cli.config import ModelConfig
+    from siglip_cli.encoders import openvino as ovb, signals_held
+    from siglip_cli.model import Encoder
+
+    import subprocess
+
+    probe = ("import siglip_cli.encoders.openvino, openvino as ov, openvino.tools.ovc.telemetry_utils as t, "
+             "nncf.telemetry.wrapper as w; print(t.tm.__name__, type(w.telemetry).__name__)")
+    said = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    converter, nncf = said.stdout.split()  # NNCF's stand-in is a MagicMock
+    assert converter == "openvino.tools.ovc.telemetry_stub" and nncf != "NNCFTelemetry", (said.stdout, said.stderr)
+
+    encoder = Encoder.load(ModelConfig(str(fixed_ckpt), device="cpu", dtype="float32", backend="torch"))
+    interrupted_inside = False
+    with pytest.raises(KeyboardInterrupt):
+        with signals_held():
+            signal.raise_signal(signal.SIGINT)
+            try:
+                assert ovb.convert_text(encoder, str(tmp_path / "text"))
+            except KeyboardInterrupt:
+                interrupted_inside = True
+    assert not interrupted_inside and (tmp_path / "text" / "text.json").exists()
+    assert "stopping once this conversion ends" in capsys.readouterr().err

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import RunError
 from ..scratch import scratch
+from . import signals_held
 
 CACHE_VERSION = 3  # 3: int8 calibrated on CALIBRATION photos, not the first batch alone, its head in float
 QUANTIZE = ("none", "int8", "int8-weights", "int4")
@@ -118,7 +119,7 @@ class OpenVINOTower:
 
     def _convert(self, sample: np.ndarray):
         # stdout may be the run's data (-o -): the converters' chatter and progress go to stderr, or nowhere
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), signals_held():
             warnings.simplefilter("ignore")
             return self._convert_quietly(sample)
 
@@ -296,7 +297,7 @@ def convert_text(encoder, folder: str) -> bool:
     with scratch(parent) as work:
         tmp = os.path.join(work, "text")
         os.mkdir(tmp)
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad():
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), torch.no_grad(), signals_held():
             warnings.simplefilter("ignore")
             model = ov.convert_model(tower, example_input=example, input=[(-1, example.shape[1])])
         ov.save_model(model, os.path.join(tmp, FILES[0]), compress_to_fp16=False)
