@@ -65,7 +65,19 @@ def _version(value: bool) -> None:
 
 # Options shared by the commands that read images.
 Paths = Annotated[Optional[List[str]], typer.Argument(help="Image files and folders (folders are walked recursively).", show_default=False)]
-Output = Annotated[Optional[str], typer.Option("--output", "-o", help="Output: a FILE.parquet, a folder (a dataset of parts), or - for JSON Lines on stdout (the default when stdout is a pipe or a file). Files and folders are resumed and updated incrementally.", show_default=False)]
+def _written_name(param: typer.CallbackParam, value: Optional[str]) -> Optional[str]:
+    """An option naming what siglip writes: not empty, and not a device, pipe or socket (an output is replaced
+    whole by a rename, which would put a file in /dev/null's place; run as root, it did)."""
+    stdout = param.name == "output"  # -o - is stdout; --html writes a file
+    if value == "":
+        raise typer.BadParameter("an empty name; give a file name" + (", or - for stdout" if stdout else ""))
+    if value not in (None, "-") and os.path.exists(value) and not (os.path.isfile(value) or os.path.isdir(value)):
+        raise typer.BadParameter(f"{value} is not a file or a folder; siglip replaces what it writes whole"
+                                 + (" (-o - prints the results; add > /dev/null to discard them)" if stdout else ""))
+    return value
+
+
+Output = Annotated[Optional[str], typer.Option("--output", "-o", callback=_written_name, help="Output: a FILE.parquet, a folder (a dataset of parts), or - for JSON Lines on stdout (the default when stdout is a pipe or a file). Files and folders are resumed and updated incrementally.", show_default=False)]
 FilesFrom = Annotated[Optional[str], typer.Option("--files-from", help="Read more paths from FILE, one a line (- is stdin); each is attempted whatever its extension.", show_default=False)]
 Ext = Annotated[Optional[List[str]], typer.Option("--ext", help="Extensions to pick up in folders (repeatable; default: common image types).", show_default=False)]
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id or local folder of a SigLIP / SigLIP 2 checkpoint. \\[env: SIGLIP_MODEL]", default_factory=default_model, show_default=False)]
@@ -135,8 +147,14 @@ def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
         raise typer.Exit(1)
 
 
-def _output(value: Optional[str]) -> str:
-    """-o as given; without it, stdout, unless stdout is a terminal (a screen of numbers helps nobody)."""
+def _output(value: Optional[str], opts: Optional[dict] = None) -> str:
+    """-o as given (see _written_name); without it, stdout, unless stdout is a terminal (a screen of numbers
+    helps nobody). Options that only an index can honour, given with stdout, are usage errors: a run must not
+    seem to do what it cannot."""
+    given = [f"--{k.replace('_', '-')}" for k in ("prune", "prune_anyway", "rehash", "retry_errors") if (opts or {}).get(k)]
+    if given and value in (None, "-") and (value == "-" or not sys.stdout.isatty()):
+        raise typer.BadParameter(f"{given[0]} works on an index (-o FILE.parquet or -o FOLDER); "
+                                 "to stdout every image is done and printed")
     if value is not None:
         return value
     if sys.stdout.isatty():
@@ -179,7 +197,7 @@ def _run_images(head, opts: dict) -> None:
         model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"], opts["compile"],
                           backend=opts["backend"], quantize=opts["quantize"]),
         sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
-        output=OutputConfig(_output(opts["output"]), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
+        output=OutputConfig(_output(opts["output"], opts), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["prune_anyway"], opts["rehash"], opts["retry_errors"]), head=head,
         batch_size=opts["batch_size"], workers=opts["workers"], strict=opts["strict"], quiet=opts["quiet"],
         max_pixels=opts["max_pixels"], timeout=opts["timeout"], exact=opts["exact"], ray=opts["ray"],
@@ -388,9 +406,9 @@ def serve(
 
 
 Index = Annotated[str, typer.Argument(help="An index made by `siglip embed` or `siglip tag --with-embeddings` (folder or file).", show_default=False)]
-ResultsOut = Annotated[Optional[str], typer.Option("--output", "-o", help="FILE.parquet, or - for JSON Lines on stdout (default: a table on a terminal, JSON Lines in a pipe).", show_default=False)]
+ResultsOut = Annotated[Optional[str], typer.Option("--output", "-o", callback=_written_name, help="FILE.parquet, or - for JSON Lines on stdout (default: a table on a terminal, JSON Lines in a pipe).", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout.")]
-Html = Annotated[Optional[str], typer.Option("--html", help="Also write a self-contained page of thumbnails to this file.", show_default=False)]
+Html = Annotated[Optional[str], typer.Option("--html", callback=_written_name, help="Also write a self-contained page of thumbnails to this file.", show_default=False)]
 
 
 def _results(work, output, as_json, html, title) -> None:

@@ -32,8 +32,14 @@ GRACE_NO_LOCKS = 900.0  # where there are no locks at all (and clocks of hosts s
 
 def destination(path: str) -> str:
     """The file a write to `path` replaces: where path is a symlink, its target (the link stays a link, and two
-    names of one file are one output, with one lock); otherwise path itself."""
-    return os.path.realpath(path) if os.path.islink(path) else path
+    names of one file are one output, with one lock); otherwise path itself. A device, pipe or socket there is
+    refused: the rename that replaces an output would put a file in its place (/dev/null, run as root)."""
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.exists(target) and not (os.path.isfile(target) or os.path.isdir(target)):
+        from .errors import RunError
+
+        raise RunError(f"cannot write {path}: not a file or a folder (siglip replaces its outputs whole)")
+    return target
 
 
 def _lock(fd: int, wait: bool = False) -> bool | None:

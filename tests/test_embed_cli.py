@@ -132,6 +132,11 @@ def test_output_readable_by_duckdb(cli, fixed_ckpt, library, tmp_path):
     (["--batch-size", "0"], "greater than or equal to 1|not in the range x>=1"),  # typer 0.29 | before
     ([], "nothing to embed"),
     (["-t", "a cat", "IMG"], "not both"),
+    (["IMG", "-o", ""], "an empty name"),  # an output that cannot be an index: it wrote nothing, exit 1
+    (["-t", "a cat", "-o", ""], "an empty name"),
+    (["IMG", "-o", "/dev/null"], "is not a file or a folder"),
+    (["IMG", "-o", "-", "--prune"], "--prune works on an index"),  # options an index alone honours: to stdout
+    (["IMG", "-o", "-", "--retry-errors"], "--retry-errors works on an index"),
 ])
 def test_bad_usage_exits_2(cli, args, message, library):
     args = [str(library / "a.png") if a == "IMG" else a for a in args]

@@ -128,6 +128,36 @@ def test_symlinks_and_dotdot_are_one_row_per_file(cli, fixed_ckpt, tmp_path):
     assert paths(out) == sorted(str(real / f"p{i:02d}.png") for i in range(3))
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_an_output_that_is_not_a_file_is_refused_and_left_alone(cli, fixed_ckpt, tmp_path):
+    """A device, pipe or socket named as an output (-o /dev/null) is refused, not replaced by a file: outputs are
+    written whole and renamed into place, and as root `search -o /dev/null` put a file where /dev/null was.
+    Also an empty name. For every option naming what siglip writes, and for the writer itself."""
+    import pyarrow as pa
+
+    from siglip_cli.errors import RunError
+    from siglip_cli.index import write_atomic
+
+    lib = make_library(tmp_path / "lib", 2)
+    index = tmp_path / "idx.parquet"
+    assert cli("embed", lib, "-o", index, "-m", fixed_ckpt).exit_code == 0
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.parquet"
+    link.symlink_to(pipe)
+    query = ["--image", next(lib.rglob("*.png"))]
+    for name in (pipe, link, ""):
+        for args in (["embed", lib, "-m", fixed_ckpt, "-o", name], ["tag", lib, "-m", fixed_ckpt, "--vocab", index, "-o", name],
+                     ["search", index, *query, "-o", name], ["search", index, *query, "--html", name],
+                     ["dedup", index, "-o", name], ["dedup", index, "--html", name]):
+            result = cli(*args)
+            assert result.exit_code == 2 and ("not a file or a folder" in result.stderr or "an empty name" in result.stderr), (args, result.stderr)
+    table = pa.table({"a": [1]})
+    with pytest.raises(RunError, match="not a file or a folder"):
+        write_atomic(str(link), [table], table.schema)
+    assert pipe.is_fifo() and link.is_symlink()
+
+
 def test_an_output_named_through_a_symlink_is_its_target(cli, fixed_ckpt, tmp_path):
     """-o link.parquet -> real.parquet: the run writes and locks real.parquet (the link had been replaced by a
     file of its own, and two runs through the two names took two locks and duplicated rows); results written
