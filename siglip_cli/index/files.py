@@ -48,7 +48,7 @@ def write_error(path: str, e: OSError) -> RunError:
     """A failed write as one line that names the output and the cause."""
     parent = os.path.dirname(os.path.abspath(path))
     if e.errno == errno.ENOENT and not os.path.isdir(parent):  # never made, or a share not mounted
-        return RunError(f"cannot write {path}: folder {parent} does not exist")
+        return RunError(f"cannot write {path}: folder {parent} does not exist (an unmounted share?)")
     cause = HINTS.get(e.errno) or (os.strerror(e.errno) if e.errno else (str(e).splitlines() or [type(e).__name__])[0])
     return RunError(f"cannot write {path}: {cause}")
 
