@@ -111,9 +111,13 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
     path = where()
     if use_cache and os.path.exists(path):
         try:
-            return torch.from_numpy(np.load(path)).to(encoder.device)
-        except (OSError, ValueError):
-            pass  # an unreadable cache entry is recomputed and rewritten
+            cached = np.load(path)
+            # what a cache entry must be: one finite float vector per tag, of the model's size; anything else
+            # (cut short, another writer's array) is recomputed and rewritten, never scored
+            if cached.shape == (len(tags), encoder.info.dim) and cached.dtype.kind == "f" and np.isfinite(cached).all():
+                return torch.from_numpy(cached).to(encoder.device)
+        except (OSError, ValueError, EOFError):
+            pass
     per_template = torch.stack([encoder.encode_texts([t.format(tag) for tag in tags]) for t in templates])
     emb = ensemble(per_template)
     path = where()

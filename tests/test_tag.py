@@ -259,3 +259,23 @@ def test_a_byte_order_mark_is_not_part_of_any_text_file(cli, fixed_ckpt, tmp_pat
     listed.write_bytes(b"\xef\xbb\xbf" + str(img).encode() + b"\n")
     (found,) = rows("embed", "--files-from", listed)
     assert found["status"] == "ok" and found["path"] == str(img)
+
+
+def test_a_bad_text_cache_entry_is_recomputed(cli, fixed_ckpt, tmp_path, cache):
+    """A cache entry of the wrong shape, cut short or holding NaN is recomputed and rewritten, never scored
+    (a zeros((1, 3)) entry had scored every tag against one wrong vector, or crashed on the shape)."""
+    img = make_image(tmp_path / "a.png")
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("red\nsky\ngrass\n")
+    args = ("tag", img, "--vocab", vocab, "-m", fixed_ckpt, "-o", "-", "-q")
+    first = cli(*args)
+    assert first.exit_code == 0
+    (entry,) = (cache / "text").iterdir()
+    good = entry.read_bytes()
+    for bad in (np.zeros((1, 3), np.float32), np.full((3, 32), np.nan, np.float32), np.arange(3)):
+        np.save(entry, bad)
+        again = cli(*args)
+        assert again.exit_code == 0 and again.stdout == first.stdout, again.stderr
+        assert entry.read_bytes() == good  # rewritten
+    entry.write_bytes(good[:100])
+    assert cli(*args).stdout == first.stdout and entry.read_bytes() == good
