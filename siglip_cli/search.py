@@ -204,6 +204,9 @@ def _basis(matrix: np.ndarray, device, sample: int = 262144):
     return vectors[:, -LOW:].float().contiguous().to(device)
 
 
+TIE = 1e-6  # float32 rounding of a cosine: two identical vectors score 0.99999994 as often as 1
+
+
 def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair i < j with cosine >= threshold: (i, j, cosine). Upper triangle only, in blocks, float32 results.
 
@@ -224,9 +227,10 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     basis = _basis(matrix, device) if d >= 4 * LOW and n > 2 * block else None
-    P, R = [], []  # every row's first-pass form, and its length outside the basis (rounded up)
+    P, R, N = [], [], []  # every row's first-pass form, its length outside the basis (rounded up), its length
     for start in range(0, n, 16384):
         rows = as_tensor(matrix[start : start + 16384]).to(device).float()
+        N.append(rows.norm(dim=1))
         if basis is None:
             P.append(rows.to(fast))
             R.append(torch.zeros(len(rows), device=device))
@@ -235,7 +239,7 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
         rest = (rows.double() ** 2).sum(dim=1) - (p.double() ** 2).sum(dim=1)  # float64: no cancellation error
         P.append(p.to(fast))
         R.append(torch.sqrt(rest.clamp(min=0) + 1e-4).float())  # + 1e-4: the float32 projection's own error
-    P, R = torch.cat(P), torch.cat(R).to(fast)
+    P, R, N = torch.cat(P), torch.cat(R).to(fast), torch.cat(N)
     # Every block's products land in the same few buffers: fresh multi-megabyte tensors of changing shapes
     # fragment the C heap (a 100,000-row --similar run grew to 12 GB that way).
     Sbuf, mask = torch.empty(block, block, dtype=fast, device=device), torch.empty(block, block, dtype=torch.bool, device=device)
@@ -262,12 +266,15 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
             B = A if b == a else full(1, b)
             if len(hit) > S.numel() // 100:  # rows much alike: one float32 product beats gathering the pairs
                 S = A @ B.T
-                hit = (S >= threshold).nonzero()
+                hit = (S >= (threshold - TIE) * torch.outer(N[a : a + len(A)], N[b : b + len(B)])).nonzero()
                 hit = hit[hit[:, 0] < hit[:, 1]] if b == a else hit
                 exact = S[hit[:, 0], hit[:, 1]]
             else:  # the recheck, in float32, a bounded number of pairs at a time
                 exact = torch.cat([(A[h[:, 0]] * B[h[:, 1]]).sum(dim=1) for h in hit.split(4096)])
-            ok = exact >= threshold
+            # the cosine: stored vectors are unit length only to their rounding (float16: |x|^2 from 0.99992 to
+            # 1.00008), and an identical copy must reach --threshold 1 (it scored 0.99992)
+            exact = exact / (N[hit[:, 0] + a] * N[hit[:, 1] + b])
+            ok = exact >= threshold - TIE
             out_i.append((hit[ok, 0] + a).cpu().numpy())
             out_j.append((hit[ok, 1] + b).cpu().numpy())
             out_s.append(exact[ok].cpu().numpy())
@@ -299,7 +306,9 @@ def dedup(v: Vectors, threshold: float) -> Results:
     for g, group in enumerate(sorted(members.values(), key=lambda m: rows[m[0]]["path"]), start=1):
         rep = max(group, key=lambda x: ((rows[x]["width"] or 0) * (rows[x]["height"] or 0), rows[x]["size"] or 0, -x))
         r = np.asarray(v.matrix[rep], np.float32)
+        r = r / np.linalg.norm(r)
         for x in sorted(group, key=lambda x: (x != rep, rows[x]["path"])):
-            score = float(np.float32(np.dot(np.asarray(v.matrix[x], np.float32), r)))
+            u = np.asarray(v.matrix[x], np.float32)
+            score = float(np.float32(np.dot(u / np.linalg.norm(u), r)))  # a cosine, as pairs finds them
             out.append({"group": g, "representative": x == rep, "score": score, **rows[x]})
     return Results(["group", "representative", "score", "path", "width", "height", "size", "path_bytes"], out, "cosine")

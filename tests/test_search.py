@@ -381,6 +381,22 @@ def test_pairs_equal_brute_force(kind):
         np.testing.assert_allclose(s, sims[i, j], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_identical_copies_reach_threshold_1(dtype):
+    """--threshold 1 finds identical vectors, stored as float16 (unit length only to |x|^2 0.99992-1.00008, so
+    a copy scored 0.99992 and was missed) or float32 (0.99999994), and nothing else; scores are cosines."""
+    from siglip_cli.search import pairs
+
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((3000, 1152)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    m[1::100] = m[::100]
+    m = m.astype(dtype)
+    i, j, s = pairs(m, 1.0, block=1024)
+    assert set(zip(i.tolist(), j.tolist())) == {(k, k + 1) for k in range(0, 3000, 100)}
+    assert np.abs(s - 1).max() < 1e-6
+
+
 def test_dedup_finds_the_planted_copies_and_nothing_else(cli, indexes, tmp_path):
     for kind in ("float32", "float16"):
         r = cli("dedup", indexes[kind], "--json")
