@@ -8,6 +8,11 @@ import os
 from .errors import RunError
 
 
+# A server answers a query in seconds (so400m on a slow CPU: a text 0.4 s, a photo 2 s); a listener that never
+# answers is said to be one within a minute, not after five
+ANSWER_S = 60.0
+
+
 def same_model(a: tuple, b: tuple) -> bool:
     """Whether two (name, dim, commit, weights) are one model. weights is what an index records in its signature
     (the Hub commit, or a local folder's content fingerprint "local:...") and a server reports; where both know
@@ -60,14 +65,17 @@ class Remote:
         try:
             body = items if isinstance(items, dict) else {"input": items}
             req = urllib.request.Request(self.url + route, json.dumps(body).encode(), headers)
-            with urllib.request.urlopen(req, timeout=300) as r:
+            with urllib.request.urlopen(req, timeout=ANSWER_S) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {_message(e.read(4096))}")
             error.status = e.code
             raise error from None
         except (OSError, ValueError) as e:
-            raise RunError(f"--server {self.url}: {getattr(e, 'reason', e)}") from None
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise RunError(f"--server {self.url}: no answer in {ANSWER_S:.0f} s (is a siglip server running there?)") from None
+            raise RunError(f"--server {self.url}: {reason}") from None
 
     def ask(self, texts: tuple[str, ...]) -> None:
         """Send texts to be embedded now, in a thread; texts() of the same texts takes the answer."""

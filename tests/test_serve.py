@@ -172,6 +172,26 @@ def test_search_with_a_server_embeds_its_queries_there(cli, fixed_ckpt, photos, 
     assert r.exit_code == 1 and "no index at" in r.stderr  # the index's error, not the early request's
 
 
+def test_a_server_that_never_answers_is_one_line_soon(cli, fixed_ckpt, tmp_path, monkeypatch):
+    """A listener that takes the connection and never answers: one line after remote.ANSWER_S (it waited 300 s
+    in silence)."""
+    from siglip_cli import remote
+
+    idx = tmp_path / "idx.parquet"
+    img = tmp_path / "a.png"
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(img)
+    assert cli("embed", img, "-o", idx, "-m", fixed_ckpt, "--backend", "torch", "-q").exit_code == 0
+    monkeypatch.setattr(remote, "ANSWER_S", 1.0)
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        url = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        start = time.monotonic()
+        r = cli("search", idx, "a red car", "--server", url)
+        assert time.monotonic() - start < 30
+    assert r.exit_code == 1 and r.stderr.strip() == f"siglip: error: --server {url}: no answer in 1 s (is a siglip server running there?)"
+
+
 def test_a_text_alone_equals_it_in_a_batch(server):
     texts = ["a red car", "This is a photo of a Great Grey Owl.", "two dogs", ""]
     batch = np.array(server.post("/txt/embed", {"input": texts}).json()["embeddings"])
