@@ -500,5 +500,13 @@ def doctor(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. Usage errors in click's plain form, the message on one line ("Error: ..."),
+    not in a box drawn to the terminal's width that wraps it (and that a script's log keeps as box art)."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # click's exceptions (typer vendors click): a usage error shows itself, exit 2
+        if not (callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int)):
+            raise
+        e.show()
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

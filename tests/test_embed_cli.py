@@ -198,3 +198,13 @@ def test_console_script_installed():
     assert exe, "pip install -e . should install a `siglip` console script"
     result = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("siglip ")
+
+
+def test_a_usage_error_is_plain_text_with_the_message_on_one_line(library):
+    """As a script's log keeps it: click's plain usage lines and "Error: ..." on one line, exit 2 (a box drawn
+    to the terminal's width wrapped the message and filled logs with box art)."""
+    result = run_siglip("embed", library / "a.png", "-o", "")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for '--output' / '-o': an empty name")
+    assert "╭" not in result.stderr and "│" not in result.stderr and result.stdout == ""
+    assert run_siglip("--version").returncode == 0 and run_siglip("embed", "-h").returncode == 0
