@@ -392,6 +392,8 @@ def serve(
 
         if index is not None and not os.path.exists(index):  # before the model loads
             raise RunError(f"--index {index}: no index there")
+        if index is not None:  # its images' --max-patches, for /img/embed queries of files outside it
+            max_patches = _index_patches(index, model, revision, max_patches)
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
                                show_downloads=sys.stderr.isatty())
@@ -403,6 +405,21 @@ def serve(
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
+
+
+def _index_patches(index: str, model: str, revision: Optional[str], given: Optional[int]) -> Optional[int]:
+    """serve --index: the --max-patches the index's images were embedded with, so that an image query of a file
+    outside it is embedded the same way; another one given is refused."""
+    from .sink import read_metadata
+    from .weights import patches_setting
+
+    try:
+        theirs = (read_metadata(index).get("signature") or {}).get("max_patches")
+    except Exception:  # not an index: opening it says so, in its own words
+        return given
+    if given is not None and patches_setting(model, revision, given)[0] != theirs:
+        raise RunError(f"--index {index} was embedded with --max-patches {theirs or 'the default'}, not {given}")
+    return given if given is not None else theirs
 
 
 Index = Annotated[str, typer.Argument(help="An index made by `siglip embed` or `siglip tag --with-embeddings` (folder or file).", show_default=False)]

@@ -286,6 +286,8 @@ class Encoder:
         self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
         self.naflex = self.config.model_type == "siglip2"
         self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
+        # --max-patches as an output records it (see weights.patches_setting): None for the checkpoint's own
+        self.patches = self.spec.max_patches if self.naflex and self.spec.max_patches != processor.max_num_patches else None
         scale = float(getattr(processor, "rescale_factor", 1 / 255))
         mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
         std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)

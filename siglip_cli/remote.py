@@ -50,9 +50,10 @@ class Remote:
             raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
         self.url, self.asked = url.rstrip("/"), {}
         self.model = (None, None, None, None)  # what the index needs (expect): see same_model
+        self.patches = None  # the index's --max-patches (None: the checkpoint's default), for image queries
 
-    def expect(self, name: str, dim: int, commit: str | None, weights: str | None = None) -> None:
-        self.model = (name, dim, commit, weights)
+    def expect(self, name: str, dim: int, commit: str | None, weights: str | None = None, patches: int | None = None) -> None:
+        self.model, self.patches = (name, dim, commit, weights), patches
 
     def _request(self, route: str, items: list | dict) -> dict:
         import json
@@ -119,7 +120,13 @@ class Remote:
                 data = base64.b64encode(f.read()).decode()
         except OSError as e:
             raise RunError(f"--image {path}: {e.strerror or e}") from None
-        return self._vectors(self._request("/img/embed", [data]))[0]
+        body = self._request("/img/embed", [data])
+        # an image is embedded as the index's were: with its --max-patches (an older server does not say)
+        if "max_patches" in body and body["max_patches"] != self.patches:
+            theirs, ours = ("the default" if n is None else n for n in (body["max_patches"], self.patches))
+            raise RunError(f"--server {self.url} embeds images with --max-patches {theirs}; the index's were "
+                           f"embedded with {ours} (start the server with that, or search without --server)")
+        return self._vectors(body)[0]
 
     def search(self, index: str, query: dict):
         """The results of a search the server runs over its own `--index` (sidecar warm, model loaded: the whole

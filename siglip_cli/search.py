@@ -112,7 +112,7 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
         remote = Remote(q.server)
     if remote:  # a server's embeddings (or, in the server, its own: see serve's /search)
         remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"),
-                      _weights(v, q))
+                      _weights(v, q), (v.meta.get("signature") or {}).get("max_patches"))
 
     cached = False  # not looked for yet
 

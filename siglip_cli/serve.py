@@ -371,8 +371,10 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
         if many:
-            return {"embeddings": vectors.tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights}
-        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights}
+            return {"embeddings": vectors.tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights,
+                    "max_patches": encoder.patches}
+        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights,
+                "max_patches": encoder.patches}
 
     def embed_route(path: str, embed) -> None:
         """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""

@@ -433,3 +433,34 @@ def test_a_checkpoint_saved_over_under_its_name_is_refused(cli, fixed_ckpt, nafl
     assert same_model(("/x/ck", 32, None, "local:a"), ("ck", 32, None, "local:a"))
     assert not same_model(("ck", 32, None, "local:a"), ("ck", 16, None, "local:a"))
     assert same_model(("ck", 32, None, None), ("ck", 32, None, "local:a"))
+
+
+def test_image_queries_are_embedded_with_the_index_s_max_patches(cli, naflex_ckpt, tmp_path):
+    """An image query of a file outside the index, embedded by a server, is embedded as the index's images were:
+    `serve --index` takes the index's --max-patches (another one is refused at start), and `search --server`
+    refuses a server that embeds images with another one (an exact copy of an indexed photo scored below 1)."""
+    import json
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(lib / f"p{i}.png")
+    idx = tmp_path / "idx.parquet"
+    assert cli("embed", lib, "-o", idx, "-m", naflex_ckpt, "--max-patches", "16", "--backend", "torch", "-q").exit_code == 0
+    copy = tmp_path / "copy.png"
+    copy.write_bytes((lib / "p1.png").read_bytes())
+    refused = run_siglip("serve", "-m", naflex_ckpt, "--index", idx, "--max-patches", "64", "--port", free_port())
+    assert refused.returncode == 1 and "was embedded with --max-patches 16, not 64" in refused.stderr
+    for args, fits in ((["--index", idx], True), ([], False)):
+        served = start(naflex_ckpt, *args)
+        try:
+            r = cli("search", idx, "--image", copy, "-k", "1", "--json", "--server", served.url)
+        finally:
+            stop(served)
+        if fits:
+            assert r.exit_code == 0, r.stderr
+            (top,) = [json.loads(line) for line in r.stdout.splitlines()]
+            assert top["path"] == str(lib / "p1.png") and top["score"] > 0.9999
+        else:
+            assert r.exit_code == 1 and "embeds images with --max-patches the default" in r.stderr, r.stderr
