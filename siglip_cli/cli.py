@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import List, Optional
 
 import typer
@@ -127,11 +128,13 @@ def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
     try:
         from . import pipeline
 
-        before = signal.signal(signal.SIGTERM, _terminated)
+        main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's)
+        before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             summary = pipeline.run_texts(cfg, texts) if texts is not None else pipeline.run(cfg)
         finally:
-            signal.signal(signal.SIGTERM, before)
+            if main_thread:
+                signal.signal(signal.SIGTERM, before)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
@@ -171,13 +174,13 @@ def _sources(paths: Optional[List[str]], files_from: Optional[str], ext: Optiona
 
 def _read_lines(path: str, what: str) -> list[str]:
     try:
-        with (sys.stdin if path == "-" else open(path, encoding="utf-8")) as f:
+        with (sys.stdin if path == "-" else open(path, encoding="utf-8-sig")) as f:  # -sig: a byte-order mark
             lines = [line.rstrip("\r\n") for line in f]
     except UnicodeDecodeError:
         raise typer.BadParameter(f"cannot read {what} {path}: not UTF-8 text")
     except OSError as e:
         raise typer.BadParameter(f"cannot read {what} {path}: {e.strerror or e}")
-    if lines:  # a byte-order mark (Windows editors write one) is not part of the first text
+    if lines:  # (stdin's too: Windows editors write one, and it is not part of the first text)
         lines[0] = lines[0].removeprefix("\ufeff")
     return [line for line in lines if line.strip()]
 
@@ -393,7 +396,7 @@ def serve(
         if index is not None and not os.path.exists(index):  # before the model loads
             raise RunError(f"--index {index}: no index there")
         if index is not None:  # its images' --max-patches, for /img/embed queries of files outside it
-            max_patches = _index_patches(index, model, revision, max_patches)
+            max_patches = server.index_patches(index, model, revision, max_patches)
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
                                show_downloads=sys.stderr.isatty())
@@ -405,21 +408,6 @@ def serve(
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
-
-
-def _index_patches(index: str, model: str, revision: Optional[str], given: Optional[int]) -> Optional[int]:
-    """serve --index: the --max-patches the index's images were embedded with, so that an image query of a file
-    outside it is embedded the same way; another one given is refused."""
-    from .sink import read_metadata
-    from .weights import patches_setting
-
-    try:
-        theirs = (read_metadata(index).get("signature") or {}).get("max_patches")
-    except Exception:  # not an index: opening it says so, in its own words
-        return given
-    if given is not None and patches_setting(model, revision, given)[0] != theirs:
-        raise RunError(f"--index {index} was embedded with --max-patches {theirs or 'the default'}, not {given}")
-    return given if given is not None else theirs
 
 
 Index = Annotated[str, typer.Argument(help="An index made by `siglip embed` or `siglip tag --with-embeddings` (folder or file).", show_default=False)]
@@ -521,9 +509,16 @@ def main() -> None:
     not in a box drawn to the terminal's width that wraps it (and that a script's log keeps as box art)."""
     try:
         code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        typer.echo("siglip: interrupted", err=True)
+        code = 130
     except Exception as e:  # click's exceptions (typer vendors click): a usage error shows itself, exit 2
-        if not (callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int)):
+        if type(e).__name__ == "Abort":  # Ctrl-C (or an end of input) as older typer and click report it
+            typer.echo("siglip: interrupted", err=True)
+            code = 130
+        elif callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            code = e.exit_code
+        else:
             raise
-        e.show()
-        code = e.exit_code
     sys.exit(code if isinstance(code, int) else 0)

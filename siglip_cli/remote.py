@@ -11,6 +11,7 @@ from .errors import RunError
 # A server answers a query in seconds (so400m on a slow CPU: a text 0.4 s, a photo 2 s); a listener that never
 # answers is said to be one within a minute, not after five
 ANSWER_S = 60.0
+SEARCH_S = 300.0
 
 
 def same_model(a: tuple, b: tuple) -> bool:
@@ -66,7 +67,9 @@ class Remote:
         try:
             body = items if isinstance(items, dict) else {"input": items}
             req = urllib.request.Request(self.url + route, json.dumps(body).encode(), headers)
-            with urllib.request.urlopen(req, timeout=ANSWER_S) as r:
+            # /search may first rebuild the index's sidecar (a minute for 10M rows): it is given longer
+            wait = SEARCH_S if route == "/search" else ANSWER_S
+            with urllib.request.urlopen(req, timeout=wait) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {_message(e.read(4096))}")
@@ -75,7 +78,7 @@ class Remote:
         except (OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, TimeoutError):
-                raise RunError(f"--server {self.url}: no answer in {ANSWER_S:.0f} s (is a siglip server running there?)") from None
+                raise RunError(f"--server {self.url}{route}: no answer within {wait:.0f} s") from None
             raise RunError(f"--server {self.url}: {reason}") from None
 
     def ask(self, texts: tuple[str, ...]) -> None:
@@ -121,12 +124,13 @@ class Remote:
         except OSError as e:
             raise RunError(f"--image {path}: {e.strerror or e}") from None
         body = self._request("/img/embed", [data])
+        vector = self._vectors(body)[0]  # the model first: another model is told as such
         # an image is embedded as the index's were: with its --max-patches (an older server does not say)
         if "max_patches" in body and body["max_patches"] != self.patches:
             theirs, ours = ("the default" if n is None else n for n in (body["max_patches"], self.patches))
             raise RunError(f"--server {self.url} embeds images with --max-patches {theirs}; the index's were "
                            f"embedded with {ours} (start the server with that, or search without --server)")
-        return self._vectors(body)[0]
+        return vector
 
     def search(self, index: str, query: dict):
         """The results of a search the server runs over its own `--index` (sidecar warm, model loaded: the whole

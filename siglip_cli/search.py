@@ -12,6 +12,7 @@ from .errors import RunError, UsageError
 from .remote import Remote
 from .report import Results
 from .vectors import Vectors, as_tensor, top_k
+from .weights import recorded_patches
 
 # dedup's two starting points (cosine): copies that were resized or recompressed, and shots of one scene
 NEAR_IDENTICAL = 0.99
@@ -112,7 +113,7 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
         remote = Remote(q.server)
     if remote:  # a server's embeddings (or, in the server, its own: see serve's /search)
         remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"),
-                      _weights(v, q), (v.meta.get("signature") or {}).get("max_patches"))
+                      _weights(v, q), recorded_patches(v.meta))
 
     cached = False  # not looked for yet
 

@@ -370,11 +370,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         raise ApiError(504, f"the request took over {cfg.timeout:g}s (--timeout)")
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
-        if many:
-            return {"embeddings": vectors.tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights,
-                    "max_patches": encoder.patches}
-        return {"embedding": vectors[0].tolist(), "model": name, "dim": dim, "commit": commit, "weights": weights,
-                "max_patches": encoder.patches}
+        return {**({"embeddings": vectors.tolist()} if many else {"embedding": vectors[0].tolist()}), "model": name,
+                "dim": dim, "commit": commit, "weights": weights, "max_patches": encoder.patches}
 
     def embed_route(path: str, embed) -> None:
         """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""
@@ -532,6 +529,22 @@ def _count(payload: dict, key: str, default: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ApiError(422, f'"{key}" must be a positive integer')
     return value
+
+
+def index_patches(index: str, model: str, revision: str | None, given: int | None) -> int | None:
+    """serve --index: the --max-patches the index's images were embedded with, so that an image query of a file
+    outside it is embedded the same way; another one given is refused."""
+    from .errors import RunError
+    from .sink import read_metadata
+    from .weights import patches_setting, recorded_patches
+
+    try:
+        theirs = recorded_patches(read_metadata(index))
+    except Exception:  # not an index: opening it says so, in its own words
+        return given
+    if given is not None and patches_setting(model, revision, given)[0] != theirs:
+        raise RunError(f"--index {index} was embedded with --max-patches {theirs or 'the default'}, not {given}")
+    return given if given is not None else theirs
 
 
 def text_on_openvino(encoder: Encoder) -> None:

@@ -111,12 +111,13 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
     path = where()
     if use_cache and os.path.exists(path):
         try:
-            cached = np.load(path)
-            # what a cache entry must be: one finite float vector per tag, of the model's size; anything else
-            # (cut short, another writer's array) is recomputed and rewritten, never scored
-            if cached.shape == (len(tags), encoder.info.dim) and cached.dtype.kind == "f" and np.isfinite(cached).all():
+            cached = np.load(path, allow_pickle=False)
+            # what a cache entry must be: as written, one finite float32 vector per tag, of the model's size;
+            # anything else (cut short, another writer's array or file) is recomputed and rewritten, never scored
+            if (isinstance(cached, np.ndarray) and cached.shape == (len(tags), encoder.info.dim)
+                    and cached.dtype == np.float32 and np.isfinite(cached).all()):
                 return torch.from_numpy(cached).to(encoder.device)
-        except (OSError, ValueError, EOFError):
+        except Exception:
             pass
     per_template = torch.stack([encoder.encode_texts([t.format(tag) for tag in tags]) for t in templates])
     emb = ensemble(per_template)

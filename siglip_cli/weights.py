@@ -3,6 +3,7 @@ or a local folder's content; the key of every cache of derived data (text embedd
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -76,9 +77,10 @@ def fingerprint(name: str, commit: str | None) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=32)
 def checkpoint_json(name: str, revision: str | None, filename: str) -> dict:
     """One of a checkpoint's JSON config files (a local folder's, or the Hub's, cached as loading caches it);
-    {} when it has none."""
+    {} when it cannot be read. Remembered for the process: not to be changed."""
     try:
         if os.path.isdir(name):
             path = os.path.join(name, filename)
@@ -98,7 +100,17 @@ def patches_setting(name: str, revision: str | None, max_patches: int | None) ->
     resolution, where it means nothing (then also a note to say it is ignored)."""
     if max_patches is None:
         return None, None
-    if checkpoint_json(name, revision, "config.json").get("model_type") != "siglip2":
+    kind = checkpoint_json(name, revision, "config.json").get("model_type")
+    if kind is None:  # its config cannot be read (here, now): the value stands, and loading says what is wrong
+        return max_patches, None
+    if kind != "siglip2":
         return None, f"--max-patches is for NaFlex checkpoints; {name} takes images of one fixed size, so it is ignored"
     default = checkpoint_json(name, revision, "preprocessor_config.json").get("max_num_patches", 256)
     return (None if max_patches == default else max_patches), None
+
+
+def recorded_patches(meta: dict) -> int | None:
+    """An index's --max-patches as this version records it (see patches_setting): an index written before
+    recorded the checkpoint's default as a number, and a value a fixed-resolution checkpoint ignores."""
+    given = (meta.get("signature") or {}).get("max_patches")
+    return patches_setting(meta.get("model") or "", meta.get("commit") or meta.get("revision"), given)[0]

@@ -60,6 +60,7 @@ def init(board, parent: int) -> None:
     keep the progress board."""
     global _board
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # systemd signals the whole group: the parent ends them (SIGKILL)
     _die_with(parent)
     _board = board
 

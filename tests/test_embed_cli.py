@@ -132,7 +132,7 @@ def test_output_readable_by_duckdb(cli, fixed_ckpt, library, tmp_path):
     (["--batch-size", "0"], "greater than or equal to 1|not in the range x>=1"),  # typer 0.29 | before
     ([], "nothing to embed"),
     (["-t", "a cat", "IMG"], "not both"),
-    (["IMG", "-o", ""], "an empty name"),  # an output that cannot be an index: it wrote nothing, exit 1
+    (["IMG", "-o", ""], "an empty name"),  # an output that cannot be an index
     (["-t", "a cat", "-o", ""], "an empty name"),
     (["IMG", "-o", "/dev/null"], "is not a file or a folder"),
     (["IMG", "-o", "-", "--prune"], "--prune works on an index"),  # options an index alone honours: to stdout

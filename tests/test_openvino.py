@@ -176,8 +176,9 @@ def test_image_tower_runs_on_torch_without_the_memory_to_convert(cli, fixed_ckpt
 
 def test_nothing_is_sent_and_ctrl_c_waits_for_the_conversion(fixed_ckpt, tmp_path, cache, capsys):
     """A conversion sends no telemetry (OpenVINO's converter and NNCF send usage events unless opted out), and a
-    Ctrl-C during it is held until it ends, then raised as at any other time (in the converter's callbacks into
-    Python it aborted the process); a second one would end the process at once."""
+    Ctrl-C that arrives while a conversion's block runs (here at its start) is held until it ends, then raised as
+    at any other time (in the converter's callbacks into Python it aborted the process). A signal arriving
+    inside those callbacks is the end-to-end test's part: test_faults' Ctrl-C test signals a converting run."""
     import signal
     import sys
 
