@@ -395,6 +395,7 @@ def serve(
 
         if index is not None and not os.path.exists(index):  # before the model loads
             raise RunError(f"--index {index}: no index there")
+        sock = server.bind(host, port)
         if index is not None:  # its images' --max-patches, for /img/embed queries of files outside it
             max_patches = server.index_patches(index, model, revision, max_patches)
 
@@ -404,7 +405,7 @@ def serve(
         cfg = server.ServeConfig(host, port, api_key, batch_size, max_wait_ms / 1000, max_queue, max_items,
                                  int(max_body_mb * (1 << 20)), timeout, max(1, workers), max_pixels, vocab=found,
                                  threshold=threshold, index=index)
-        server.run(encoder, cfg)
+        server.run(encoder, cfg, sock)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)

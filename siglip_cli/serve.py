@@ -215,9 +215,15 @@ class Server:
         return await self.vectors("image", list(decoded))
 
     async def texts(self, values: list) -> np.ndarray:
+        """Every text of every route comes here: a bad one is a 4xx naming it, and never reaches the batch it
+        would fail with the other requests' texts (a lone surrogate failed a whole batch with 500)."""
         for i, v in enumerate(values):
             if not isinstance(v, str):
                 raise ApiError(422, f"item {i}: a text must be a string", i)
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(422, f"item {i}: not valid Unicode text (a lone surrogate such as \\ud800)", i) from None
         return await self.vectors("text", values)
 
     async def label_embeddings(self, labels: tuple[str, ...]) -> np.ndarray:
@@ -340,13 +346,18 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         body = {"error": {"message": e.message, "index": e.index, "code": e.status}}
         return JSONResponse(body, status_code=e.status, headers=e.headers)
 
+    routes: set = set()  # the app's own paths, filled in below: /metrics labels no other (a client's paths would
+    # grow it without bound and could break its format)
+
     @app.middleware("http")
     async def around(request: Request, call_next):
         t = time.perf_counter()
-        route = request.url.path
-        if cfg.api_key and route not in ("/health", "/ready"):  # probes need no token
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+        path = request.url.path
+        route = path if path in routes else "other"
+        if cfg.api_key and path not in ("/health", "/ready"):  # probes need no token
+            # the header's bytes as sent (Starlette decodes it as Latin-1), against the key's UTF-8
+            given = request.headers.get("authorization", "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, f"Bearer {cfg.api_key}".encode()):
                 response = JSONResponse({"error": {"message": "missing or wrong bearer token", "code": 401}},
                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 server.metrics.request(route, 401, time.perf_counter() - t)
@@ -356,8 +367,15 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         return response
 
     async def guarded(request: Request, work, deadline: float | None = cfg.timeout):
-        """The work of a request, within its deadline, dropped if the client goes away."""
-        payload = await read_json(request, cfg.max_body)
+        """The work of a request, its body's arrival included, within its deadline; dropped if the client goes
+        away."""
+        start = time.monotonic()
+        try:
+            payload = await asyncio.wait_for(read_json(request, cfg.max_body), deadline)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request took over {cfg.timeout:g}s (--timeout): its body was still arriving") from None
+        if deadline is not None:
+            deadline = max(0.0, deadline - (time.monotonic() - start))
         task = asyncio.ensure_future(work(payload))
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({task, gone}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
@@ -438,6 +456,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             labels = payload.get("labels") if isinstance(payload, dict) else None
             if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
                 raise ApiError(422, '"labels" must be a list of at least two non-empty strings')
+            if len(labels) > cfg.max_items:  # (a busy 429 that no retry would cure)
+                raise ApiError(422, f"at most {cfg.max_items} labels in one request (--max-items)")
             values, many = items_of(payload, cfg.max_items)
             top_k = _count(payload, "top_k", 5)
             from .heads import select
@@ -510,6 +530,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         return PlainTextResponse(server.metrics.render(server.batcher.depth()),
                                  media_type="text/plain; version=0.0.4")
 
+    routes.update(r.path for r in app.routes)
     return app
 
 
@@ -560,13 +581,33 @@ def text_on_openvino(encoder: Encoder) -> None:
         openvino.attach_text(encoder, encoder.dtype, usable_cpus())
 
 
-def run(encoder: Encoder, cfg: ServeConfig) -> None:
+def bind(host: str, port: int):
+    """The server's socket, bound before the model loads: a port in use or a bad --host is one line at once
+    (it was uvicorn's, after a minute of loading, with exit 3). Not listening yet: until the model is ready a
+    client is refused, not queued."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        from .errors import RunError
+
+        raise RunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(encoder: Encoder, cfg: ServeConfig, sock=None) -> None:
     """Serve until interrupted."""
     import uvicorn
 
+    sock = sock or bind(cfg.host, cfg.port)
     app = create_app(encoder, cfg)
     encoder.encode_texts(["a photo"])  # the text tower loaded before the first request, not during it
-    where = f"http://{cfg.host}:{cfg.port}"
+    host, port = sock.getsockname()[:2]
+    where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"  # the port itself where --port 0
     print(f"siglip: serving {encoder.info.name} on {where} (dim {encoder.info.dim}, {encoder.device}, "
           f"{str(encoder.dtype)[6:]})" + (", bearer token required" if cfg.api_key else ""), file=sys.stderr)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])

@@ -271,13 +271,25 @@ def test_limits(server):
     assert httpx.post(server.url + "/txt/embed", content=b"{not json", timeout=10).status_code == 400
     assert server.post("/tag", {"input": b64(jpeg()), "threshold": 2}).status_code == 422
     assert server.get("/health").json() == {"status": "ok"}
+    # a text that is not valid Unicode (a lone surrogate, as JSON allows): a 422 naming it, on every route that
+    # takes texts, and it never reaches a batch (it failed every request in its batch with 500)
+    lone = '"\\ud800"'.encode()
+    for route, body in (("/txt/embed", b'{"input": ["fine", %s]}' % lone),
+                        ("/v1/embeddings", b'{"input": ["fine", %s]}' % lone),
+                        ("/classify", b'{"input": "%s", "labels": ["a", %s]}' % (b64(jpeg()).encode(), lone))):
+        bad = httpx.post(server.url + route, content=body, timeout=30)
+        assert bad.status_code == 422 and "not valid Unicode" in bad.json()["error"]["message"], (route, bad.text)
+    assert server.post("/txt/embed", {"input": ["fine"]}).status_code == 200
+    # labels count against --max-items, as texts do (a 429 "busy" answered more, which no retry would cure)
+    many = server.post("/classify", {"input": b64(jpeg()), "labels": [f"l{i}" for i in range(17)]})
+    assert many.status_code == 422 and "--max-items" in many.text
 
 
 def test_queue_deadline_and_token(fixed_ckpt):
     s = start(fixed_ckpt, "--max-queue", "2", "--max-wait-ms", "1500", "--batch-size", "64", "--timeout", "0.4",
-              "--api-key", "s3cret")
+              "--api-key", "s3crét")  # a key beyond ASCII, sent as UTF-8 (it could never match)
     try:
-        auth = {"Authorization": "Bearer s3cret"}
+        auth = {"Authorization": "Bearer s3crét".encode()}
         assert s.post("/txt/embed", {"input": "x"}).status_code == 401
         assert s.post("/txt/embed", {"input": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert s.get("/health").status_code == 200 and s.get("/ready").status_code == 200  # probes need no token
@@ -291,7 +303,7 @@ def test_queue_deadline_and_token(fixed_ckpt):
         # a client that goes away: its item leaves the queue before it runs
         body = b'{"input": "gone"}'
         with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             time.sleep(0.1)
         time.sleep(0.3)
@@ -299,6 +311,17 @@ def test_queue_deadline_and_token(fixed_ckpt):
         assert "siglip_queue_depth 0" in metrics
         assert 'siglip_requests_total{route="/txt/embed",status="499"} 1' in metrics
         assert 'siglip_items_total{kind="text"} 1' in metrics  # the startup canary's only: neither ran
+        # --timeout counts the body's arrival: a client that sends half and waits is answered 504 in time
+        with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 504")
+        # /metrics labels the app's own routes, every other path as "other": a client cannot grow it or break it
+        for path in ("/nope", '/a"b%0Ac}', "/x1", "/x2"):
+            assert s.get(path).status_code == 401
+        metrics = s.get("/metrics", headers=auth).text
+        assert 'route="other",status="401"' in metrics and "/nope" not in metrics and "/x1" not in metrics
     finally:
         stop(s)
 
@@ -490,3 +513,17 @@ def test_an_older_index_s_max_patches_reads_as_this_version_records_it(naflex_ck
     assert index_patches(str(idx), str(naflex_ckpt), None, 256) == 256  # the same setting, by number
     with pytest.raises(Exception, match="was embedded with --max-patches the default, not 64"):
         index_patches(str(idx), str(naflex_ckpt), None, 64)
+
+
+def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(fixed_ckpt):
+    """serve binds first: a port in use or a host that is no address is one line and exit 1 at once (uvicorn
+    said so after the model had loaded, with exit 3 and a "serving on" line before it)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        for args, said in ((["--port", port], f"cannot listen on 127.0.0.1:{port}:"),
+                           (["--host", "256.1.1.1", "--port", free_port()], "cannot listen on 256.1.1.1:")):
+            r = run_siglip("serve", "-m", fixed_ckpt, *args)
+            assert r.returncode == 1 and r.stderr.strip().startswith(f"siglip: error: {said}"), r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "serving" not in r.stderr
