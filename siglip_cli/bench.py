@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,13 +89,36 @@ def synthetic_photos(folder: str, n: int = 64) -> list[str]:
     return paths
 
 
-def bench_images(cfg: RunConfig, folder: str) -> tuple[list[str], bool]:
-    """The images given (readable ones), or generated ones in folder; and whether they were generated."""
+def bench_images(cfg: RunConfig, folder: str, most: int = 512) -> tuple[list[str], bool]:
+    """The images given that decode (at most `most` of them), or, given none, generated ones in folder; and
+    whether they were generated. Images given of which none decodes are an error: a benchmark of error rows
+    measures nothing (it timed them, and a missing folder silently timed generated photos)."""
+    from PIL import Image
+
+    from .errors import UsageError
     from .sources import iter_files
 
     src = cfg.sources
-    paths = [r.path for r in iter_files(src.paths, None, src.extensions) if r.error is None] if src.paths else []
-    return (paths, False) if paths else (synthetic_photos(folder), True)
+    if not src.paths:
+        return synthetic_photos(folder), True
+    paths, bad = [], 0
+    for r in iter_files(src.paths, None, src.extensions):
+        if len(paths) >= most:
+            break
+        try:
+            if r.error is not None:
+                raise OSError(r.error)
+            with Image.open(r.path) as im:
+                im.load()
+            paths.append(r.path)
+        except Exception:
+            bad += 1
+    if not paths:
+        raise UsageError(f"no image in {', '.join(src.paths)} can be decoded"
+                         + (f" ({bad} tried)" if bad else "") + "; bench makes its own photos when given none")
+    if bad:
+        print(f"siglip: note: {bad} of the images given cannot be decoded; bench leaves them out", file=sys.stderr)
+    return paths, False
 
 
 def _sync(device: torch.device) -> None:
@@ -193,7 +217,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
             "device": _device_name(encoder.device), "model": encoder.info.name, "dtype": str(encoder.dtype)[6:],
             "backend": encoder.backend, "quantize": encoder.quantize,
             "compile": cfg.model.compile, "exact": cfg.exact, "batch_size": batch_size, "workers": cfg.workers,
-            "images": n, "distinct_files": len(paths), "generated_images": generated,
+            "images": n, "distinct_files": len({r.path for r in records}), "generated_images": generated,
             "load_s": round(load_s, 2), "first_call_s": round(first_call_s, 2),
             "ceiling": _rate(top), "decode": _rate(decode), "end_to_end": _rate(e2e),
             "ratio": round(e2e / top, 3),
@@ -280,7 +304,8 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
                 rows[-1]["top5_same"] = round(float((top5(emb, text) == ref_tags).all(axis=1).mean()), 3)
             del encoder
     return {"device": _device_name(device), "model": f"random:{bench.arch}" if bench.arch else cfg.model.name,
-            "images": n, "photos_compared": len(sample), "distinct_files": len(paths), "generated_images": generated,
+            "images": n, "photos_compared": len(sample), "distinct_files": len({r.path for r in records}),
+            "generated_images": generated,
             "batch_size": batch_size, "workers": cfg.workers, "variants": rows}
 
 

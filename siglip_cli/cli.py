@@ -5,6 +5,7 @@ Imports nothing heavy at module level: `siglip --help` must not pay for torch, t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -123,18 +124,14 @@ def _terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
-    """Run the pipeline; expected errors become one line on stderr and an exit code, never a traceback."""
+@contextlib.contextmanager
+def _one_line():
+    """A command's work: expected errors are one line on stderr and an exit code, never a traceback; Ctrl-C and
+    SIGTERM unwind it (its workers end, its temporary files go) and say so, exit 130 or 143."""
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's)
+    before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        from . import pipeline
-
-        main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's)
-        before = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
-        try:
-            summary = pipeline.run_texts(cfg, texts) if texts is not None else pipeline.run(cfg)
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGTERM, before)
+        yield
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
@@ -143,6 +140,17 @@ def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
         raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     except BrokenPipeError:
         _pipe_closed()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
+    """Run the pipeline (see _one_line)."""
+    with _one_line():
+        from . import pipeline
+
+        summary = pipeline.run_texts(cfg, texts) if texts is not None else pipeline.run(cfg)
     if not cfg.quiet:
         typer.echo(summary.line(), err=True)
     if cfg.strict and summary.failed:
@@ -349,14 +357,11 @@ def bench(
         sources=_sources(paths, None, ext), output=OutputConfig(), batch_size=batch_size, workers=workers,
         quiet=True, exact=exact,
     )
-    try:
+    with _one_line():
         from . import bench as benchmark
 
         config = benchmark.BenchConfig(cfg, arch, images, seconds)
         result = benchmark.matrix(config, tag_spec) if backends else benchmark.run(config, tag_spec)
-    except SiglipError as e:
-        typer.echo(f"siglip: error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
     show = benchmark.matrix_table if backends else benchmark.table
     typer.echo(json.dumps(result, indent=2) if json_out else show(result))
 
