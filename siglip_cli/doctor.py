@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -79,14 +80,24 @@ def report(model: str) -> dict:
     from .vocab import cache_dir
 
     devices = resolve_devices("auto")
+    # NaFlex checkpoints run on torch whatever auto would pick: known from the config where it is here (a doctor
+    # downloads nothing), else from the name
     try:
-        backend = resolve_backend(ModelConfig(model), devices[0], naflex=False)
+        config = os.path.join(model, "config.json") if os.path.isdir(model) else try_to_load_from_cache(model, "config.json")
+        with open(config, encoding="utf-8") as f:
+            naflex = json.load(f).get("model_type") == "siglip2"
+    except Exception:  # noqa: BLE001 - a report, not a run
+        naflex = "naflex" in model.lower()
+    try:
+        backend = resolve_backend(ModelConfig(model), devices[0], naflex=naflex)
     except Exception as e:  # noqa: BLE001 - a report, not a run
         backend = f"({e})"
     shm = shutil.disk_usage(SHM_DIR) if os.path.isdir(SHM_DIR) else None
     hub = constants.HF_HUB_CACHE
     if os.path.isdir(model):
         cached = "a local folder"
+    elif os.path.exists(model):
+        cached = "a file, not a model: give a Hub id or a folder saved with save_pretrained"
     else:
         try:
             found = try_to_load_from_cache(model, "config.json")

@@ -195,3 +195,17 @@ def test_doctor_reports_what_auto_would_pick(cli, fixed_ckpt):
     assert report["cpu"]["usable"] >= 1 and "siglip" in report["caches"]
     screen = cli("doctor", "-m", "nobody/not-a-model").stdout
     assert "auto picks: --device" in screen and "not in the Hub cache" in screen
+
+
+def test_doctor_says_the_backend_a_naflex_run_uses(cli, fixed_ckpt, naflex_ckpt, tmp_path):
+    """auto runs NaFlex checkpoints on torch whatever the CPU: doctor says what a run records (it said
+    openvino); and a file given as the model is not a model."""
+    from siglip_cli.encoders.openvino import available
+
+    for ckpt, expected in ((naflex_ckpt, "torch"), (fixed_ckpt, "openvino" if available() and not torch.cuda.is_available() else None)):
+        report = json.loads(cli("doctor", "-m", ckpt, "--json").stdout)
+        if expected:
+            assert report["auto"]["backend"] == expected, (ckpt.name, report["auto"])
+    stray = tmp_path / "index.parquet"
+    stray.write_bytes(b"PAR1")
+    assert "a file, not a model" in cli("doctor", "-m", stray).stdout
