@@ -388,6 +388,8 @@ def serve(
     from .vocab import read_vocab
 
     found = _usage(lambda: read_vocab(vocab)) if vocab else None
+    if api_key == "":  # (it turned the token off, silently)
+        raise typer.BadParameter("an empty key; give a key, or leave --api-key out (no token)", param_hint="'--api-key'")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -397,12 +399,17 @@ def serve(
     try:
         from . import serve as server
         from .model import Encoder
+        from .weights import patches_setting
 
         if index is not None and not os.path.exists(index):  # before the model loads
             raise RunError(f"--index {index}: no index there")
         sock = server.bind(host, port)
         if index is not None:  # its images' --max-patches, for /img/embed queries of files outside it
             max_patches = server.index_patches(index, model, revision, max_patches)
+        if max_patches is not None and (note := patches_setting(model, revision, max_patches)[1]):
+            typer.echo(f"siglip: note: {note}", err=True)
+        if "," in device:
+            typer.echo(f"siglip: note: serve runs on one device: {device.split(',')[0]}", err=True)
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
                                show_downloads=sys.stderr.isatty())

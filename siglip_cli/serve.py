@@ -410,7 +410,10 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             fmt = payload.get("encoding_format", "float")
             if fmt not in ("float", "base64"):
                 raise ApiError(422, 'encoding_format must be "float" or "base64"')
-            images = [i for i, v in enumerate(values) if isinstance(v, str) and v.startswith("data:")]
+            if payload.get("dimensions") not in (None, dim):  # (it was ignored: the whole vector came back)
+                raise ApiError(422, f"dimensions: this model's embeddings have {dim}; they cannot be shortened")
+            # an image is a base64 data: URI; any other string is a text, "data: ..." too
+            images = [i for i, v in enumerate(values) if isinstance(v, str) and DATA_URI.match(v)]
             texts = [i for i in range(len(values)) if i not in set(images)]
             out: list = [None] * len(values)
 
@@ -493,7 +496,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                 except OSError:
                     ours = None
                 if theirs != ours:
-                    raise ApiError(404, f"this server searches {cfg.index} (as it is now), not {given}")
+                    raise ApiError(404, f"this server searches {cfg.index} as it is now; the index sent "
+                                        f"({given or 'unnamed'}) is another, or that one as it was")
             elif given is not None and (not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)):
                 raise ApiError(404, f"this server searches {cfg.index}, not {given}")
             texts, minus, paths = strings(payload, "query", True), strings(payload, "minus", False), strings(payload, "path", False)

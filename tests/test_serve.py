@@ -217,6 +217,16 @@ def test_openai_embeddings(server, photos):
     image = server.post("/img/embed", {"input": img}).json()["embedding"]
     plain = server.post("/v1/embeddings", {"input": img}).json()["data"][0]["embedding"]
     assert np.abs(np.array(plain) - np.array(image)).max() <= 1e-6
+    # a text that starts with "data:" is a text (it was refused as a bad image); "dimensions" other than the
+    # model's is refused (it was ignored)
+    said = server.post("/v1/embeddings", {"input": ["data: is a word"]})
+    assert said.status_code == 200, said.text
+    as_text = server.post("/txt/embed", {"input": "data: is a word"}).json()["embedding"]
+    assert np.abs(np.array(said.json()["data"][0]["embedding"]) - np.array(as_text)).max() <= 1e-6
+    dim = len(as_text)
+    assert server.post("/v1/embeddings", {"input": "x", "dimensions": dim}).status_code == 200
+    short = server.post("/v1/embeddings", {"input": "x", "dimensions": 8})
+    assert short.status_code == 422 and "dimensions" in short.text
 
 
 def test_tag_and_classify_score_like_the_cli(cli, fixed_ckpt, photos, tmp_path, server):
@@ -513,6 +523,17 @@ def test_an_older_index_s_max_patches_reads_as_this_version_records_it(naflex_ck
     assert index_patches(str(idx), str(naflex_ckpt), None, 256) == 256  # the same setting, by number
     with pytest.raises(Exception, match="was embedded with --max-patches the default, not 64"):
         index_patches(str(idx), str(naflex_ckpt), None, 64)
+
+
+def test_options_serve_cannot_honour_are_said(fixed_ckpt):
+    """--api-key '' is a usage error (it turned the token off, silently); --max-patches on a fixed-resolution
+    checkpoint and a list of devices are noted where serve starts."""
+    r = run_siglip("serve", "-m", fixed_ckpt, "--api-key", "", "--port", free_port())
+    assert r.returncode == 2 and "an empty key" in r.stderr
+    served = start(fixed_ckpt, "--max-patches", "64")
+    stop(served)
+    err = served.proc.stderr.read()
+    assert "--max-patches is for NaFlex checkpoints" in err, err
 
 
 def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(fixed_ckpt):
