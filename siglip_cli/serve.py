@@ -177,8 +177,10 @@ class Server:
     def _pool(self) -> ProcessPoolExecutor:
         from . import worker
 
+        # as a run's decode workers: Ctrl-C and SIGTERM are the server's to handle (each worker printed a
+        # KeyboardInterrupt traceback), and they end with it
         return ProcessPoolExecutor(self.cfg.workers, multiprocessing.get_context("spawn"),
-                                   initializer=worker._die_with, initargs=(os.getpid(),))
+                                   initializer=worker.init, initargs=(None, os.getpid()))
 
     async def decode(self, data: bytes, index: int):
         from . import worker
@@ -298,8 +300,12 @@ class Server:
         return True, "ok"
 
     def close(self) -> None:
+        """At shutdown: the decoders are ended (one may be stuck in a file) and the pool joined, so that its
+        queues are freed here, not reported leaked by the resource tracker at exit."""
         self.batcher.stop()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+            process.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def read_json(request, max_body: int):
