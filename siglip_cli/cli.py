@@ -430,7 +430,8 @@ Html = Annotated[Optional[str], typer.Option("--html", callback=_written_name, h
 
 
 def _results(work, output, as_json, html, title) -> None:
-    try:
+    """search and dedup: their results, with errors, Ctrl-C and SIGTERM as a run's (see _one_line)."""
+    with _one_line():
         from . import report
 
         table = work()
@@ -438,11 +439,6 @@ def _results(work, output, as_json, html, title) -> None:
             report.write_html(html, table, title)
         report.emit(table, output, as_json)
         sys.stdout.flush()
-    except SiglipError as e:
-        typer.echo(f"siglip: error: {e}", err=True)
-        raise typer.Exit(e.exit_code)
-    except BrokenPipeError:
-        _pipe_closed()
 
 
 @app.command(epilog=EXIT_CODES)
