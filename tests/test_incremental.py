@@ -285,3 +285,24 @@ def test_an_image_query_is_embedded_with_the_index_s_max_patches(cli, naflex_ckp
     import json
     (top,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert top["path"] == str(lib / "p1.png") and top["score"] > 0.9999
+
+
+def test_an_overwrite_that_was_stopped_is_told_and_finished(cli, fixed_ckpt, naflex_ckpt, tmp_path):
+    """A run with --overwrite killed before its end leaves rows of both settings: the next run says so (it said
+    only "made with different settings", the settings of the rows the user had just replaced), and a rerun with
+    --overwrite finishes it, keeping the rows it had made."""
+    import shutil
+
+    lib = make_library(tmp_path / "lib", 5)
+    out, other = tmp_path / "out", tmp_path / "other"
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    assert cli("embed", *sorted(lib.rglob("*.png"))[:3], "-o", other, "-m", naflex_ckpt).exit_code == 0
+    (done,) = other.glob("part-*.parquet")
+    shutil.copy(done, out / "part-00000001.parquet")  # as the stopped --overwrite had written it
+    told = cli("embed", lib, "-o", out, "-m", naflex_ckpt)
+    assert told.exit_code == 1 and "holds rows made with these settings and rows made with others" in told.stderr
+    finished = cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--overwrite")
+    assert finished.exit_code == 0 and "2 done" in finished.stderr, finished.stderr
+    from siglip_cli.sink import read_metadata
+
+    assert table(out).num_rows == 5 and read_metadata(str(out))["architecture"] == "Siglip2Model"

@@ -62,19 +62,27 @@ class Store:
 
     def _load(self, overwrite: bool) -> None:
         self.segments = self.layout.segments()
-        for i, seg in enumerate(self.segments):
+        signatures = []
+        for seg in self.segments:
             try:
-                theirs = json.loads(pq.read_schema(seg).metadata[METADATA_KEY]).get("signature")
+                signatures.append(json.loads(pq.read_schema(seg).metadata[METADATA_KEY]).get("signature"))
             except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
                 raise RunError(f"{seg} is not a siglip output; move it away or choose another output") from None
-            if theirs != self.signature and self.same(theirs) != self.signature:
-                if not overwrite:
-                    pin = ""
-                    old = (theirs or {}).get("weights", "")
-                    if re.fullmatch(r"[0-9a-f]{40}", old or "") and old != self.signature.get("weights"):
-                        pin = f" (--revision {old} keeps the weights it was made with)"
-                    raise RunError(f"{self.path} was made with different settings ({differences(theirs, self.signature)}); "
-                                   f"rerun with those settings{pin}, choose another output, or pass --overwrite to start afresh")
+        fits = [theirs == self.signature or self.same(theirs) == self.signature for theirs in signatures]
+        if not overwrite and not all(fits):
+            theirs = signatures[fits.index(False)]
+            if any(fits):  # an --overwrite stopped before its end: the rows of both are there
+                raise RunError(f"{self.path} holds rows made with these settings and rows made with others "
+                               f"({differences(theirs, self.signature)}): an --overwrite that was stopped? Rerun with "
+                               f"--overwrite to finish it (the rows it made are kept), or choose another output")
+            pin = ""
+            old = (theirs or {}).get("weights", "")
+            if re.fullmatch(r"[0-9a-f]{40}", old or "") and old != self.signature.get("weights"):
+                pin = f" (--revision {old} keeps the weights it was made with)"
+            raise RunError(f"{self.path} was made with different settings ({differences(theirs, self.signature)}); "
+                           f"rerun with those settings{pin}, choose another output, or pass --overwrite to start afresh")
+        for i, (seg, fit) in enumerate(zip(self.segments, fits)):
+            if not fit:
                 self.foreign.add(i)
             elif self.images:
                 self.index.add(i, pq.read_table(seg, columns=COLUMNS))
