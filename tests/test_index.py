@@ -396,3 +396,51 @@ def test_an_output_folder_that_vanishes_mid_run_is_not_made_again(tmp_path):
         with pytest.raises(RunError, match=said + r" \(an unmounted share\?\)"):
             layout.next_part()
     assert list(mount.iterdir()) == []
+
+
+def test_an_index_rewritten_by_another_tool_is_read_without_loss(cli, fixed_ckpt, tmp_path):
+    """An index file another tool rewrote, siglip's metadata kept: a path written twice (a naive append) keeps
+    its row (both copies were removed and the row lost), an mtime column in nanoseconds is the same mtime (every
+    file looked changed), and a column dropped is one line, or rebuilt with --overwrite (a traceback)."""
+    import pyarrow as pa
+
+    lib = make_library(tmp_path / "lib", 4)
+    out = tmp_path / "idx.parquet"
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    original = pq.read_table(out)
+    files = sorted(str(p) for p in lib.rglob("*.png"))
+
+    pq.write_table(pa.concat_tables([original, original.slice(0, 2)]), out)  # metadata kept
+    again = cli("embed", lib, "-o", out, "-m", fixed_ckpt)
+    assert again.exit_code == 0 and "0 done" in again.stderr, again.stderr
+    assert sorted(set(read_index(str(out)).column("path").to_pylist())) == files
+
+    i = original.schema.get_field_index("mtime")
+    ns = original.set_column(i, pa.field("mtime", pa.timestamp("ns", tz="UTC")), original.column("mtime").cast(pa.timestamp("ns", tz="UTC")))
+    pq.write_table(ns.replace_schema_metadata(original.schema.metadata), out)
+    again = cli("embed", lib, "-o", out, "-m", fixed_ckpt)
+    assert again.exit_code == 0 and "0 done" in again.stderr, again.stderr
+
+    pq.write_table(original.drop_columns(["path_bytes"]).replace_schema_metadata(original.schema.metadata), out)
+    refused = cli("embed", lib, "-o", out, "-m", fixed_ckpt)
+    assert refused.exit_code == 1 and "cannot be read as a siglip output" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    rebuilt = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "--overwrite")
+    assert rebuilt.exit_code == 0 and sorted(read_index(str(out)).column("path").to_pylist()) == files
+
+
+def test_a_file_that_became_a_folder_is_pruned(cli, fixed_ckpt, tmp_path):
+    """--prune removes the row of a path that is now a folder (its old vector stayed for good), as it removes
+    the row of one that is gone; the folder's own images get rows."""
+    lib = make_library(tmp_path / "lib", 6)
+    out = tmp_path / "out"
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    was = sorted(lib.rglob("*.png"))[0]
+    inner = was.read_bytes()
+    was.unlink()
+    was.mkdir()
+    (was / "inner.png").write_bytes(inner)
+    result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "--prune")
+    assert result.exit_code == 0, result.stderr
+    paths = read_index(str(out)).column("path").to_pylist()
+    assert str(was) not in paths and str(was / "inner.png") in paths and len(paths) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -76,12 +77,16 @@ class Index:
 
     def add(self, segment: int, table: pa.Table) -> None:
         """Take in one segment's rows (segments in order, oldest first)."""
-        mtimes = pc.cast(table.column("mtime"), pa.int64()).to_pylist()
+        # in microseconds whatever unit the column was written in (another tool may have rewritten it in ns: every
+        # file then looked changed)
+        mtimes = pc.cast(pc.cast(table.column("mtime"), pa.timestamp("us", tz="UTC")), pa.int64()).to_pylist()
         for path, status, size, mtime, sha in zip(paths_of(table), table.column("status").to_pylist(),
                                                   table.column("size").to_pylist(), mtimes,
                                                   table.column("sha256").to_pylist()):
             old = self.entries.get(path)
-            if old is not None:  # a row a killed run replaced but did not get to remove
+            # a row a killed run replaced but did not get to remove; not one of the same segment (a file another
+            # tool wrote a path twice into): removing "the old row" there removed both, and the path's row was lost
+            if old is not None and old.segment != segment:
                 self.stale.setdefault(old.segment, set()).add(path)
             self.entries[path] = Entry(segment, size, mtime, sha, status == "ok")
             if status == "ok" and size is not None and sha:
@@ -163,14 +168,16 @@ class Index:
 
 
 def _gone(path: str) -> bool:
-    """Whether a file is certainly gone: a file that cannot be checked (EACCES, EIO, a stale NFS handle) is not."""
+    """Whether a file is certainly gone: no longer there, or now a folder (a row of the file it was, or an error
+    row of a folder that could not be listed then and is walked now). A file that cannot be checked (EACCES,
+    EIO, a stale NFS handle) is not."""
     try:
-        os.lstat(path)
+        st = os.stat(path) if os.path.islink(path) else os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
         return False
-    return False
+    return stat.S_ISDIR(st.st_mode)
 
 
 # An emptied folder that held this many rows is treated as a share that is not mounted (fewer: an album whose

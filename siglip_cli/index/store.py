@@ -85,7 +85,16 @@ class Store:
             if not fit:
                 self.foreign.add(i)
             elif self.images:
-                self.index.add(i, pq.read_table(seg, columns=COLUMNS))
+                try:
+                    rows = pq.read_table(seg, columns=COLUMNS)
+                except (OSError, pa.ArrowException) as e:  # a column gone (another tool rewrote it), a cut file
+                    if not overwrite:
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        raise RunError(f"{seg} cannot be read as a siglip output ({first}): edited by another "
+                                       "tool? Pass --overwrite to rebuild it, or move it away") from None
+                    self.foreign.add(i)
+                    continue
+                self.index.add(i, rows)
 
     # -- during and after the run --------------------------------------------------------------------
     def pending(self, records, roots, rehash: bool = False, retry_errors: bool = False):
