@@ -403,13 +403,13 @@ def serve(
 
         if index is not None and not os.path.exists(index):  # before the model loads
             raise RunError(f"--index {index}: no index there")
-        sock = server.bind(host, port)
         if index is not None:  # its images' --max-patches, for /img/embed queries of files outside it
             max_patches = server.index_patches(index, model, revision, max_patches)
         if max_patches is not None and (note := patches_setting(model, revision, max_patches)[1]):
             typer.echo(f"siglip: note: {note}", err=True)
         if "," in device:
             typer.echo(f"siglip: note: serve runs on one device: {device.split(',')[0]}", err=True)
+        sock = server.bind(host, port)
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
                                show_downloads=sys.stderr.isatty())

@@ -525,20 +525,13 @@ def test_an_older_index_s_max_patches_reads_as_this_version_records_it(naflex_ck
         index_patches(str(idx), str(naflex_ckpt), None, 64)
 
 
-def test_options_serve_cannot_honour_are_said(fixed_ckpt):
-    """--api-key '' is a usage error (it turned the token off, silently); --max-patches on a fixed-resolution
-    checkpoint and a list of devices are noted where serve starts."""
-    r = run_siglip("serve", "-m", fixed_ckpt, "--api-key", "", "--port", free_port())
-    assert r.returncode == 2 and "an empty key" in r.stderr
-    served = start(fixed_ckpt, "--max-patches", "64")
-    stop(served)
-    err = served.proc.stderr.read()
-    assert "--max-patches is for NaFlex checkpoints" in err, err
-
-
 def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(fixed_ckpt):
     """serve binds first: a port in use or a host that is no address is one line and exit 1 at once (uvicorn
-    said so after the model had loaded, with exit 3 and a "serving on" line before it)."""
+    said so after the model had loaded, with exit 3 and a "serving on" line before it). Options it cannot
+    honour are said before: --api-key '' is a usage error (it turned the token off, silently), --max-patches
+    on a fixed-resolution checkpoint and a list of devices are notes."""
+    r = run_siglip("serve", "-m", fixed_ckpt, "--api-key", "", "--port", free_port())
+    assert r.returncode == 2 and "an empty key" in r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -548,3 +541,6 @@ def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(fixed_ck
             r = run_siglip("serve", "-m", fixed_ckpt, *args)
             assert r.returncode == 1 and r.stderr.strip().startswith(f"siglip: error: {said}"), r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "serving" not in r.stderr
+        noted = run_siglip("serve", "-m", fixed_ckpt, "--port", port, "--max-patches", "64", "--device", "cpu,cpu")
+        assert noted.returncode == 1 and "--max-patches is for NaFlex checkpoints" in noted.stderr
+        assert "serve runs on one device: cpu" in noted.stderr

@@ -251,9 +251,8 @@ def test_a_byte_order_mark_is_not_part_of_any_text_file(cli, fixed_ckpt, tmp_pat
         assert result.exit_code == 0, result.stderr
         return pq.read_table(out).drop(["mtime_ns"] if "mtime_ns" in pq.read_schema(out).names else []).to_pylist()
 
-    for option, command in (("--vocab", "tag"), ("--labels-file", "classify")):
-        assert rows(command, img, option, bom) == rows(command, img, option, plain)
-    assert rows("embed", "--texts-file", bom) == rows("embed", "--texts-file", plain)
+    assert rows("tag", img, "--vocab", bom) == rows("tag", img, "--vocab", plain)
+    assert rows("classify", img, "--labels-file", bom) == rows("classify", img, "--labels-file", plain)
     assert rows("embed", "--text", "cat", "--text", "dog") == rows("embed", "--texts-file", bom)
     listed = tmp_path / "list.txt"
     listed.write_bytes(b"\xef\xbb\xbf" + str(img).encode() + b"\n")
