@@ -135,9 +135,13 @@ def _one_line():
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt as e:
-        typer.echo("siglip: terminated" if isinstance(e, Terminated) else "siglip: interrupted", err=True)
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
+    except (KeyboardInterrupt, ImportError) as e:
+        # a signal during the import of a C extension (OpenVINO's, torch's) arrives as an ImportError it caused
+        cause = e if isinstance(e, KeyboardInterrupt) else e.__cause__ or e.__context__
+        if not isinstance(cause, KeyboardInterrupt):
+            raise
+        typer.echo("siglip: terminated" if isinstance(cause, Terminated) else "siglip: interrupted", err=True)
+        raise typer.Exit(143 if isinstance(cause, Terminated) else 130)
     except BrokenPipeError:
         _pipe_closed()
     finally:

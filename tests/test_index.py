@@ -311,11 +311,12 @@ os.replace, os.unlink = replace, unlink
 def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_path, layout):
     from PIL import Image
 
+    # (torch: OpenVINO's compile at every one of the ~60 runs cost this test a minute, and the index is the point)
     lib = make_library(tmp_path / "photos", 40)
     base = tmp_path / "base"
     base.mkdir()
     env = {"SIGLIP_FLUSH_ROWS": "8"}  # several parts
-    assert run_siglip("embed", lib, "-o", base / layout, "-m", fixed_ckpt, "-j", "0", env=env).returncode == 0
+    assert run_siglip("embed", lib, "-o", base / layout, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", env=env).returncode == 0
     old = by_path(read_index(str(base / layout)))
     files = sorted(lib.rglob("*.png"))
     for p in files[::5]:  # changed: their rows are superseded in old parts
@@ -331,7 +332,7 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_p
         work = tmp_path / f"kill{step}"
         shutil.copytree(base, work)
         out = work / layout
-        run = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--prune",
+        run = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", "--prune",
                          env={**env, "PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": str(step)})
         seen = read_index(str(out))
         keys = seen.column("path").to_pylist()
@@ -342,7 +343,7 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_p
             else:
                 assert os.path.exists(path) and row["size"] == os.path.getsize(path)
         assert set(keys) >= {str(p) for p in files if p.exists()}  # nothing missing
-        rerun = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--prune", env=env)
+        rerun = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", "--prune", env=env)
         assert rerun.returncode == 0, rerun.stderr
         done = pq.read_table(out)  # a plain reader, after the next run: every file once
         assert sorted(done.column("path").to_pylist()) == sorted(str(p) for p in files if p.exists())
