@@ -143,21 +143,30 @@ def session_pids(sid: int) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the run's processes")
-def test_kill_9_leaves_no_process_and_no_shared_memory(fixed_ckpt, tmp_path):
+def stalled_run(fixed_ckpt, tmp_path, stderr, env: dict | None = None) -> subprocess.Popen:
+    """An embed run in a session of its own, its two decode workers stalled on files, once they are running
+    (main, resource tracker, 2 workers) and a second more."""
     lib = library(tmp_path / "lib", 2)
     for i in range(4):
         (lib / f"stall{i}.jpg").write_bytes(jpeg_bytes())
-    env = {**os.environ, **hook_dir(tmp_path, IN_WORKERS)}
     proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(tmp_path / "out"),
                              "-m", str(fixed_ckpt), "-j", "2", "-b", "2", "--timeout", "600"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, **hook_dir(tmp_path, IN_WORKERS), **(env or {})}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    deadline = time.monotonic() + 120
+    while len(session_pids(proc.pid)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if len(session_pids(proc.pid)) < 4:
+        proc.kill()
+        raise AssertionError("the workers never started")
+    time.sleep(1)
+    return proc
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the run's processes")
+def test_kill_9_leaves_no_process_and_no_shared_memory(fixed_ckpt, tmp_path):
+    proc = stalled_run(fixed_ckpt, tmp_path, subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
-        while len(session_pids(proc.pid)) < 4 and time.monotonic() < deadline:  # main, tracker, 2 workers
-            time.sleep(0.2)
-        assert len(session_pids(proc.pid)) >= 4, "the workers never started"
-        time.sleep(1)
         blocks = [n for n in os.listdir("/dev/shm") if n.startswith(f"siglip-{proc.pid}-")]
         assert blocks
         os.kill(proc.pid, signal.SIGKILL)
@@ -177,19 +186,8 @@ def test_ctrl_c_and_sigterm_end_the_run_in_one_line(fixed_ckpt, tmp_path, sig, g
     """Ctrl-C reaches the whole process group (the workers too), and so does SIGTERM from systemd (timeout(1)
     signals the main process alone, the lesser case): either way one line and 128+signal, no worker tracebacks, no process and no shared memory
     left, and no leak warnings (a signal during a conversion is held until it ends: see encoders.signals_held)."""
-    lib = library(tmp_path / "lib", 2)
-    for i in range(4):
-        (lib / f"stall{i}.jpg").write_bytes(jpeg_bytes())
-    env = {**os.environ, **hook_dir(tmp_path, IN_WORKERS), "SIGLIP_FLUSH_ROWS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(tmp_path / "out"),
-                             "-m", str(fixed_ckpt), "-j", "2", "-b", "2", "--timeout", "600"],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = stalled_run(fixed_ckpt, tmp_path, subprocess.PIPE, {"SIGLIP_FLUSH_ROWS": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while len(session_pids(proc.pid)) < 4 and time.monotonic() < deadline:  # main, tracker, 2 workers
-            time.sleep(0.2)
-        assert len(session_pids(proc.pid)) >= 4, "the workers never started"
-        time.sleep(1)
         if group:
             os.killpg(proc.pid, sig)  # as a terminal does Ctrl-C
         else:

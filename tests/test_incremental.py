@@ -27,6 +27,15 @@ def make_library(root, n: int, size=(24, 18)):
     return root
 
 
+def noise_photos(folder, n: int):
+    """n photos of noise, 200x300: big enough that --max-patches changes their pixels."""
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
 def table(out):
     return pq.read_table(out).sort_by("path")
 
@@ -271,11 +280,7 @@ def test_max_patches_is_recorded_as_the_setting_it_is(cli, fixed_ckpt, naflex_ck
 def test_an_image_query_is_embedded_with_the_index_s_max_patches(cli, naflex_ckpt, tmp_path):
     """search --image of a file outside the index is embedded as the index's images were (its --max-patches):
     an exact copy of an indexed photo scores 1 against it."""
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(lib / f"p{i}.png")
+    lib = noise_photos(tmp_path / "lib", 3)
     out = tmp_path / "idx.parquet"
     assert cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--max-patches", "16").exit_code == 0
     copy = tmp_path / "copy.png"

@@ -478,11 +478,9 @@ def test_image_queries_are_embedded_with_the_index_s_max_patches(cli, naflex_ckp
     refuses a server that embeds images with another one (an exact copy of an indexed photo scored below 1)."""
     import json
 
-    lib = tmp_path / "lib"
-    lib.mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(lib / f"p{i}.png")
+    from test_incremental import noise_photos
+
+    lib = noise_photos(tmp_path / "lib", 3)
     idx = tmp_path / "idx.parquet"
     assert cli("embed", lib, "-o", idx, "-m", naflex_ckpt, "--max-patches", "16", "--backend", "torch", "-q").exit_code == 0
     copy = tmp_path / "copy.png"
