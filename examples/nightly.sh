@@ -16,8 +16,8 @@ siglip=$(command -v siglip || echo "$(dirname "$0")/../.venv/bin/siglip")
 
 echo "== $(date -Is) siglip nightly on $photos"
 # Exit 1 (the output is locked by a run still going, the model cannot be loaded, the photo share is not
-# mounted so --prune refuses to empty the index) is worth a mail from cron; photos that cannot be read are
-# error rows, not failures. --prune only ever removes rows under "$photos", and never most of them.
+# mounted: its folder is missing, or empty so --prune refuses to empty the index) is worth a mail from cron;
+# photos that cannot be read are error rows, not failures. --prune only ever removes rows under "$photos", and never most of them.
 "$siglip" embed "$photos" -o "$index/embeddings" --prune --quiet
 "$siglip" tag "$photos" --vocab "$vocab" -o "$index/tags" --prune --quiet
 echo "== $(date -Is) done"

@@ -105,7 +105,7 @@ Exact = Annotated[bool, typer.Option("--exact", help="Decode JPEGs at full size:
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the image tower: faster on a GPU after a one-time compile (cached on disk).")]
 Ray = Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data (pip install 'siglip-cli\\[ray]'): local starts a Ray on this machine, auto joins the cluster `ray start` made, or give its address (HOST:PORT, ray://HOST:PORT).", show_default=False)]
 RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: encoder actors (default: one per GPU of the cluster, else one).", show_default=False)]
-RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again the files that failed in earlier runs, even unchanged.")]
+RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again every file that failed in an earlier run, even unchanged (those that failed for a passing reason are tried anyway).")]
 
 
 def _pipe_closed() -> None:
@@ -157,6 +157,9 @@ def _execute(cfg: RunConfig, texts: Optional[list[str]] = None) -> None:
         summary = pipeline.run_texts(cfg, texts) if texts is not None else pipeline.run(cfg)
     if not cfg.quiet:
         typer.echo(summary.line(), err=True)
+    if summary.missing:
+        typer.echo(f"siglip: error: {summary.missing} of the paths given do not exist (said above)", err=True)
+        raise typer.Exit(1)
     if cfg.strict and summary.failed:
         typer.echo(f"siglip: {summary.failed} image(s) failed (--strict)", err=True)
         raise typer.Exit(1)

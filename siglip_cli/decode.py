@@ -28,6 +28,13 @@ try:  # HEIC/HEIF from phones, with the optional `heif` extra (Pillow reads AVIF
 except ImportError:
     HEIF = False
 
+NEEDS_HEIF = "HEIC/HEIF needs the heif extra: pip install 'siglip-cli[heif]'"
+UNREADABLE = "permission denied: make the file readable by this user"
+RAISE_LIMIT = "raise --max-pixels to read it"
+# Errors of a file's own bytes: the same bytes fail the same way, so a file that has not changed is not tried again.
+LASTING = ("empty file", "not a regular file", "not an image", "corrupt or truncated image", "the decoder crashed",
+           "cannot decode", "cannot record", "the model gave")
+
 # Smaller photos decode fast at full size, so they always take the exact path.
 DRAFT_MIN_PIXELS = 4_000_000
 HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -122,7 +129,7 @@ def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
             return Decoded(
                 record, sha, width, height,
                 error=f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                f"{spec.max_pixels:,}; raise --max-pixels to read it",
+                f"{spec.max_pixels:,}; {RAISE_LIMIT}",
             )
         if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by a quarter
             width, height = height, width
@@ -144,6 +151,24 @@ def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
     return Decoded(record, sha, width, height, pixels)
 
 
+def may_work_now(error: str, path: str, pixels: int | None, max_pixels: int) -> bool:
+    """Whether an unchanged file that failed with `error` in an earlier run may be read in this one.
+
+    Not when the error was of its bytes (LASTING). When its cause can be checked, when that cause is gone: the
+    file readable now, the heif extra installed, a --max-pixels that admits it. Any other error (a read error, a
+    stall, out of memory, a message of an older version) is of its circumstances: tried again.
+    """
+    if error.startswith(LASTING):
+        return False
+    if error == UNREADABLE:
+        return os.access(path, os.R_OK)
+    if error == NEEDS_HEIF:
+        return HEIF
+    if error.endswith(RAISE_LIMIT) and pixels is not None:
+        return pixels <= max_pixels
+    return True
+
+
 def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> Decoded:
     """Read, orient, convert and resize one file (or the bytes given for it, as `siglip serve` receives them);
     any failure becomes an error with a readable message."""
@@ -153,15 +178,17 @@ def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> De
         return _load(record, spec) if data is None else _pixels(record, data, spec)
     except UnidentifiedImageError:
         if record.path.lower().endswith((".heic", ".heif")) and not HEIF:
-            return Decoded(record, error="HEIC/HEIF needs the heif extra: pip install 'siglip-cli[heif]'")
+            return Decoded(record, error=NEEDS_HEIF)
         return Decoded(record, error="not an image, or a format Pillow cannot read")
     except FileNotFoundError:
         return Decoded(record, error="file disappeared before it could be read")
     except PermissionError:
-        return Decoded(record, error="permission denied: make the file readable by this user")
-    except Image.DecompressionBombError as e:
-        return Decoded(record, error=f"{e}; raise --max-pixels to read it")
-    except (OSError, SyntaxError, ValueError) as e:
+        return Decoded(record, error=UNREADABLE)
+    except OSError as e:
+        if e.errno is not None:  # the disk or the network failed the read (EIO, a stale handle): not the bytes
+            return Decoded(record, error=f"cannot read the file: {e.strerror or e}")
+        return Decoded(record, error=f"corrupt or truncated image: {e}")
+    except (SyntaxError, ValueError) as e:
         return Decoded(record, error=f"corrupt or truncated image: {e}")
     except MemoryError:
         return Decoded(record, error="out of memory while decoding; lower --max-pixels or --workers")

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig
+from .decode import may_work_now
 from .loader import Batch, batches
 from .model import Encoder, resolve_devices, resolve_dtype
 from .weights import patches_setting, resolve_weights
@@ -122,9 +123,24 @@ def run(cfg: RunConfig) -> Summary:
 
     Into a file or folder, the run is incremental and resumable (index/); to stdout it streams everything.
     """
-    out = cfg.output
+    out, src = cfg.output, cfg.sources
     if out.path != "-":
         check_parent(out.path)  # before the model is resolved: a typo in -o fails at once
+    # An argument that is not there (a share not mounted, a typo) gets no row: it is told, and fails the run; when
+    # all are, before the model or the output is touched. With --prune, the index's own refusal says more (the
+    # rows under it); with --prune-anyway it is a folder deleted on purpose, and its rows go.
+    missing = [] if out.prune_anyway else [p for p in src.paths if not os.path.lexists(p)]
+    if missing and len(missing) == len(src.paths) and src.files_from is None and not out.prune:
+        raise RunError(f"{', '.join(missing)}: no such file or folder (an unmounted share?); nothing done")
+    for p in missing:
+        print(f"siglip: error: {p}: no such file or folder (an unmounted share?)", file=sys.stderr)
+    summary = _start(cfg)
+    summary.missing = len(missing)
+    return summary
+
+
+def _start(cfg: RunConfig) -> Summary:
+    out = cfg.output
     patches, note = patches_setting(cfg.model.name, cfg.model.revision, cfg.model.max_patches)
     if note:
         print(f"siglip: note: {note}", file=sys.stderr)
@@ -149,7 +165,10 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     src, out = cfg.sources, cfg.output
     records = iter_files(src.paths, src.files_from, src.extensions)
     if store is not None:
-        records = store.pending(records, roots(src.paths), out.rehash, out.retry_errors)
+        def retry(path: str, entry) -> bool:  # a file that failed before, unchanged since
+            return out.retry_errors or may_work_now(entry.error, path, entry.pixels, cfg.max_pixels)
+
+        records = store.pending(records, roots(src.paths), out.rehash, retry)
     recount = None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))
     progress = Progress(progress_enabled(cfg.quiet), recount)
     first = next(records, None)

@@ -18,6 +18,7 @@ class Summary:
     skipped: int = 0
     pruned: int = 0
     moved: int = 0
+    missing: int = 0  # paths given that do not exist
     seconds: float = 0.0
     output: str = "-"
 

@@ -114,15 +114,15 @@ def iter_files(paths: Iterable[str], files_from: str | None, extensions: tuple[s
     """Every input, in a deterministic order: each argument in turn (folders walked), then the listed files.
 
     Paths are canonical (absolute, folders resolved). A file named directly or listed in --files-from is
-    attempted whatever its extension; a path that does not exist still yields a record, with an error, so
-    that it gets a row.
+    attempted whatever its extension. A listed path that does not exist still yields a record, with an error,
+    so that it gets a row; an argument that does not exist yields nothing.
     """
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     seen: set[tuple[int, int]] = set()
     for path in paths:
         if is_dir(path):
             yield from _walk(os.path.realpath(path), exts, seen)
-        else:
+        elif os.path.lexists(path):  # an argument that is not there is the caller's to tell (pipeline.run)
             yield _record(canonical(path))
     if files_from is not None:
         for path in read_list(files_from):

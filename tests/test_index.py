@@ -50,6 +50,34 @@ def test_prune_refuses_a_missing_or_empty_root(cli, fixed_ckpt, tmp_path, layout
         assert pq.read_table(out).num_rows == 0
 
 
+def test_a_path_given_that_is_not_there_gets_no_row_and_fails_the_run(cli, fixed_ckpt, tmp_path, monkeypatch):
+    """A share not mounted, or a typo: told on stderr, exit 1, and no row for it (a row of a path that is no
+    file would stay in the index for good); the other paths are done. Only --prune-anyway takes it as gone."""
+    photos = flat_library(tmp_path / "photos", 3)
+    nas = flat_library(tmp_path / "nas", 2)
+    out = tmp_path / "lib"
+    assert cli("embed", photos, nas, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    shutil.rmtree(nas)
+    partly = cli("embed", photos, nas, tmp_path / "typo.jpg", "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert partly.exit_code == 1
+    assert f"{nas}: no such file or folder" in partly.stderr and "typo.jpg: no such file" in partly.stderr
+    assert "3 unchanged" in partly.stderr and "2 of the paths given do not exist" in partly.stderr
+    assert len(paths(out)) == 5
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing to read: neither the model nor the output is touched")
+
+    with monkeypatch.context() as m:
+        m.setattr("siglip_cli.pipeline.Encoder.load_all", forbidden)
+        m.setattr("siglip_cli.pipeline.Store.open", forbidden)
+        for o in (out, "-"):
+            alone = cli("embed", nas, "-o", o, "-m", fixed_ckpt)
+            assert alone.exit_code == 1 and alone.stdout == ""
+            assert alone.stderr == f"siglip: error: {nas}: no such file or folder (an unmounted share?); nothing done\n"
+    gone = cli("embed", photos, nas, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
+    assert gone.exit_code == 0 and "2 pruned" in gone.stderr and len(paths(out)) == 3
+
+
 def flat_library(folder, n: int):
     from PIL import Image
 

@@ -181,6 +181,26 @@ def test_vanished_and_limits(tmp_path):
     assert decode(record, SPEC).error == "file disappeared before it could be read"
 
 
+def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
+    """EIO from a failing disk or a stale NFS handle is the read's fault, not the bytes': tried again next run."""
+    import errno
+
+    from siglip_cli.decode import may_work_now
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(jpeg_bytes()[:200])
+    record = FileRecord(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+    cut = decode(record, SPEC).error
+    assert cut.startswith("corrupt or truncated image") and not may_work_now(cut, str(path), None, 10**8)
+
+    def failing(*a, **k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr("siglip_cli.decode.open", failing, raising=False)
+    eio = decode(record, SPEC).error
+    assert eio == "cannot read the file: Input/output error" and may_work_now(eio, str(path), None, 10**8)
+
+
 FAULTS = '''
 import builtins, multiprocessing, os, signal, time
 _open = builtins.open
@@ -222,8 +242,11 @@ def test_crashed_and_stalled_workers_cost_one_row_each(fixed_ckpt, tmp_path):
         np.testing.assert_allclose(r["embedding"], ref[name]["embedding"], atol=1e-5)
 
 
-def test_unreadable_file_and_folder(fixed_ckpt, tmp_path):
-    """Permissions stop only a process without CAP_DAC_OVERRIDE: as root, the run drops that capability."""
+def test_unreadable_file_and_folder_are_read_once_they_can_be(fixed_ckpt, tmp_path):
+    """Permissions stop only a process without CAP_DAC_OVERRIDE: as root, the run drops that capability.
+
+    Reruns while they are unreadable do nothing (not even --rehash); the first run after a chmod reads them,
+    without --retry-errors: the files' size and mtime did not change, only their permissions."""
     prefix = []
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
@@ -231,14 +254,19 @@ def test_unreadable_file_and_folder(fixed_ckpt, tmp_path):
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     lib = tmp_path / "lib"
     (lib / "private").mkdir(parents=True)
-    for name in ("open.jpg", "secret.jpg", "private/hidden-away.jpg"):
-        (lib / name).write_bytes(jpeg_bytes())
+    for i, name in enumerate(("open.jpg", "secret.jpg", "private/hidden-away.jpg")):
+        (lib / name).write_bytes(jpeg_bytes((80 * i, 30, 30)))
     (lib / "secret.jpg").chmod(0o000)
     (lib / "private").chmod(0o000)
     out = tmp_path / "out.parquet"
+
+    def embed(*more):
+        return subprocess.run([*prefix, sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out),
+                               "-m", str(fixed_ckpt), "-j", "1", *more], capture_output=True, text=True)
+
     try:
-        result = subprocess.run([*prefix, sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out),
-                                 "-m", str(fixed_ckpt), "-j", "1"], capture_output=True, text=True)
+        result = embed()
+        again = [embed(), embed("--rehash")]
     finally:
         (lib / "private").chmod(0o755)
     assert result.returncode == 0, result.stderr
@@ -247,3 +275,47 @@ def test_unreadable_file_and_folder(fixed_ckpt, tmp_path):
     assert rows["open.jpg"]["status"] == "ok"
     assert "permission denied" in rows["secret.jpg"]["error"]
     assert "cannot read folder" in rows["private"]["error"]
+    for rerun in again:
+        assert rerun.returncode == 0 and "3 unchanged" in rerun.stderr and "0 done" in rerun.stderr, rerun.stderr
+    (lib / "secret.jpg").chmod(0o644)
+    healed = embed()
+    assert healed.returncode == 0 and "2 done" in healed.stderr, healed.stderr
+    rows = {os.path.relpath(r["path"], lib): r for r in pq.read_table(out).to_pylist()}
+    assert set(rows) == {"open.jpg", "secret.jpg", "private/hidden-away.jpg"}  # the folder's error row is gone
+    assert all(r["status"] == "ok" for r in rows.values())
+
+
+def test_a_failure_of_passing_circumstances_is_tried_again_and_one_of_the_bytes_is_not(cli, fixed_ckpt, tmp_path,
+                                                                                        monkeypatch):
+    """The remedy an error names works on the next run, without --retry-errors; until then, and for a file whose
+    bytes are at fault, a rerun neither decodes nor loads the model."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "ok.jpg").write_bytes(jpeg_bytes((10, 200, 10)))
+    (lib / "big.jpg").write_bytes(jpeg_bytes((200, 10, 10), size=(64, 48)))
+    (lib / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (lib / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic, cut short")
+    out = tmp_path / "out.parquet"
+    monkeypatch.setattr("siglip_cli.decode.HEIF", False)  # the extra not installed (-j 0: decoded in this process)
+    first = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--max-pixels", "2000")
+    assert first.exit_code == 0, first.stderr
+    errors = {os.path.basename(r["path"]): r["error"] for r in pq.read_table(out).to_pylist()}
+    assert errors["ok.jpg"] is None and "raise --max-pixels" in errors["big.jpg"]
+    assert "not an image" in errors["bad.jpg"] and "heif extra" in errors["phone.heic"]
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing has changed: no model, no decoding")
+
+    with monkeypatch.context() as m:
+        m.setattr("siglip_cli.pipeline.Encoder.load_all", forbidden)
+        m.setattr("siglip_cli.loader.decoded_chunks", forbidden)
+        same = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--max-pixels", "3000")
+        assert same.exit_code == 0 and "4 unchanged" in same.stderr, same.stderr
+    monkeypatch.setattr("siglip_cli.decode.HEIF", True)  # installed
+    healed = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "--max-pixels", "4000")
+    assert healed.exit_code == 0 and "2 done (1 ok, 1 failed), 2 unchanged" in healed.stderr, healed.stderr
+    rows = {os.path.basename(r["path"]): r for r in pq.read_table(out).to_pylist()}
+    assert len(rows) == 4 and rows["big.jpg"]["status"] == "ok"
+    assert "not an image" in rows["phone.heic"]["error"]  # read now, and its bytes are at fault: it stays
+    again = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert "4 unchanged" in again.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +14,7 @@ from ..errors import RunError
 from ..sources import FileRecord, stored_path
 from .files import file_hash
 
-COLUMNS = ["path", "path_bytes", "status", "size", "mtime", "sha256"]
+COLUMNS = ["path", "path_bytes", "status", "error", "width", "height", "size", "mtime", "sha256"]
 
 
 @dataclass
@@ -26,6 +26,8 @@ class Entry:
     mtime_us: int | None
     sha256: str | None
     ok: bool
+    error: str | None = None
+    pixels: int | None = None  # of an error row, when the file's size was read
 
 
 @dataclass(frozen=True)
@@ -80,23 +82,33 @@ class Index:
         # in microseconds whatever unit the column was written in (another tool may have rewritten it in ns: every
         # file then looked changed)
         mtimes = pc.cast(pc.cast(table.column("mtime"), pa.timestamp("us", tz="UTC")), pa.int64()).to_pylist()
-        for path, status, size, mtime, sha in zip(paths_of(table), table.column("status").to_pylist(),
-                                                  table.column("size").to_pylist(), mtimes,
-                                                  table.column("sha256").to_pylist()):
+        errors = failures = None
+        if table.column("error").null_count < len(table):  # the error rows' messages and pixel counts
+            errors = table.column("error").to_pylist()
+            failures = zip(table.column("width").to_pylist(), table.column("height").to_pylist())
+        for i, (path, status, size, mtime, sha) in enumerate(zip(
+                paths_of(table), table.column("status").to_pylist(), table.column("size").to_pylist(), mtimes,
+                table.column("sha256").to_pylist())):
             old = self.entries.get(path)
             # a row a killed run replaced but did not get to remove; not one of the same segment (a file another
             # tool wrote a path twice into): removing "the old row" there removed both, and the path's row was lost
             if old is not None and old.segment != segment:
                 self.stale.setdefault(old.segment, set()).add(path)
-            self.entries[path] = Entry(segment, size, mtime, sha, status == "ok")
+            entry = self.entries[path] = Entry(segment, size, mtime, sha, status == "ok")
+            if errors is not None:
+                w, h = next(failures)
+                if errors[i] is not None:
+                    entry.error = errors[i]
+                    entry.pixels = w * h if w and h and w > 0 and h > 0 else None
             if status == "ok" and size is not None and sha:
                 self.content[(size, sha)] = (path, segment)  # that row, in that segment, holds this content
                 self.sizes.add(size)
 
     # -- during the run -----------------------------------------------------------------------------
     def pending(self, records: Iterable[FileRecord], roots: list[Root], rehash: bool = False,
-                retry_errors: bool = False) -> Iterator[FileRecord]:
-        """The records that need work: new, changed, or (with retry_errors) failed before. Each path once.
+                retry: Callable[[str, Entry], bool] = lambda path, entry: False) -> Iterator[FileRecord]:
+        """The records that need work: new, changed, or failed before and `retry(path, entry)` says to try again
+        (a record that fails now as its row did, say a folder still unreadable, is not). Each path once.
 
         A new file whose size and content hash match a good row is a move: collected in `moves`, not yielded.
         """
@@ -113,12 +125,15 @@ class Index:
                 if (move := self._move(rec)) is not None:
                     self.moves.append(move)
                     continue
-            elif (old.ok or not retry_errors) and _unchanged(old, rec, rehash):
+            elif _unchanged(old, rec, rehash) and (old.ok or rec.error == old.error or not retry(rec.path, old)):
                 self.skipped += 1
                 continue
             else:
                 self.stale.setdefault(old.segment, set()).add(rec.path)
             yield rec
+        for path, old in self.entries.items():  # a folder that could not be listed then, walked now: its files
+            if not old.ok and path not in done and any(under(path, r.key) for r in roots) and _listable(path):
+                self.stale.setdefault(old.segment, set()).add(path)  # have rows of their own
 
     def _move(self, rec: FileRecord) -> Move | None:
         if rec.error or rec.size not in self.sizes:
@@ -165,6 +180,14 @@ class Index:
         for p in set(gone):
             self.stale.setdefault(self.entries[p].segment, set()).add(p)
         return len(set(gone))
+
+
+def _listable(path: str) -> bool:
+    try:
+        os.listdir(path)
+        return True
+    except OSError:
+        return False
 
 
 def _gone(path: str) -> bool:
@@ -220,7 +243,9 @@ def _check_empty_folders(lost: list[str], root: Root) -> None:
 
 
 def _unchanged(old: Entry, rec: FileRecord, rehash: bool) -> bool:
-    if rehash and rec.error is None:
+    """By content with rehash (of a file whose content was read before: an error row of a file that could not
+    be read has no hash, and is compared by size and time), else by size and time."""
+    if rehash and rec.error is None and (old.ok or old.sha256 is not None):
         return old.sha256 is not None and old.sha256 == file_hash(rec.path)
     mtime_us = None if rec.mtime_ns is None else rec.mtime_ns // 1000
     return (old.size, old.mtime_us) == (rec.size, mtime_us)  # (None, None) for a path that cannot be stat-ed

@@ -97,9 +97,9 @@ class Store:
                 self.index.add(i, rows)
 
     # -- during and after the run --------------------------------------------------------------------
-    def pending(self, records, roots, rehash: bool = False, retry_errors: bool = False):
+    def pending(self, records, roots, rehash: bool = False, retry=lambda path, entry: False):
         """The records that need work (see Index.pending)."""
-        return self.index.pending(records, roots, rehash, retry_errors)
+        return self.index.pending(records, roots, rehash, retry)
 
     @property
     def skipped(self) -> int:
