@@ -77,18 +77,18 @@ def bmp_claiming(width: int, height: int = 3) -> bytes:
     return bytes(data)
 
 
-def test_lying_bmp_header_is_an_error_row_and_reruns_work(fixed_ckpt, tmp_path):
+def test_lying_bmp_header_is_an_error_row_and_reruns_work(cli, fixed_ckpt, tmp_path):
     lib = library(tmp_path / "lib", 3)
     (lib / "liar.bmp").write_bytes(bmp_claiming(4294967169, 1))
     out = tmp_path / "out.parquet"
-    first = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")
-    assert first.returncode == 0, first.stderr
+    first = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")
+    assert first.exit_code == 0, first.stderr
     liar = rows(out)["liar.bmp"]
     assert liar["status"] == "error" and "--max-pixels" in liar["error"]
     assert liar["width"] is None  # out of the column's range: unknown, not a crash
     assert sum(r["status"] == "ok" for r in rows(out).values()) == 3
-    again = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1", "--retry-errors")
-    assert again.returncode == 0, again.stderr
+    again = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1", "--retry-errors")
+    assert again.exit_code == 0, again.stderr
 
 
 def test_corpus_of_lying_headers(fixed_ckpt, tmp_path):
@@ -253,19 +253,21 @@ def test_decode_workers_do_not_import_torch(fixed_ckpt, tmp_path):
 
 
 # -- 4. a small /dev/shm ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget", ["1", str(3 * 64 * 64 * 3)])
-def test_small_shared_memory_changes_nothing_but_speed(fixed_ckpt, tmp_path, budget):
+def test_small_shared_memory_changes_nothing_but_speed(cli, fixed_ckpt, tmp_path, monkeypatch):
     lib = library(tmp_path / "lib", 12)
     ref = tmp_path / "ref.parquet"
-    assert run_siglip("embed", lib, "-o", ref, "-m", fixed_ckpt, "-j", "0").returncode == 0
-    out = tmp_path / "out.parquet"
-    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "8", env={"SIGLIP_SHM_BYTES": budget})
-    assert result.returncode == 0, result.stderr
-    assert ("travel by pipe" in result.stderr) == (budget == "1")
-    got, want = rows(out), rows(ref)
-    assert got.keys() == want.keys() and all(r["status"] == "ok" for r in got.values())
-    for name in got:
-        np.testing.assert_allclose(got[name]["embedding"], want[name]["embedding"], atol=1e-5)
+    assert cli("embed", lib, "-o", ref, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    want = rows(ref)
+    for budget in ("1", str(3 * 64 * 64 * 3)):  # none at all; room for a few images
+        monkeypatch.setenv("SIGLIP_SHM_BYTES", budget)
+        out = tmp_path / f"out{budget}.parquet"
+        result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "8")
+        assert result.exit_code == 0, result.stderr
+        assert ("travel by pipe" in result.stderr) == (budget == "1")
+        got = rows(out)
+        assert got.keys() == want.keys() and all(r["status"] == "ok" for r in got.values())
+        for name in got:
+            np.testing.assert_allclose(got[name]["embedding"], want[name]["embedding"], atol=1e-5)
 
 
 def in_private_mount(script: str) -> subprocess.CompletedProcess:
@@ -357,15 +359,15 @@ def test_workers_that_cannot_start_are_one_line_not_a_hang(fixed_ckpt, tmp_path)
     assert "die before decoding anything" in result.stderr and "-j 0" in result.stderr
 
 
-def test_files_from_before_1970_stay_unchanged(fixed_ckpt, tmp_path):
+def test_files_from_before_1970_stay_unchanged(cli, fixed_ckpt, tmp_path):
     lib = library(tmp_path / "lib", 2)
     old = lib / "img00.jpg"
     os.utime(old, (-5 * 365 * 86400, -5 * 365 * 86400))  # a scanned slide dated 1965
     out = tmp_path / "out"
-    assert run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
     assert rows(out)["img00.jpg"]["mtime"].year == 1965
-    again = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
-    assert again.returncode == 0 and "2 unchanged" in again.stderr
+    again = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert again.exit_code == 0 and "2 unchanged" in again.stderr
 
 
 # -- 5. write errors are one line -------------------------------------------------------------------------
@@ -382,7 +384,7 @@ def one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("layout", ["folder", "file"])
-def test_file_size_limit_is_one_line(fixed_ckpt, tmp_path, layout):
+def test_file_size_limit_is_one_line(cli, fixed_ckpt, tmp_path, layout):
     lib = library(tmp_path / "lib", 40)
     outdir = tmp_path / "outdir"
     outdir.mkdir()
@@ -395,8 +397,8 @@ def test_file_size_limit_is_one_line(fixed_ckpt, tmp_path, layout):
                              "-j", "1"], capture_output=True, text=True, preexec_fn=limit)
     one_line_error(result, "ulimit -f")
     assert no_temporaries(outdir) == []
-    again = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # the limit lifted: it completes
-    assert again.returncode == 0, again.stderr
+    again = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # the limit lifted: it completes
+    assert again.exit_code == 0, again.stderr
     assert len(rows(out)) == 40
 
 
@@ -435,16 +437,16 @@ def killed_writing(parent, age: float = 600) -> list:
     return left
 
 
-def test_every_write_removes_what_killed_writes_left_beside_it(fixed_ckpt, tmp_path):
+def test_every_write_removes_what_killed_writes_left_beside_it(cli, fixed_ckpt, tmp_path, monkeypatch):
     """The class: each thing siglip writes (index parts, a merged index file, the search sidecar, search results
     as Parquet and HTML, the text-embedding cache) is made in a scratch folder, and making one removes what
     killed runs left in the same place."""
     lib, cache = library(tmp_path / "lib", 3), tmp_path / "cache"
-    env = {"SIGLIP_CACHE_DIR": str(cache)}
+    monkeypatch.setenv("SIGLIP_CACHE_DIR", str(cache))  # (runs in this process: only the killed writers need their own)
     folder, single, out = tmp_path / "index", tmp_path / "indexes" / "one.parquet", tmp_path / "out"
     single.parent.mkdir()
     for index in (folder, single):
-        assert run_siglip("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0", env=env).returncode == 0
+        assert cli("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0").exit_code == 0
     (lib / "new.jpg").write_bytes(jpeg_bytes((9, 9, 9)))
     left = killed_writing(folder) + killed_writing(single.parent) + killed_writing(out) + \
         killed_writing(cache / "text")
@@ -455,16 +457,16 @@ def test_every_write_removes_what_killed_writes_left_beside_it(fixed_ckpt, tmp_p
     for path in left[-3:]:
         path.write_bytes(b"PAR1 half a file")
     for index in (folder, single):  # a new part, and a merge into the file
-        result = run_siglip("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0", env=env)
-        assert result.returncode == 0, result.stderr
+        result = cli("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0")
+        assert result.exit_code == 0, result.stderr
         assert len(rows(index)) == 4
-    found = run_siglip("search", single, "--image", lib / "new.jpg", "-k", "2", "-o", out / "hits.parquet",
-                       "--html", out / "hits.html", env=env)
-    assert found.returncode == 0, found.stderr
+    found = cli("search", single, "--image", lib / "new.jpg", "-k", "2", "-o", out / "hits.parquet",
+                "--html", out / "hits.html")
+    assert found.exit_code == 0, found.stderr
     assert len(pq.read_table(out / "hits.parquet")) == 2 and (out / "hits.html").stat().st_size > 0
     (tmp_path / "vocab.txt").write_text("cat\ndog\n")
-    assert run_siglip("tag", lib, "--vocab", tmp_path / "vocab.txt", "-o", tmp_path / "tags.parquet", "-m",
-                      fixed_ckpt, "-j", "0", env=env).returncode == 0
+    assert cli("tag", lib, "--vocab", tmp_path / "vocab.txt", "-o", tmp_path / "tags.parquet", "-m",
+               fixed_ckpt, "-j", "0").exit_code == 0
     assert list(cache.glob("text/*.npy"))
     assert [str(p) for p in left if p.exists()] == []
     assert no_temporaries(tmp_path) == []
@@ -606,12 +608,12 @@ def test_closed_pipe_ends_quietly(fixed_ckpt, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (Linux only)")
-def test_stdout_on_a_full_disk_is_one_line(fixed_ckpt, tmp_path):
+def test_stdout_on_a_full_disk_is_one_line(cli, fixed_ckpt, tmp_path):
     """`> file` on a full disk (/dev/full): one line and exit 1, for the vectors of embed (tag and classify
     write through the same sink) and the results of search, not a traceback (nor a second error at exit)."""
     lib = library(tmp_path / "lib", 3)
     index = tmp_path / "idx.parquet"
-    assert run_siglip("embed", lib, "-m", fixed_ckpt, "-o", index).returncode == 0
+    assert cli("embed", lib, "-m", fixed_ckpt, "-o", index).exit_code == 0
     for args in (["embed", lib, "-m", fixed_ckpt, "-o", "-"],
                  ["search", index, "--image", next(lib.glob("*.jpg")), "--json"]):
         with open("/dev/full", "w") as full:

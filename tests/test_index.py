@@ -205,20 +205,22 @@ def test_an_output_named_through_a_symlink_is_its_target(cli, fixed_ckpt, tmp_pa
     assert shown.is_symlink() and pq.read_table(results).num_rows == 3
 
 
-def test_same_folder_given_three_ways_is_one_row_per_file(fixed_ckpt, tmp_path):
+def test_same_folder_given_three_ways_is_one_row_per_file(cli, fixed_ckpt, tmp_path, monkeypatch):
     lib = make_library(tmp_path / "photos", 5)
     os.symlink(lib, tmp_path / "link")
     out = tmp_path / "lib"
     for where, arg in ((tmp_path, "photos"), (tmp_path / "photos" / "d0", os.path.join("..", "..", "photos")),
                        (tmp_path, str(lib) + "/"), (tmp_path, "link")):
-        result = run_siglip("embed", arg, "-o", out, "-m", fixed_ckpt, "-j", "0", cwd=where)
-        assert result.returncode == 0, result.stderr
+        monkeypatch.chdir(where)
+        result = cli("embed", arg, "-o", out, "-m", fixed_ckpt, "-j", "0")
+        assert result.exit_code == 0, result.stderr
     got = paths(out)
     assert len(got) == 5 and all(os.path.isabs(p) and p.startswith(str(lib)) for p in got)
     gone = sorted(lib.rglob("*.png"))[0]
     gone.unlink()
-    pruned = run_siglip("embed", ".", "-o", out, "-m", fixed_ckpt, "--prune", cwd=lib)  # yet another spelling
-    assert pruned.returncode == 0 and "1 pruned" in pruned.stderr
+    monkeypatch.chdir(lib)
+    pruned = cli("embed", ".", "-o", out, "-m", fixed_ckpt, "--prune")  # yet another spelling
+    assert pruned.exit_code == 0 and "1 pruned" in pruned.stderr
     assert len(paths(out)) == 4
 
 
@@ -336,7 +338,7 @@ os.replace, os.unlink = replace, unlink
 
 
 @pytest.mark.parametrize("layout", ["lib", "lib.parquet"])
-def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_path, layout):
+def test_readers_see_one_row_per_file_at_every_step_of_the_end(cli, fixed_ckpt, tmp_path, layout):
     from PIL import Image
 
     # (torch: OpenVINO's compile at every one of the ~60 runs cost this test a minute, and the index is the point)
@@ -371,8 +373,8 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_p
             else:
                 assert os.path.exists(path) and row["size"] == os.path.getsize(path)
         assert set(keys) >= {str(p) for p in files if p.exists()}  # nothing missing
-        rerun = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", "--prune", env=env)
-        assert rerun.returncode == 0, rerun.stderr
+        rerun = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", "--prune")
+        assert rerun.exit_code == 0, rerun.stderr  # (in this process: only the killed runs need one of their own)
         done = pq.read_table(out)  # a plain reader, after the next run: every file once
         assert sorted(done.column("path").to_pylist()) == sorted(str(p) for p in files if p.exists())
         final = final or done.sort_by("path")
@@ -382,12 +384,12 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(fixed_ckpt, tmp_p
     assert step > 2
 
 
-def test_a_move_after_a_killed_run_copies_the_row_of_its_content(fixed_ckpt, tmp_path):
+def test_a_move_after_a_killed_run_copies_the_row_of_its_content(cli, fixed_ckpt, tmp_path):
     from PIL import Image
 
     lib = flat_library(tmp_path / "photos", 6)
     out = tmp_path / "lib"
-    assert run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    assert cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
     first = by_path(read_index(str(out)))
     target = lib / "p00.png"
     original = target.read_bytes()
@@ -400,8 +402,8 @@ def test_a_move_after_a_killed_run_copies_the_row_of_its_content(fixed_ckpt, tmp
                         env={"PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": "1"})  # ...and the run dies at its end
     assert killed.returncode != 0
     (lib / "restored.png").write_bytes(original)  # the old p00, back under another name
-    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
-    assert result.returncode == 0 and "1 moved" in result.stderr, result.stderr
+    result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert result.exit_code == 0 and "1 moved" in result.stderr, result.stderr
     now = by_path(pq.read_table(out))
     assert now[str(lib / "restored.png")]["embedding"] == first[str(target)]["embedding"]
     assert now[str(lib / "restored.png")]["sha256"] == first[str(target)]["sha256"]

@@ -129,13 +129,13 @@ def test_corpus_every_file_gets_a_row(fixed_ckpt, tmp_path):
     assert latin["path_bytes"] == os.fsencode(os.path.join(root, os.fsdecode(b"caf\xe9-latin1.jpg")))
 
 
-def test_unchanged_rerun_of_the_corpus_keeps_odd_names(fixed_ckpt, tmp_path):
+def test_unchanged_rerun_of_the_corpus_keeps_odd_names(cli, fixed_ckpt, tmp_path):
     root = str(tmp_path / "corpus")
     build_corpus(root)
     out = tmp_path / "out"
-    assert run_siglip("embed", root, "-o", out, "-m", fixed_ckpt).returncode == 0
-    again = run_siglip("embed", root, "-o", out, "-m", fixed_ckpt)
-    assert again.returncode == 0 and " 0 done" in again.stderr
+    assert cli("embed", root, "-o", out, "-m", fixed_ckpt).exit_code == 0
+    again = cli("embed", root, "-o", out, "-m", fixed_ckpt)
+    assert again.exit_code == 0 and " 0 done" in again.stderr
     assert pq.read_table(out).num_rows == len(build_corpus(str(tmp_path / "c2")))
 
 
@@ -215,13 +215,13 @@ builtins.open = open
 '''
 
 
-def test_crashed_and_stalled_workers_cost_one_row_each(fixed_ckpt, tmp_path):
+def test_crashed_and_stalled_workers_cost_one_row_each(cli, fixed_ckpt, tmp_path):
     lib = tmp_path / "lib"
     lib.mkdir()
     for i in range(12):
         (lib / f"img{i:02d}.jpg").write_bytes(jpeg_bytes((20 * i, 100, 50)))
     clean = tmp_path / "clean.parquet"
-    assert run_siglip("embed", lib, "-o", clean, "-m", fixed_ckpt, "-j", "0").returncode == 0
+    assert cli("embed", lib, "-o", clean, "-m", fixed_ckpt, "-j", "0").exit_code == 0
     (lib / "img03-crash.jpg").write_bytes(jpeg_bytes())
     (lib / "img07-stall.jpg").write_bytes(jpeg_bytes())
     hooks = tmp_path / "hooks"
@@ -242,7 +242,7 @@ def test_crashed_and_stalled_workers_cost_one_row_each(fixed_ckpt, tmp_path):
         np.testing.assert_allclose(r["embedding"], ref[name]["embedding"], atol=1e-5)
 
 
-def test_unreadable_file_and_folder_are_read_once_they_can_be(fixed_ckpt, tmp_path):
+def test_unreadable_file_and_folder_are_read_once_they_can_be(cli, fixed_ckpt, tmp_path):
     """Permissions stop only a process without CAP_DAC_OVERRIDE: as root, the run drops that capability.
 
     Reruns while they are unreadable do nothing (not even --rehash); the first run after a chmod reads them,
@@ -278,8 +278,8 @@ def test_unreadable_file_and_folder_are_read_once_they_can_be(fixed_ckpt, tmp_pa
     for rerun in again:
         assert rerun.returncode == 0 and "3 unchanged" in rerun.stderr and "0 done" in rerun.stderr, rerun.stderr
     (lib / "secret.jpg").chmod(0o644)
-    healed = embed()
-    assert healed.returncode == 0 and "2 done" in healed.stderr, healed.stderr
+    healed = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # (readable now: this process will do)
+    assert healed.exit_code == 0 and "2 done" in healed.stderr, healed.stderr
     rows = {os.path.relpath(r["path"], lib): r for r in pq.read_table(out).to_pylist()}
     assert set(rows) == {"open.jpg", "secret.jpg", "private/hidden-away.jpg"}  # the folder's error row is gone
     assert all(r["status"] == "ok" for r in rows.values())

@@ -46,10 +46,14 @@ def odd(tmp_path_factory, photos) -> Path:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory, fixed_ckpt, photos, odd) -> Path:
-    """The local run the Ray runs are held to (default settings: --dtype auto, --backend auto)."""
+    """The local run the Ray runs are held to (default settings: --dtype auto, --backend auto), in this process."""
+    from typer.testing import CliRunner
+
+    from siglip_cli.cli import app
+
     out = tmp_path_factory.mktemp("local") / "local.parquet"
-    done = run_siglip("embed", photos, odd, "-m", fixed_ckpt, "-o", out)
-    assert done.returncode == 0, done.stderr
+    done = CliRunner().invoke(app, [str(a) for a in ("embed", photos, odd, "-m", fixed_ckpt, "-o", out)])
+    assert done.exit_code == 0, done.stderr
     return out
 
 
@@ -105,13 +109,13 @@ def test_a_ray_run_writes_the_rows_of_a_local_run_and_a_rerun_nothing(cluster, l
     assert parts(out) == before
 
 
-def test_tag_on_a_ray_of_its_own_scores_as_a_local_run(cluster, naflex_ckpt, photos, tmp_path):
+def test_tag_on_a_ray_of_its_own_scores_as_a_local_run(cli, cluster, naflex_ckpt, photos, tmp_path):
     """`tag` (NaFlex batches) on Ray; `--ray local` starts a Ray of its own even where RAY_ADDRESS names another."""
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("cat\ndog\nbeach\nmountain\ncar\n")
     common = ["tag", photos, "-m", naflex_ckpt, "--vocab", vocab, "--all-scores", "--top-k", "3"]
-    local = run_siglip(*common, "-o", tmp_path / "local.parquet")
-    assert local.returncode == 0, local.stderr
+    local = cli(*common, "-o", tmp_path / "local.parquet")
+    assert local.exit_code == 0, local.stderr
     done = run_siglip(*common, "-o", tmp_path / "ray.parquet", "--ray", "local", env={"RAY_ADDRESS": cluster})
     assert done.returncode == 0, done.stderr
     same_rows(tmp_path / "local.parquet", tmp_path / "ray.parquet", vector="scores")
