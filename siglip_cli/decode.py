@@ -9,6 +9,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 
@@ -31,9 +32,13 @@ except ImportError:
 NEEDS_HEIF = "HEIC/HEIF needs the heif extra: pip install 'siglip-cli[heif]'"
 UNREADABLE = "permission denied: make the file readable by this user"
 RAISE_LIMIT = "raise --max-pixels to read it"
+READ_ERROR = "cannot read the file: "
+STALLED = "reading or decoding took over {:g}s (a stalled disk or network mount?); raise --timeout if the file is just huge"
+OUT_OF_MEMORY = "out of memory while decoding; lower --max-pixels or --workers, and rerun with --retry-errors"
 # Errors of a file's own bytes: the same bytes fail the same way, so a file that has not changed is not tried again.
+# (Out of memory is of the run's settings; --retry-errors is the way to try again.)
 LASTING = ("empty file", "not a regular file", "not an image", "corrupt or truncated image", "the decoder crashed",
-           "cannot decode", "cannot record", "the model gave")
+           "cannot decode", "cannot record", "the model gave", OUT_OF_MEMORY.split(";")[0])
 
 # Smaller photos decode fast at full size, so they always take the exact path.
 DRAFT_MIN_PIXELS = 4_000_000
@@ -151,22 +156,38 @@ def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
     return Decoded(record, sha, width, height, pixels)
 
 
-def may_work_now(error: str, path: str, pixels: int | None, max_pixels: int) -> bool:
-    """Whether an unchanged file that failed with `error` in an earlier run may be read in this one.
+def may_work_now(error: str, path: str, pixels: int | None, max_pixels: int, timeout: float) -> bool:
+    """Whether an unchanged file that failed with `error` in an earlier run may be read in this one, judged
+    without decoding it: a cause that stays must not cost a nightly run the model's loading.
 
-    Not when the error was of its bytes (LASTING). When its cause can be checked, when that cause is gone: the
-    file readable now, the heif extra installed, a --max-pixels that admits it. Any other error (a read error, a
-    stall, out of memory, a message of an older version) is of its circumstances: tried again.
+    Never when the error was of its bytes (LASTING). Otherwise when its cause is gone: the file opens now (a
+    chmod), reads now (after EIO or a stale handle), the heif extra is installed, --max-pixels admits it, or
+    --timeout is longer than the one it took over. A message this version does not write (an older version's) is
+    tried once, and is then written as this version says it.
     """
+    if error.startswith((READ_ERROR, "corrupt or truncated image: [Errno")):  # (older versions called it corrupt)
+        return _reads(path, whole=True)
     if error.startswith(LASTING):
         return False
     if error == UNREADABLE:
-        return os.access(path, os.R_OK)
+        return _reads(path, whole=False)  # not os.access: root on an NFS share with root_squash is refused anyway
     if error == NEEDS_HEIF:
         return HEIF
-    if error.endswith(RAISE_LIMIT) and pixels is not None:
-        return pixels <= max_pixels
+    if error.endswith(RAISE_LIMIT):
+        return pixels is not None and pixels <= max_pixels  # (a size past the column's range is past any limit)
+    if stalled := re.match(re.escape(STALLED.split("{")[0]) + r"([0-9.e+]+)s", error):
+        return timeout > float(stalled[1])
     return True
+
+
+def _reads(path: str, whole: bool) -> bool:
+    try:
+        with open(path, "rb") as f:
+            while f.read(1 << 20) and whole:
+                pass
+        return True
+    except OSError:
+        return False
 
 
 def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> Decoded:
@@ -186,12 +207,12 @@ def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> De
         return Decoded(record, error=UNREADABLE)
     except OSError as e:
         if e.errno is not None:  # the disk or the network failed the read (EIO, a stale handle): not the bytes
-            return Decoded(record, error=f"cannot read the file: {e.strerror or e}")
+            return Decoded(record, error=READ_ERROR + (e.strerror or str(e)))
         return Decoded(record, error=f"corrupt or truncated image: {e}")
     except (SyntaxError, ValueError) as e:
         return Decoded(record, error=f"corrupt or truncated image: {e}")
     except MemoryError:
-        return Decoded(record, error="out of memory while decoding; lower --max-pixels or --workers")
+        return Decoded(record, error=OUT_OF_MEMORY)
     except Exception as e:  # a decoder bug must cost one row, not the run
         return Decoded(record, error=f"cannot decode: {type(e).__name__}: {e}")
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import worker
-from .decode import Decoded, ImageSpec, decode
+from .decode import STALLED, Decoded, ImageSpec, decode
 from .errors import RunError
 from .sources import FileRecord
 from .worker import pixel_shape
@@ -205,8 +205,7 @@ def _crashed(rec: FileRecord) -> Decoded:
 
 
 def _stalled(rec: FileRecord, timeout: float) -> Decoded:
-    return Decoded(rec, error=f"reading or decoding took over {timeout:g}s (a stalled disk or network mount?); "
-                              "raise --timeout if the file is just huge")
+    return Decoded(rec, error=STALLED.format(timeout))
 
 
 @dataclass

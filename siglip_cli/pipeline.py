@@ -28,7 +28,7 @@ from .errors import RunError
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
 from .index import Root, Store
 from .index.store import check_parent
-from .sources import canonical, is_dir, iter_files
+from .sources import is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
 
@@ -98,9 +98,9 @@ def _normalized(theirs, cfg: RunConfig, sig: dict):
 
 
 def roots(paths) -> list[Root]:
-    """The folders given (and paths given that are missing): the rows under them are this run's to prune."""
-    return [Root(p, canonical(p) if not is_dir(p) else os.path.realpath(p), os.path.lexists(p))
-            for p in paths if is_dir(p) or not os.path.lexists(p)]
+    """The folders given (and paths given that are missing, a dangling link's target too): the rows under them
+    are this run's to prune."""
+    return [Root(p, os.path.realpath(p), not gone) for p in paths if (gone := missing(p)) or is_dir(p)]
 
 
 def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
@@ -126,16 +126,17 @@ def run(cfg: RunConfig) -> Summary:
     out, src = cfg.output, cfg.sources
     if out.path != "-":
         check_parent(out.path)  # before the model is resolved: a typo in -o fails at once
-    # An argument that is not there (a share not mounted, a typo) gets no row: it is told, and fails the run; when
-    # all are, before the model or the output is touched. With --prune, the index's own refusal says more (the
-    # rows under it); with --prune-anyway it is a folder deleted on purpose, and its rows go.
-    missing = [] if out.prune_anyway else [p for p in src.paths if not os.path.lexists(p)]
-    if missing and len(missing) == len(src.paths) and src.files_from is None and not out.prune:
-        raise RunError(f"{', '.join(missing)}: no such file or folder (an unmounted share?); nothing done")
-    for p in missing:
+    # An argument that is not there (a share not mounted, a typo, a link to either) gets no row: it is told, and
+    # fails the run; when none is there, before the model or the output is touched. With --prune, the index
+    # refuses to prune under it (check_roots); with --prune-anyway it is a folder deleted on purpose: its rows go.
+    gone = [] if out.prune and out.prune_anyway else [p for p in src.paths if missing(p)]
+    if gone and len(gone) == len(src.paths) and src.files_from is None:
+        raise RunError(f"{', '.join(gone)}: no such file or folder (an unmounted share?); nothing done"
+                       + ("; not pruning (--prune-anyway prunes its rows if it is gone for good)" if out.prune else ""))
+    for p in gone:
         print(f"siglip: error: {p}: no such file or folder (an unmounted share?)", file=sys.stderr)
     summary = _start(cfg)
-    summary.missing = len(missing)
+    summary.missing = len(gone)
     return summary
 
 
@@ -166,7 +167,7 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     records = iter_files(src.paths, src.files_from, src.extensions)
     if store is not None:
         def retry(path: str, entry) -> bool:  # a file that failed before, unchanged since
-            return out.retry_errors or may_work_now(entry.error, path, entry.pixels, cfg.max_pixels)
+            return out.retry_errors or may_work_now(entry.error, path, entry.pixels, cfg.max_pixels, cfg.timeout)
 
         records = store.pending(records, roots(src.paths), out.rehash, retry)
     recount = None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))

@@ -110,6 +110,17 @@ def is_dir(path: str) -> bool:
         return False
 
 
+def missing(path: str) -> bool:
+    """Whether path is certainly not there (a dangling link included); False for one that cannot be checked."""
+    try:
+        os.stat(path)
+        return False
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+
+
 def iter_files(paths: Iterable[str], files_from: str | None, extensions: tuple[str, ...]) -> Iterator[FileRecord]:
     """Every input, in a deterministic order: each argument in turn (folders walked), then the listed files.
 
@@ -122,7 +133,7 @@ def iter_files(paths: Iterable[str], files_from: str | None, extensions: tuple[s
     for path in paths:
         if is_dir(path):
             yield from _walk(os.path.realpath(path), exts, seen)
-        elif os.path.lexists(path):  # an argument that is not there is the caller's to tell (pipeline.run)
+        elif not missing(path):  # an argument that is not there is the caller's to tell (pipeline.run)
             yield _record(canonical(path))
     if files_from is not None:
         for path in read_list(files_from):

@@ -87,8 +87,10 @@ def test_lying_bmp_header_is_an_error_row_and_reruns_work(cli, fixed_ckpt, tmp_p
     assert liar["status"] == "error" and "--max-pixels" in liar["error"]
     assert liar["width"] is None  # out of the column's range: unknown, not a crash
     assert sum(r["status"] == "ok" for r in rows(out).values()) == 3
+    plain = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # past any --max-pixels: not tried again
+    assert plain.exit_code == 0 and "4 unchanged" in plain.stderr, plain.stderr
     again = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1", "--retry-errors")
-    assert again.exit_code == 0, again.stderr
+    assert again.exit_code == 0 and "1 done" in again.stderr, again.stderr
 
 
 def test_corpus_of_lying_headers(fixed_ckpt, tmp_path):

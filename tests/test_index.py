@@ -39,7 +39,10 @@ def test_prune_refuses_a_missing_or_empty_root(cli, fixed_ckpt, tmp_path, layout
     assert len(paths(out)) == 10
     mnt.rmdir()  # not even the mountpoint
     missing = cli("embed", mnt, "-o", out, "-m", fixed_ckpt, "--prune")
-    assert missing.exit_code == 1 and f"not pruning: {mnt} is missing" in missing.stderr
+    assert missing.exit_code == 1 and f"{mnt}: no such file or folder" in missing.stderr
+    assert "not pruning" in missing.stderr and "--prune-anyway" in missing.stderr
+    beside = cli("embed", mnt, tmp_path, "-o", out, "-m", fixed_ckpt, "--prune")  # and with a path that is there
+    assert beside.exit_code == 1 and f"not pruning: {mnt} is missing, but the index has 10 rows" in beside.stderr
     assert len(paths(out)) == 10
     mnt.mkdir()
     anyway = cli("embed", mnt, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
@@ -51,8 +54,9 @@ def test_prune_refuses_a_missing_or_empty_root(cli, fixed_ckpt, tmp_path, layout
 
 
 def test_a_path_given_that_is_not_there_gets_no_row_and_fails_the_run(cli, fixed_ckpt, tmp_path, monkeypatch):
-    """A share not mounted, or a typo: told on stderr, exit 1, and no row for it (a row of a path that is no
-    file would stay in the index for good); the other paths are done. Only --prune-anyway takes it as gone."""
+    """A share not mounted (or a link to one), or a typo: told on stderr, exit 1, and no row for it (a row of a
+    path that is no file would stay in the index for good); the other paths are done. Only --prune --prune-anyway
+    takes it as gone."""
     photos = flat_library(tmp_path / "photos", 3)
     nas = flat_library(tmp_path / "nas", 2)
     out = tmp_path / "lib"
@@ -70,10 +74,14 @@ def test_a_path_given_that_is_not_there_gets_no_row_and_fails_the_run(cli, fixed
     with monkeypatch.context() as m:
         m.setattr("siglip_cli.pipeline.Encoder.load_all", forbidden)
         m.setattr("siglip_cli.pipeline.Store.open", forbidden)
-        for o in (out, "-"):
-            alone = cli("embed", nas, "-o", o, "-m", fixed_ckpt)
+        link = tmp_path / "nas-link"
+        os.symlink(tmp_path / "unmounted" / "photos", link)
+        for o, given in ((out, nas), ("-", nas), (out, link)):
+            alone = cli("embed", given, "-o", o, "-m", fixed_ckpt)
             assert alone.exit_code == 1 and alone.stdout == ""
-            assert alone.stderr == f"siglip: error: {nas}: no such file or folder (an unmounted share?); nothing done\n"
+            assert alone.stderr == f"siglip: error: {given}: no such file or folder (an unmounted share?); nothing done\n"
+    anyway_alone = cli("embed", photos, nas, "-o", out, "-m", fixed_ckpt, "--prune-anyway")  # it needs --prune
+    assert anyway_alone.exit_code == 1 and "no such file or folder" in anyway_alone.stderr
     gone = cli("embed", photos, nas, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
     assert gone.exit_code == 0 and "2 pruned" in gone.stderr and len(paths(out)) == 3
 

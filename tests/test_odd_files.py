@@ -181,6 +181,34 @@ def test_vanished_and_limits(tmp_path):
     assert decode(record, SPEC).error == "file disappeared before it could be read"
 
 
+def test_each_failure_is_tried_again_only_when_its_cause_may_be_gone(tmp_path, monkeypatch):
+    """Judged without decoding: a cause that stays must not cost every nightly run the model's loading."""
+    from siglip_cli import decode as d
+
+    here, gone = tmp_path / "a.jpg", tmp_path / "gone.jpg"
+    here.write_bytes(b"bytes")
+
+    def may(error, pixels=None, max_pixels=10**8, timeout=60.0, path=here):
+        return d.may_work_now(error, str(path), pixels, max_pixels, timeout)
+
+    for lasting in ("not an image, or a format Pillow cannot read", "corrupt or truncated image: broken data stream",
+                    "empty file (0 bytes)", "the decoder crashed on this file", d.OUT_OF_MEMORY):
+        assert not may(lasting), lasting
+    assert may(d.UNREADABLE) and not may(d.UNREADABLE, path=gone)  # when it opens
+    for read in (d.READ_ERROR + "Input/output error", "corrupt or truncated image: [Errno 5] Input/output error"):
+        assert may(read) and not may(read, path=gone)  # when it reads (older versions called it corrupt)
+    over = f"image is 64x48 = 3,072 pixels, over the limit of 2,000; {d.RAISE_LIMIT}"
+    assert not may(over, 3072, 2000) and may(over, 3072, 4000)
+    assert not may(over, None, 10**12)  # a size past the column's range (a lying header): past any limit
+    stall = d.STALLED.format(3)
+    assert not may(stall, timeout=3) and may(stall, timeout=10)
+    monkeypatch.setattr(d, "HEIF", False)
+    assert not may(d.NEEDS_HEIF)
+    monkeypatch.setattr(d, "HEIF", True)
+    assert may(d.NEEDS_HEIF)
+    assert may("what an older version said")  # once: then it is written as this version says it
+
+
 def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
     """EIO from a failing disk or a stale NFS handle is the read's fault, not the bytes': tried again next run."""
     import errno
@@ -191,14 +219,16 @@ def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
     path.write_bytes(jpeg_bytes()[:200])
     record = FileRecord(str(path), path.stat().st_size, path.stat().st_mtime_ns)
     cut = decode(record, SPEC).error
-    assert cut.startswith("corrupt or truncated image") and not may_work_now(cut, str(path), None, 10**8)
+    assert cut.startswith("corrupt or truncated image") and not may_work_now(cut, str(path), None, 10**8, 60)
 
     def failing(*a, **k):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr("siglip_cli.decode.open", failing, raising=False)
     eio = decode(record, SPEC).error
-    assert eio == "cannot read the file: Input/output error" and may_work_now(eio, str(path), None, 10**8)
+    assert eio == "cannot read the file: Input/output error" and not may_work_now(eio, str(path), None, 10**8, 60)
+    monkeypatch.undo()  # the disk reads again: the next run tries it
+    assert may_work_now(eio, str(path), None, 10**8, 60)
 
 
 FAULTS = '''
@@ -242,7 +272,7 @@ def test_crashed_and_stalled_workers_cost_one_row_each(cli, fixed_ckpt, tmp_path
         np.testing.assert_allclose(r["embedding"], ref[name]["embedding"], atol=1e-5)
 
 
-def test_unreadable_file_and_folder_are_read_once_they_can_be(cli, fixed_ckpt, tmp_path):
+def test_unreadable_file_and_folder_are_read_once_they_can_be(fixed_ckpt, tmp_path):
     """Permissions stop only a process without CAP_DAC_OVERRIDE: as root, the run drops that capability.
 
     Reruns while they are unreadable do nothing (not even --rehash); the first run after a chmod reads them,
@@ -278,8 +308,8 @@ def test_unreadable_file_and_folder_are_read_once_they_can_be(cli, fixed_ckpt, t
     for rerun in again:
         assert rerun.returncode == 0 and "3 unchanged" in rerun.stderr and "0 done" in rerun.stderr, rerun.stderr
     (lib / "secret.jpg").chmod(0o644)
-    healed = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # (readable now: this process will do)
-    assert healed.exit_code == 0 and "2 done" in healed.stderr, healed.stderr
+    healed = embed()  # (dropped capabilities still: as root, this process reads anything)
+    assert healed.returncode == 0 and "2 done" in healed.stderr, healed.stderr
     rows = {os.path.relpath(r["path"], lib): r for r in pq.read_table(out).to_pylist()}
     assert set(rows) == {"open.jpg", "secret.jpg", "private/hidden-away.jpg"}  # the folder's error row is gone
     assert all(r["status"] == "ok" for r in rows.values())

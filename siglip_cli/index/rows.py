@@ -7,6 +7,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,7 +18,7 @@ from .files import file_hash
 COLUMNS = ["path", "path_bytes", "status", "error", "width", "height", "size", "mtime", "sha256"]
 
 
-@dataclass
+@dataclass(slots=True)  # one per row of the index: millions
 class Entry:
     """What the output holds for one path: where its newest row is and what the file looked like then."""
 
@@ -82,10 +83,10 @@ class Index:
         # in microseconds whatever unit the column was written in (another tool may have rewritten it in ns: every
         # file then looked changed)
         mtimes = pc.cast(pc.cast(table.column("mtime"), pa.timestamp("us", tz="UTC")), pa.int64()).to_pylist()
-        errors = failures = None
-        if table.column("error").null_count < len(table):  # the error rows' messages and pixel counts
-            errors = table.column("error").to_pylist()
-            failures = zip(table.column("width").to_pylist(), table.column("height").to_pylist())
+        failures = {}  # row -> (message, width, height) of the error rows
+        if table.column("error").null_count < len(table):
+            rows = np.flatnonzero(pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False))
+            failures = dict(zip(rows.tolist(), zip(*(table.column(c).take(rows).to_pylist() for c in ("error", "width", "height")))))
         for i, (path, status, size, mtime, sha) in enumerate(zip(
                 paths_of(table), table.column("status").to_pylist(), table.column("size").to_pylist(), mtimes,
                 table.column("sha256").to_pylist())):
@@ -95,11 +96,9 @@ class Index:
             if old is not None and old.segment != segment:
                 self.stale.setdefault(old.segment, set()).add(path)
             entry = self.entries[path] = Entry(segment, size, mtime, sha, status == "ok")
-            if errors is not None:
-                w, h = next(failures)
-                if errors[i] is not None:
-                    entry.error = errors[i]
-                    entry.pixels = w * h if w and h and w > 0 and h > 0 else None
+            if i in failures:
+                entry.error, w, h = failures[i]
+                entry.pixels = w * h if w and h and w > 0 and h > 0 else None
             if status == "ok" and size is not None and sha:
                 self.content[(size, sha)] = (path, segment)  # that row, in that segment, holds this content
                 self.sizes.add(size)
