@@ -96,11 +96,13 @@ def bench_images(cfg: RunConfig, folder: str, most: int = 512) -> tuple[list[str
     from PIL import Image
 
     from .errors import UsageError
-    from .sources import iter_files
+    from .sources import iter_files, missing
 
     src = cfg.sources
     if not src.paths:
         return synthetic_photos(folder), True
+    if gone := [p for p in src.paths if missing(p)]:
+        raise UsageError(f"{', '.join(gone)}: no such file or folder")
     paths, bad = [], 0
     for r in iter_files(src.paths, None, src.extensions):
         if len(paths) >= most:

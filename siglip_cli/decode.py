@@ -11,6 +11,7 @@ import math
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ NEEDS_HEIF = "HEIC/HEIF needs the heif extra: pip install 'siglip-cli[heif]'"
 UNREADABLE = "permission denied: make the file readable by this user"
 RAISE_LIMIT = "raise --max-pixels to read it"
 READ_ERROR = "cannot read the file: "
+VANISHED = "file disappeared before it could be read"
 STALLED = "reading or decoding took over {:g}s (a stalled disk or network mount?); raise --timeout if the file is just huge"
 OUT_OF_MEMORY = "out of memory while decoding; lower --max-pixels or --workers, and rerun with --retry-errors"
 # Errors of a file's own bytes: the same bytes fail the same way, so a file that has not changed is not tried again.
@@ -166,28 +168,38 @@ def may_work_now(error: str, path: str, pixels: int | None, max_pixels: int, tim
     tried once, and is then written as this version says it.
     """
     if error.startswith((READ_ERROR, "corrupt or truncated image: [Errno")):  # (older versions called it corrupt)
-        return _reads(path, whole=True)
+        return _reads(path, timeout, whole=True)
     if error.startswith(LASTING):
         return False
-    if error == UNREADABLE:
-        return _reads(path, whole=False)  # not os.access: root on an NFS share with root_squash is refused anyway
+    if error in (UNREADABLE, VANISHED):  # not os.access: root on an NFS share with root_squash is refused anyway
+        return _reads(path, timeout)
     if error == NEEDS_HEIF:
         return HEIF
     if error.endswith(RAISE_LIMIT):
         return pixels is not None and pixels <= max_pixels  # (a size past the column's range is past any limit)
-    if stalled := re.match(re.escape(STALLED.split("{")[0]) + r"([0-9.e+]+)s", error):
-        return timeout > float(stalled[1])
+    if stalled := re.match(re.escape(STALLED.split("{")[0]) + r"([0-9.e+-]+)s", error):
+        return float(f"{timeout:g}") > float(stalled[1])  # as the message rounds it
     return True
 
 
-def _reads(path: str, whole: bool) -> bool:
-    try:
-        with open(path, "rb") as f:
-            while f.read(1 << 20) and whole:
-                pass
-        return True
-    except OSError:
-        return False
+def _reads(path: str, timeout: float, whole: bool = False) -> bool:
+    """Whether the file's first MB (or all of it) reads now, within the run's --timeout: a read that hangs (a
+    network mount) must not hang the run, which holds the output's lock."""
+    done: list[bool] = []
+
+    def read() -> None:
+        try:
+            with open(path, "rb") as f:
+                while f.read(1 << 20) and whole:
+                    pass
+            done.append(True)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read, name="siglip-probe", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return bool(done)
 
 
 def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> Decoded:
@@ -202,7 +214,7 @@ def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> De
             return Decoded(record, error=NEEDS_HEIF)
         return Decoded(record, error="not an image, or a format Pillow cannot read")
     except FileNotFoundError:
-        return Decoded(record, error="file disappeared before it could be read")
+        return Decoded(record, error=VANISHED)
     except PermissionError:
         return Decoded(record, error=UNREADABLE)
     except OSError as e:

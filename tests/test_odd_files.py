@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -202,11 +203,20 @@ def test_each_failure_is_tried_again_only_when_its_cause_may_be_gone(tmp_path, m
     assert not may(over, None, 10**12)  # a size past the column's range (a lying header): past any limit
     stall = d.STALLED.format(3)
     assert not may(stall, timeout=3) and may(stall, timeout=10)
+    assert not may(d.STALLED.format(12.34561), timeout=12.34561)  # the message rounds it: the same --timeout
+    assert may(d.VANISHED) and not may(d.VANISHED, path=gone)  # there again
     monkeypatch.setattr(d, "HEIF", False)
     assert not may(d.NEEDS_HEIF)
     monkeypatch.setattr(d, "HEIF", True)
     assert may(d.NEEDS_HEIF)
     assert may("what an older version said")  # once: then it is written as this version says it
+
+    def hangs(*a, **k):
+        time.sleep(30)
+
+    monkeypatch.setattr("siglip_cli.decode.open", hangs, raising=False)  # a read that hangs (a network mount)
+    started = time.monotonic()
+    assert not may(d.UNREADABLE, timeout=0.3) and time.monotonic() - started < 5  # is not one the run waits for
 
 
 def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
