@@ -118,9 +118,16 @@ def image_rows(schema: pa.Schema, items: list, ok: Sequence[int], payload: dict)
             try:
                 _common([d])
             except Exception as e:
-                bare = FileRecord(d.record.path)  # of what came from the file, only the path is kept
-                items[i] = dataclasses.replace(d, record=bare, width=-1, height=-1, sha256=None,
-                                               error=f"cannot record this file: {type(e).__name__}: {e}")
+                error = f"cannot record this file: {type(e).__name__}: {e}"
+                # of what came from the file, its size and time if they can be kept (a rerun then sees it unchanged,
+                # and does not load the model to fail it again), else only the path
+                for rec in (d.record, FileRecord(d.record.path)):
+                    items[i] = dataclasses.replace(d, record=rec, width=-1, height=-1, sha256=None, error=error)
+                    try:
+                        _common([items[i]])
+                        break
+                    except Exception:
+                        pass
         common = _common(items)
     n = len(items)
     rest = [scatter(f, payload[f.name], ok, n) if payload else pa.nulls(n, f.type) for f in list(schema)[len(common):]]

@@ -127,6 +127,7 @@ def test_values_that_cannot_be_stored_cost_one_row(fixed_ckpt):
     assert got[1]["width"] is None and got[1]["height"] is None and got[1]["size"] is None and got[1]["mtime"] is None
     assert got[1]["error"] == "bad name caf\ufffd"
     assert got[2]["status"] == "error" and "cannot record this file" in got[2]["error"] and got[2]["embedding"] is None
+    assert got[2]["size"] == 10 and got[2]["mtime"] is not None  # kept: a rerun sees the file unchanged
     assert got[0]["embedding"] == [1, 0] and got[3]["embedding"] == pytest.approx([0.6, 0.8])
 
 
