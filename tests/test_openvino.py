@@ -92,6 +92,9 @@ def test_int8_calibrates_on_the_runs_first_photos(cli, fixed_ckpt, photos, tmp_p
     result = cli("embed", *paths, "-o", tmp_path / "a.parquet", *args)
     assert result.exit_code == 0, result.stderr
     assert len(seen) == 1 and CALIBRATION >= 18
+    from siglip_cli.encoders.openvino import int8_native
+
+    assert ("no int8 dot-product instructions" in result.stderr) == (not int8_native())  # said, where int8 is no faster
     items = seen[0]
     assert len(items) == 5 and all(x.shape == items[0].shape and x.shape[0] == 4 for x in items)  # 18 photos:
     # in batches of the run's size, though its first batch had 3 photos (the broken file is its fourth)

@@ -173,6 +173,9 @@ class OpenVINOTower:
             _say(f"warning: {done}, but cannot cache it in {folder} ({_first_line(e)}); the next run converts again")
         else:
             _say(f"{done}; cached in {folder}")
+        if self.quantize == "int8" and not int8_native():  # said where it is paid for: at the conversion
+            _say("note: this CPU has no int8 dot-product instructions (AVX512-VNNI, AMX): --quantize int8 is no "
+                 "faster here than float32 (measured on an AVX2 EPYC); `siglip bench --backends` compares them")
         return model
 
     def fits(self) -> None:
