@@ -75,6 +75,7 @@ def report(model: str) -> dict:
     from .config import ModelConfig, cgroup_cpu_limit, default_workers, usable_cpus
     from .encoders import openvino
     from .loader import SHM_DIR
+    from .encoders.openvino import int8_native
     from .model import cpu_bf16_native, resolve_backend, resolve_devices, resolve_dtype
     from .pipeline import default_batch_size
     from .vocab import cache_dir
@@ -111,7 +112,8 @@ def report(model: str) -> dict:
         "packages": {p: v for p in PACKAGES if (v := _version(p))},
         "torch_cuda": torch.version.cuda, "torch_hip": torch.version.hip,
         "cpu": {"name": _cpu_name(), "usable": usable_cpus(), "cores": os.cpu_count(), "cgroup_limit": cgroup_cpu_limit(),
-                "bf16_native": cpu_bf16_native(), "capability": torch.backends.cpu.get_cpu_capability(), "onednn": mkl},
+                "bf16_native": cpu_bf16_native(), "int8_native": int8_native(),
+                "capability": torch.backends.cpu.get_cpu_capability(), "onednn": mkl},
         "cuda": _cuda(torch),
         "mps": bool(torch.backends.mps.is_available()),
         "auto": {"devices": [str(d) for d in devices], "dtype": str(resolve_dtype("auto", devices))[6:],
@@ -133,7 +135,8 @@ def text(r: dict) -> str:
         "packages: " + ", ".join(f"{k} {v}" for k, v in r["packages"].items()),
         f"torch build: CUDA {r['torch_cuda'] or 'none'}" + (f", ROCm {r['torch_hip']}" if r["torch_hip"] else ""),
         f"cpu: {cpu['name']}; {cpu['usable']} usable of {cpu['cores']}{limit}; {cpu['capability']}; "
-        f"native bfloat16: {'yes' if cpu['bf16_native'] else 'no'}",
+        f"native bfloat16: {'yes' if cpu['bf16_native'] else 'no'}; "
+        f"int8 dot products (--quantize int8 faster): {'yes' if cpu['int8_native'] else 'no'}",
     ]
     if r["cuda"]:
         for g in r["cuda"]:

@@ -193,8 +193,12 @@ def test_doctor_reports_what_auto_would_pick(cli, fixed_ckpt):
         assert report["auto"]["dtype"] == ("bfloat16" if cpu_bf16_native() else "float32")
     assert report["model"]["status"] == "a local folder"
     assert report["cpu"]["usable"] >= 1 and "siglip" in report["caches"]
+    from siglip_cli.encoders.openvino import int8_native
+
+    assert report["cpu"]["int8_native"] == int8_native()
     screen = cli("doctor", "-m", "nobody/not-a-model").stdout
     assert "auto picks: --device" in screen and "not in the Hub cache" in screen
+    assert f"int8 dot products (--quantize int8 faster): {'yes' if int8_native() else 'no'}" in screen
 
 
 def test_doctor_says_the_backend_a_naflex_run_uses(cli, fixed_ckpt, naflex_ckpt, tmp_path):
