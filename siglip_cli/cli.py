@@ -184,7 +184,23 @@ def _output(value: Optional[str], opts: Optional[dict] = None) -> str:
 
 def _sources(paths: Optional[List[str]], files_from: Optional[str], ext: Optional[List[str]]) -> SourceConfig:
     exts = tuple(e.strip() for item in ext for e in item.split(",") if e.strip()) if ext else DEFAULT_EXTENSIONS
+    if files_from not in (None, "-"):  # before anything is loaded (it is read as the run goes)
+        try:
+            with open(files_from, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read --files-from {files_from}: {e.strerror or e}")
     return SourceConfig(paths=tuple(paths or ()), files_from=files_from, extensions=exts)
+
+
+def _text(values: list[str], option: str) -> list[str]:
+    """Texts from the command line as the tokenizer takes them: valid UTF-8 (a shell can pass any bytes)."""
+    for v in values:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise typer.BadParameter(f"{option} {v.encode('utf-8', 'replace').decode()!r} is not UTF-8 text")
+    return values
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -251,17 +267,21 @@ def embed(
     """Write the L2-normalized embedding of every image (or of the given texts), one row each."""
     from .tasks import EmbedSpec
 
-    texts = list(text or []) + (_read_lines(texts_file, "texts file") if texts_file else [])
+    texts = _text(list(text or []), "--text") + (_read_lines(texts_file, "texts file") if texts_file else [])
     if texts and (paths or files_from):
         raise typer.BadParameter("give images or texts (--text, --texts-file), not both")
     if texts and ray:
         raise typer.BadParameter("--ray runs image embedding; texts are embedded here, without it")
+    images_only = {"--prune": prune, "--prune-anyway": prune_anyway, "--rehash": rehash, "--retry-errors": retry_errors,
+                   "--quantize": quantize != "none"}
+    if texts and (given := [k for k, v in images_only.items() if v]):
+        raise typer.BadParameter(f"{given[0]} works on images; texts are embedded whole, in float, at every run")
     if not texts:
         if not (paths or files_from):
             raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
         return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches), sources=SourceConfig(),  # texts: torch
+        model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend), sources=SourceConfig(),
         output=OutputConfig(_output(output), float16, overwrite, wait), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
     _execute(cfg, texts)
@@ -327,7 +347,9 @@ def classify(
     def build() -> ClassifySpec:
         if bool(labels) == bool(labels_file):
             raise UsageError("give the labels with --labels a,b,c or --labels-file FILE (one of them)")
-        found = read_vocab(labels_file, False) if labels_file else parse_vocab(labels.split(","), "--labels", False)
+        if labels and not all(part.strip() for part in _text(labels.split(","), "--labels")):
+            raise UsageError("--labels: an empty label (two commas in a row, or one at an end?)")
+        found = read_vocab(labels_file, False) if labels_file else parse_vocab(labels.split(","), "--labels", False, comments=False)
         if len(found.tags) < 2:
             raise UsageError("classify needs at least two labels")
         return ClassifySpec(found.tags, check_templates(tuple(template or (DEFAULT_TEMPLATE,))), top_k, not no_cache)

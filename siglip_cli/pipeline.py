@@ -165,7 +165,9 @@ def _start(cfg: RunConfig) -> Summary:
 def _run(cfg: RunConfig, store: Store | None) -> Summary:
     src, out = cfg.sources, cfg.output
     records = iter_files(src.paths, src.files_from, src.extensions)
-    if store is not None:
+    if store is None:
+        records = _once(records)
+    else:
         def retry(path: str, entry) -> bool:  # a file that failed before, unchanged since
             return out.retry_errors or may_work_now(entry.error, path, entry.pixels, cfg.max_pixels, cfg.timeout)
 
@@ -188,6 +190,9 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     refused = None
     if store is not None:
         progress.summary.moved = store.copy_moves()
+        if store.index.absent:
+            print(f"siglip: note: {store.index.absent:,} files with rows in the index are not there now, or cannot be "
+                  "checked (an unmounted share?); their rows are kept", file=sys.stderr)
         if out.prune:
             try:
                 progress.summary.pruned = store.prune(roots(src.paths), out.prune_anyway)
@@ -200,6 +205,15 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     summary.skipped = store.skipped if store is not None else 0
     summary.output = out.path
     return summary
+
+
+def _once(records):
+    """Each path once (an index does this itself): a file named twice, or named and listed, is one row."""
+    seen: set[str] = set()
+    for rec in records:
+        if rec.path not in seen:
+            seen.add(rec.path)
+            yield rec
 
 
 def out_of_memory(error: BaseException) -> bool:

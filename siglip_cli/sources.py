@@ -82,6 +82,11 @@ def read_list(source: str) -> Iterator[str]:
             line = line.rstrip(b"\r\n")
             if n == 0:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first name
+            if b"\0" in line:  # no file name holds one
+                from .errors import UsageError
+
+                raise UsageError(f"--files-from {source}, line {n + 1}: a NUL byte; give one path a line "
+                                 "(not a NUL-separated list, as find -print0 writes)")
             if line:
                 yield os.fsdecode(line)
     finally:

@@ -24,15 +24,16 @@ class Vocab:
     thresholds: tuple[float | None, ...]
 
 
-def parse_vocab(lines, source: str, allow_thresholds: bool = True) -> Vocab:
-    """One tag a line; blank lines and '#' comments ignored; spaces stripped; 'tag<TAB>0.05' sets a threshold.
+def parse_vocab(lines, source: str, allow_thresholds: bool = True, comments: bool = True) -> Vocab:
+    """One tag a line; blank lines and '#' comments ignored (in files: `--labels '#1,#2'` are labels); spaces
+    stripped; 'tag<TAB>0.05' sets a threshold.
 
     Duplicates (compared lowercased, as the model sees them) are dropped with one warning on stderr.
     """
     tags, thresholds, seen, dropped = [], [], set(), []
     for number, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not line.strip() or (comments and line.lstrip().startswith("#")):
             continue
         tag, _, threshold = line.partition("\t")
         tag = tag.strip()

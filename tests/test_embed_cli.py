@@ -208,3 +208,41 @@ def test_a_usage_error_is_plain_text_with_the_message_on_one_line(library):
     assert result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for '--output' / '-o': an empty name")
     assert "╭" not in result.stderr and "│" not in result.stderr and result.stdout == ""
     assert run_siglip("--version").returncode == 0 and run_siglip("embed", "-h").returncode == 0
+
+
+def test_what_the_command_line_gives_is_checked_before_anything_loads(cli, fixed_ckpt, library, tmp_path):
+    """A --files-from that cannot be read, a NUL-separated list, text or labels that are not UTF-8, an empty
+    label, index options with texts: one line each (they were tracebacks, or silently ignored)."""
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(bytes(library / "a.png") + b"\0" + bytes(library / "b.jpg") + b"\0")
+    for args, said in (
+        (["embed", "--files-from", tmp_path / "none.txt"], "cannot read --files-from"),
+        (["embed", "--files-from", library], "cannot read --files-from"),  # a folder
+        (["embed", "--files-from", nul], "a NUL byte"),
+        (["embed", "--text", "caf\udce9"], "--text 'caf?' is not UTF-8 text"),
+        (["classify", library / "a.png", "--labels", "caf\udce9,dog"], "is not UTF-8 text"),
+        (["classify", library / "a.png", "--labels", "dog,,cat"], "an empty label"),
+        (["embed", "--text", "a cat", "--prune"], "--prune works on images"),
+        (["embed", "--text", "a cat", "--quantize", "int8"], "--quantize works on images"),
+    ):
+        result = cli(*args, "-o", tmp_path / "o.parquet", "-m", fixed_ckpt)
+        assert result.exit_code == 2 and said in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and not (tmp_path / "o.parquet").exists()
+
+
+def test_labels_are_taken_as_given_and_texts_keep_the_backend(cli, fixed_ckpt, library, tmp_path):
+    got = cli("classify", library / "a.png", "--labels", "#1,#2", "-o", "-", "-m", fixed_ckpt, "-j", "0",
+              "--top-k", "2", "-q")
+    assert got.exit_code == 0, got.stderr  # labels, not comments (a file's '#' lines are)
+    assert {t["label"] for t in json.loads(got.stdout)["top_k"]} == {"#1", "#2"}
+    out = tmp_path / "t.parquet"
+    assert cli("embed", "--text", "a cat", "-o", out, "-m", fixed_ckpt, "--backend", "torch").exit_code == 0
+    assert json.loads(pq.read_schema(out).metadata[b"siglip"])["text_backend"] == "torch"
+
+
+def test_stdout_has_one_row_per_file_however_often_it_is_named(cli, fixed_ckpt, library, tmp_path, monkeypatch):
+    monkeypatch.chdir(library)
+    listed = tmp_path / "twice.txt"
+    listed.write_text("a.png\n./a.png\n")
+    got = cli("embed", "a.png", library / "a.png", "--files-from", listed, "-o", "-", "-m", fixed_ckpt, "-j", "0", "-q")
+    assert got.exit_code == 0 and len(got.stdout.splitlines()) == 1

@@ -86,6 +86,30 @@ def test_a_path_given_that_is_not_there_gets_no_row_and_fails_the_run(cli, fixed
     assert gone.exit_code == 0 and "2 pruned" in gone.stderr and len(paths(out)) == 3
 
 
+def test_a_listed_file_that_is_not_there_keeps_its_row(cli, fixed_ckpt, tmp_path, monkeypatch):
+    """--files-from over a share that is not mounted: the good rows stay (an error row replaced each), with a
+    note, and nothing is loaded; back again, nothing changed."""
+    share = flat_library(tmp_path / "mnt" / "photos", 3)
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in sorted(share.iterdir())))
+    out = tmp_path / "lib.parquet"
+    assert cli("embed", "--files-from", listed, "-o", out, "-m", fixed_ckpt, "-j", "0").exit_code == 0
+    before = by_path(pq.read_table(out))
+    share.rename(tmp_path / "mnt" / "unmounted")
+
+    def forbidden(*a, **k):
+        raise AssertionError("nothing to do: no model")
+
+    with monkeypatch.context() as m:
+        m.setattr("siglip_cli.pipeline.Encoder.load_all", forbidden)
+        away = cli("embed", "--files-from", listed, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert away.exit_code == 0 and "3 files with rows in the index are not there now" in away.stderr, away.stderr
+    assert by_path(pq.read_table(out)) == before
+    (tmp_path / "mnt" / "unmounted").rename(share)
+    back = cli("embed", "--files-from", listed, "-o", out, "-m", fixed_ckpt, "-j", "0")
+    assert back.exit_code == 0 and "3 unchanged" in back.stderr and "not there" not in back.stderr
+
+
 def flat_library(folder, n: int):
     from PIL import Image
 

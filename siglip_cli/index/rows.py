@@ -76,6 +76,7 @@ class Index:
     sizes: set[int] = field(default_factory=set)
     moves: list[Move] = field(default_factory=list)
     skipped: int = 0
+    absent: int = 0  # files with a good row that are not there now, or cannot be checked: their rows are kept
     seen: dict[str, int] = field(default_factory=dict)  # files met this run under each root
 
     def add(self, segment: int, table: pa.Table) -> None:
@@ -120,6 +121,9 @@ class Index:
                 if rec.error is None and under(rec.path, root.key):  # an unreadable root is not a seen one
                     self.seen[root.key] = self.seen.get(root.key, 0) + 1
             old = self.entries.get(rec.path)
+            if old is not None and old.ok and rec.error is not None:  # a listed file on a share not mounted, say:
+                self.absent += 1  # its row stays, as --prune would keep it (an error row would replace it)
+                continue
             if old is None:
                 if (move := self._move(rec)) is not None:
                     self.moves.append(move)
