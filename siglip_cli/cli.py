@@ -489,6 +489,8 @@ def search(
     """Search an index by text, by image, or both: exact top-k over the stored vectors.
 
     A single text query scores SigLIP's own sigmoid probability; image queries and combinations score the cosine."""
+    _text(query or [], "query"), _text(minus or [], "--minus")
+
     def work():
         from .remote import Remote, early
 

@@ -220,6 +220,8 @@ def test_what_the_command_line_gives_is_checked_before_anything_loads(cli, fixed
         (["embed", "--files-from", library], "cannot read --files-from"),  # a folder
         (["embed", "--files-from", nul], "a NUL byte"),
         (["embed", "--text", "caf\udce9"], "--text 'caf?' is not UTF-8 text"),
+        (["search", tmp_path / "index.parquet", "caf\udce9"], "query 'caf?' is not UTF-8 text"),
+        (["search", tmp_path / "index.parquet", "dog", "--minus", "caf\udce9"], "--minus 'caf?' is not UTF-8 text"),
         (["classify", library / "a.png", "--labels", "caf\udce9,dog"], "is not UTF-8 text"),
         (["classify", library / "a.png", "--labels", "dog,,cat"], "an empty label"),
         (["embed", "--text", "a cat", "--prune"], "--prune works on images"),
