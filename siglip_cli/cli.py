@@ -347,9 +347,10 @@ def classify(
     def build() -> ClassifySpec:
         if bool(labels) == bool(labels_file):
             raise UsageError("give the labels with --labels a,b,c or --labels-file FILE (one of them)")
-        if labels and not all(part.strip() for part in _text(labels.split(","), "--labels")):
+        given = _text(labels.split(","), "--labels") if labels else []
+        if not all(part.strip() for part in given):
             raise UsageError("--labels: an empty label (two commas in a row, or one at an end?)")
-        found = read_vocab(labels_file, False) if labels_file else parse_vocab(labels.split(","), "--labels", False, comments=False)
+        found = read_vocab(labels_file, False) if labels_file else parse_vocab(given, "--labels", False, comments=False)
         if len(found.tags) < 2:
             raise UsageError("classify needs at least two labels")
         return ClassifySpec(found.tags, check_templates(tuple(template or (DEFAULT_TEMPLATE,))), top_k, not no_cache)
@@ -489,7 +490,8 @@ def search(
     """Search an index by text, by image, or both: exact top-k over the stored vectors.
 
     A single text query scores SigLIP's own sigmoid probability; image queries and combinations score the cosine."""
-    _text(query or [], "query"), _text(minus or [], "--minus")
+    _text(query or [], "query")
+    _text(minus or [], "--minus")
 
     def work():
         from .remote import Remote, early

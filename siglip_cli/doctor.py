@@ -75,7 +75,6 @@ def report(model: str) -> dict:
     from .config import ModelConfig, cgroup_cpu_limit, default_workers, usable_cpus
     from .encoders import openvino
     from .loader import SHM_DIR
-    from .encoders.openvino import int8_native
     from .model import cpu_bf16_native, resolve_backend, resolve_devices, resolve_dtype
     from .pipeline import default_batch_size
     from .vocab import cache_dir
@@ -112,7 +111,7 @@ def report(model: str) -> dict:
         "packages": {p: v for p in PACKAGES if (v := _version(p))},
         "torch_cuda": torch.version.cuda, "torch_hip": torch.version.hip,
         "cpu": {"name": _cpu_name(), "usable": usable_cpus(), "cores": os.cpu_count(), "cgroup_limit": cgroup_cpu_limit(),
-                "bf16_native": cpu_bf16_native(), "int8_native": int8_native(),
+                "bf16_native": cpu_bf16_native(), "int8_native": openvino.int8_native(),
                 "capability": torch.backends.cpu.get_cpu_capability(), "onednn": mkl},
         "cuda": _cuda(torch),
         "mps": bool(torch.backends.mps.is_available()),
