@@ -211,12 +211,20 @@ def test_each_failure_is_tried_again_only_when_its_cause_may_be_gone(tmp_path, m
     assert may(d.NEEDS_HEIF)
     assert may("what an older version said")  # once: then it is written as this version says it
 
+    import threading
+
+    mount = threading.Event()
+
     def hangs(*a, **k):
-        time.sleep(30)
+        mount.wait(30)
+        raise OSError("the mount came back")  # (let the probe's thread end quietly, after the test)
 
     monkeypatch.setattr("siglip_cli.decode.open", hangs, raising=False)  # a read that hangs (a network mount)
     started = time.monotonic()
-    assert not may(d.UNREADABLE, timeout=0.3) and time.monotonic() - started < 5  # is not one the run waits for
+    try:
+        assert not may(d.UNREADABLE, timeout=0.3) and time.monotonic() - started < 5  # is not one the run waits for
+    finally:
+        mount.set()
 
 
 def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
