@@ -10,6 +10,7 @@ included), and on a Ray already running (`ray start --head`, then `--ray auto`).
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,6 @@ PHOTOS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "image
 def checkpoint(folder: Path, arch: str) -> Path:
     import torch
     from transformers import SiglipConfig, SiglipModel
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     from siglip_cli.config import ARCHS
 
@@ -38,8 +38,10 @@ def checkpoint(folder: Path, arch: str) -> Path:
         text_config=dict(vocab_size=512, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1,
                          num_attention_heads=heads, max_position_embeddings=64, projection_size=hidden))
     SiglipModel(config).save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3,
-                            image_std=[0.5] * 3).save_pretrained(folder)
+    processor = dict(image_processor_type="SiglipImageProcessor", do_resize=True, do_rescale=True,
+                     do_normalize=True, size={"height": size, "width": size}, resample=2,
+                     rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    Path(folder, "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
 
 

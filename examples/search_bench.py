@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import statistics
 import urllib.request
@@ -40,7 +41,6 @@ def checkpoint(folder: str, dim: int) -> str:
 
     import torch
     from transformers import GemmaTokenizer, SiglipConfig, SiglipModel
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
@@ -57,8 +57,10 @@ def checkpoint(folder: str, dim: int) -> str:
                            image_size=64, patch_size=16))
     SiglipModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=2, image_mean=[0.5] * 3,
-                            image_std=[0.5] * 3).save_pretrained(folder)
+    processor = dict(image_processor_type="SiglipImageProcessor", do_resize=True, do_rescale=True,
+                     do_normalize=True, size={"height": 64, "width": 64}, resample=2,
+                     rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    Path(folder, "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
 
 

@@ -32,8 +32,9 @@ class BenchConfig:
 
 def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     """The named architecture with random weights, built on the device: no download."""
-    from transformers import GemmaTokenizer, SiglipConfig, SiglipModel
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from types import SimpleNamespace
+
+    from transformers import AutoModel, GemmaTokenizer, SiglipConfig
 
     from .model import _hf_quiet
 
@@ -52,15 +53,16 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     )
     with torch.device(device):
         # built in float32 then cast, so that every dtype has the same weights (rounded)
-        model = SiglipModel._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         # so400m's trained scale (exp 4.72 = 112) and bias: tag scores of random weights then fall below any
         # threshold, as most of a vocabulary does on a real photo, instead of all sitting near 0.5.
         model.logit_scale.data.fill_(4.72)
         model.logit_bias.data.fill_(-16.5)
     load = torch.float32 if backend == "openvino" else dtype
     model = model.to(load)
-    processor = SiglipImageProcessorPil(size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3,
-                                        image_std=[0.5] * 3)
+    # what Encoder reads of a processor: the recipe of the fixed-resolution SigLIP 2 checkpoints
+    processor = SimpleNamespace(size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3, rescale_factor=1 / 255)
     # A byte-level Gemma tokenizer: enough to embed a vocabulary when measuring `tag`.
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
     vocab.update({f"<0x{i:02X}>": 6 + i for i in range(256)})

@@ -13,10 +13,9 @@ import re
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from . import __version__
 from .config import ARCHS, DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, DEFAULT_TIMEOUT, DEFAULT_TEMPLATE, DEFAULT_THRESHOLD, ModelConfig, OutputConfig, RunConfig, SourceConfig, default_model, default_workers

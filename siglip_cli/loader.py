@@ -32,6 +32,7 @@ import torch
 
 from . import worker
 from .decode import STALLED, Decoded, ImageSpec, decode
+from .compat import pool_processes
 from .errors import RunError
 from .sources import FileRecord
 from .worker import pixel_shape
@@ -175,7 +176,7 @@ class _Pool:
         return self.executor.submit(worker.decode_into, *args)
 
     def _kill(self) -> None:
-        for p in list((getattr(self.executor, "_processes", None) or {}).values()):
+        for p in pool_processes(self.executor):
             p.kill()  # a worker stuck in a read or a decoder loop: nothing else would stop it
 
     def restart(self) -> None:

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import compat
 from .config import TEXT_LENGTH, ModelConfig
 from .decode import ImageSpec
 from .errors import RunError
 from .loader import Batch
-from .weights import fingerprint
+from .weights import cached_commit, fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,14 +93,7 @@ def cpu_bf16_native() -> bool:
     There bfloat16 runs the towers about 3x faster than float32 (min cos 0.99997); elsewhere oneDNN emulates it,
     slower than float32.
     """
-    import platform
-
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64", "x86", "i686"):
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return compat.cpu_bf16_native()
 
 
 def resolve_dtype(name: str, devices: torch.device | list[torch.device]) -> torch.dtype:
@@ -257,17 +251,42 @@ def _towers(config):
     return tuple(getattr(transformers, n) for n in names.get(config.model_type, ()))
 
 
+def _unimportable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return True
+    return False
+
+
 def _cannot_load(name: str, error: BaseException, what: str = "") -> str:
     """One line: the model, the cause, and the fix."""
+    from .weights import missing_folder
+
+    if (folder := missing_folder(name)) is not None:
+        return folder
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     text = str(error)
     missing = [p for p in ("sentencepiece", "protobuf") if p in text.lower() and ("install" in text.lower()
                or isinstance(error, ImportError))]
+    if what == "the tokenizer of " and not missing and _unimportable("sentencepiece"):
+        missing = ["sentencepiece"]
     if missing:
         return (f"cannot load {what}{name!r}: it needs the {' and '.join(missing)} package(s), which are missing "
                 f"here; pip install {' '.join(missing)} (or reinstall siglip-cli, which depends on them)")
     return (f"cannot load {what}{name!r}: {first} (give a Hub id such as google/siglip2-so400m-patch14-384, or a "
             "folder saved with save_pretrained)")
+
+
+class _Features(torch.nn.Module):
+    """One tower of a whole SiglipModel / Siglip2Model, called as a tower is (its output has `pooler_output`)."""
+
+    def __init__(self, model, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, **inputs):
+        return getattr(self.model, self.method)(**inputs)
 
 
 class Encoder:
@@ -278,11 +297,12 @@ class Encoder:
         """model: a whole SiglipModel / Siglip2Model, or only its vision tower (then `config` is the checkpoint's
         whole config, `scalars` hold the logit scale and bias, and the text tower and the tokenizer are loaded
         from cfg's checkpoint the first time texts are encoded)."""
-        whole = hasattr(model, "vision_model")
+        whole = hasattr(model, "get_image_features")  # the public API of a whole model; a tower is called
         self.config = model.config if whole else config
         self.device, self.dtype, self.text_dtype = device, dtype, model.dtype
-        self.vision = (model.vision_model if whole else model).to(device).eval()
-        self._text = model.text_model.to(device).eval() if whole else None
+        model = model.to(device).eval()
+        self.vision = _Features(model, "get_image_features") if whole else model
+        self._text = _Features(model, "get_text_features") if whole else None
         self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
         self.naflex = self.config.model_type == "siglip2"
         self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
@@ -302,7 +322,7 @@ class Encoder:
         text_length = int(getattr(self.config.text_config, "max_position_embeddings", TEXT_LENGTH))
         architecture = (getattr(self.config, "architectures", None) or [type(model).__name__])[0]
         self.info = ModelInfo(
-            name=cfg.name, revision=cfg.revision, commit=cfg.commit or getattr(self.config, "_commit_hash", None),
+            name=cfg.name, revision=cfg.revision, commit=cfg.commit or cached_commit(cfg.name, cfg.revision),
             architecture=architecture, dim=int(self.config.vision_config.hidden_size), text_length=text_length,
             preprocessing=(
                 f"naflex patch={self.spec.patch_size} max_patches={self.spec.max_patches}" if self.naflex
@@ -388,7 +408,8 @@ class Encoder:
             name, revision = self._source
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-            except (OSError, ValueError, KeyError, ImportError, TypeError) as e:
+            except (OSError, ValueError, KeyError, ImportError, TypeError, AttributeError) as e:
+                # without sentencepiece, transformers 5.0 fails on SigLIP 1 tokenizers with an AttributeError
                 raise RunError(_cannot_load(name, e, "the tokenizer of ")) from None
         return self._tokenizer
 
@@ -417,14 +438,13 @@ class Encoder:
         return tokens["input_ids"]
 
     def _compile(self) -> None:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
         from .vocab import cache_dir
 
         # Keep inductor's artefacts where a nightly run finds them again (its default, in /tmp, is wiped on
         # reboot), unless the user chose a place. torch writes its default into the environment when it first
         # looks, so that value counts as unset.
-        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        default = compat.inductor_default_cache_dir()
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir(), "inductor")
         self._features = torch.compile(self._features, dynamic=False)
 
@@ -437,9 +457,9 @@ class Encoder:
         n, patches, width = x.shape
         x = x.view(n, patches, width // 3, 3).float() * self._a + self._b
         x = (x.view(n, patches, width) * mask[..., None]).to(self.dtype)  # padding patches are zeros, as in HF
-        # No mask when no image has padding (what transformers does then, after asking the device); otherwise the
-        # 4-D key mask transformers would build (n, 1, 1, patches), True = attend, which it takes as it is.
-        attend = None if full else mask.bool()[:, None, None, :]
+        # The documented inputs only: a 2-D (n, patches) mask, True = a real patch. The host knows whether any image
+        # has padding; without padding no mask is passed, so transformers has nothing to ask the device about.
+        attend = None if full else mask.bool()
         out = self.vision(pixel_values=x, pixel_attention_mask=attend, spatial_shapes=grids)
         return F.normalize(out.pooler_output.float(), dim=-1)
 
@@ -480,7 +500,7 @@ class Encoder:
             args = (x,)
         try:
             return self._features(*args)[:n]
-        except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile only: the first call compiles
+        except compat.compile_failures() as e:  # --compile only: the first call compiles
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise RunError(f"--compile failed: {first}; run without --compile") from None
 

@@ -38,10 +38,35 @@ def default_batch_size(device: torch.device) -> int:
     return {"cuda": 256, "mps": 64}.get(device.type, 16)
 
 
+def made_with(openvino: bool) -> dict[str, str]:
+    """The versions of the packages that compute the numbers (OpenVINO's and NNCF's when they ran)."""
+    import importlib.metadata
+
+    names = ("torch", "transformers") + (("openvino", "nncf") if openvino else ())
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def version_note(before: dict, now: dict) -> str | None:
+    """A line for a run that continues an index whose newest rows were made under another major version."""
+    changed = [f"{k} {before[k]} -> {v}" for k, v in now.items()
+               if isinstance(before.get(k), str) and before[k].split(".")[0] != v.split(".")[0]]
+    if not changed:
+        return None
+    return ("siglip: note: this index was made under other major versions (" + ", ".join(changed) + "); new rows "
+            "are added to it as usual (--overwrite rebuilds it under these)")
+
+
 def metadata(encoder: Encoder, extra: dict) -> dict:
     """The file metadata: enough to know, years later, what made the numbers."""
     info = encoder.info
     return {
+        "versions": made_with("openvino" in (encoder.backend, encoder.text_backend)),
         "tool": "siglip", "tool_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "model": info.name, "revision": info.revision, "commit": info.commit, "architecture": info.architecture,
         "dim": info.dim, "normalization": "l2", "preprocessing": info.preprocessing, "text_length": info.text_length,
@@ -154,6 +179,8 @@ def _start(cfg: RunConfig) -> Summary:
         return _run(cfg, None)
     cfg, sig = resolve(cfg)
     store = Store.open(out.path, sig, out.overwrite, out.wait, same=lambda theirs: _normalized(theirs, cfg, sig))
+    if not out.overwrite and (note := version_note(store.made_with, made_with(openvino=False))):
+        print(note, file=sys.stderr)
     try:
         if out.prune and not out.prune_anyway:  # a missing root: refuse before any work
             store.index.check_roots([r for r in roots(cfg.sources.paths) if not r.exists])

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import Batcher, QueueFull
+from .compat import pool_processes
 from .config import DEFAULT_TEMPLATE, DEFAULT_THRESHOLD
 from .errors import SiglipError
 from .model import Encoder
@@ -303,7 +304,7 @@ class Server:
         """At shutdown: the decoders are ended (one may be stuck in a file) and the pool joined, so that its
         queues are freed here, not reported leaked by the resource tracker at exit."""
         self.batcher.stop()
-        for process in list((getattr(self.pool, "_processes", None) or {}).values()):
+        for process in pool_processes(self.pool):
             process.kill()
         self.pool.shutdown(wait=True, cancel_futures=True)
 

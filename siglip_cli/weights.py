@@ -12,6 +12,18 @@ import re
 from .errors import RunError
 
 
+def missing_folder(name: str) -> str | None:
+    """The one-line error for a --model that names a local folder (a path, not a Hub id) that is not there."""
+    if os.path.isdir(name):
+        return None
+    path_like = name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or \
+        name.count("/") > 1 or name.endswith(("/", "\\")) or "\\" in name
+    if not path_like:
+        return None
+    what = "is a file, not a folder saved with save_pretrained" if os.path.exists(name) else "does not exist"
+    return f"--model {name}: that folder {what}"
+
+
 def resolve_weights(name: str, revision: str | None) -> str:
     """What decides the weights, known without loading them: the Hub commit that `revision` (default: main)
     points at, or a local folder's fingerprint (see local_fingerprint).
@@ -21,6 +33,8 @@ def resolve_weights(name: str, revision: str | None) -> str:
     """
     if os.path.isdir(name):
         return local_fingerprint(name)
+    if (error := missing_folder(name)) is not None:
+        raise RunError(error)
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
     from huggingface_hub import hf_hub_download
@@ -66,6 +80,19 @@ def local_fingerprint(folder: str) -> str:
     if changed:
         write_json(memo_path, memo)
     return "local:" + hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+
+
+def cached_commit(name: str, revision: str | None) -> str | None:
+    """The Hub commit whose files the cache holds for `revision` (None for a local folder, or when not cached)."""
+    if os.path.isdir(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:  # not a repo id
+        return None
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None
 
 
 def fingerprint(name: str, commit: str | None) -> str:

@@ -45,11 +45,20 @@ def _text_config(vocab_size: int) -> dict:
                 pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
+def write_processor(folder: Path, **recipe) -> None:
+    """preprocessor_config.json as the Hub checkpoints ship it (written as a file: no processor class of a
+    particular transformers version is needed to make one)."""
+    import json
+
+    config = dict(do_normalize=True, do_rescale=True, do_resize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                  rescale_factor=1 / 255, **recipe)
+    (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+
+
 def build_fixed(folder: Path) -> Path:
     """SiglipModel + GemmaTokenizer + a 64x64 bilinear processor: the layout of the fixed-resolution SigLIP 2s."""
     import torch
     from transformers import SiglipConfig, SiglipModel
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     torch.manual_seed(0)
     tok = _tokenizer()
@@ -64,8 +73,8 @@ def build_fixed(folder: Path) -> Path:
         model.logit_bias.fill_(-2.0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=2, image_mean=[0.5] * 3,
-                            image_std=[0.5] * 3).save_pretrained(folder)
+    write_processor(folder, image_processor_type="SiglipImageProcessor", do_convert_rgb=True, resample=2,
+                    size={"height": 64, "width": 64})
     return folder
 
 
@@ -73,7 +82,6 @@ def build_naflex(folder: Path) -> Path:
     """Siglip2Model + Siglip2 processor (up to 256 patches of 16 px): the layout of the NaFlex checkpoints."""
     import torch
     from transformers import Siglip2Config, Siglip2Model
-    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
     torch.manual_seed(1)
     tok = _tokenizer()
@@ -89,7 +97,8 @@ def build_naflex(folder: Path) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     # 256 as in the real NaFlex checkpoints (Siglip2Processor applies 256 whatever the image processor says).
-    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=256).save_pretrained(folder)
+    write_processor(folder, image_processor_type="Siglip2ImageProcessor", resample=2, patch_size=16,
+                    max_num_patches=256)
     return folder
 
 
@@ -102,7 +111,6 @@ def build_v1(folder: Path) -> Path:
     import sentencepiece as spm
     import torch
     from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     lines = ["a red car on a road", "this is a photo of a great grey owl", "two dogs playing in the snow",
              "a photo of a cat", "the quick brown fox jumps over the lazy dog", string.ascii_lowercase,
@@ -125,8 +133,8 @@ def build_v1(folder: Path) -> Path:
         model.logit_bias.fill_(-2.0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": 64, "width": 64}, resample=3, image_mean=[0.5] * 3,
-                            image_std=[0.5] * 3).save_pretrained(folder)
+    write_processor(folder, image_processor_type="SiglipImageProcessor", do_convert_rgb=True, resample=3,
+                    size={"height": 64, "width": 64})
     return folder
 
 

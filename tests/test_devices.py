@@ -154,8 +154,8 @@ def test_mps_out_of_memory_is_recognized():
 
 # -- NaFlex masks -----------------------------------------------------------------------------------------
 def test_naflex_needs_no_mask_from_the_device(cli, naflex_ckpt, tmp_path, monkeypatch):
-    """A batch whose images all fill their patches runs with no mask; any other with the 4-D mask built on the
-    host's knowledge. Either way the embeddings equal transformers' own (which asks the device)."""
+    """A batch whose images all fill their patches runs with no mask (the host knows; the device is not asked);
+    any other with the documented 2-D (n, patches) mask. Either way the embeddings equal transformers' own."""
     from transformers import Siglip2VisionModel
 
     from test_parity import reference_image_embeddings
@@ -174,7 +174,7 @@ def test_naflex_needs_no_mask_from_the_device(cli, naflex_ckpt, tmp_path, monkey
     monkeypatch.setattr(Siglip2VisionModel, "forward", spy)
     out = tmp_path / "o.parquet"
     assert cli("embed", lib, "-o", out, "-m", naflex_ckpt, "--device", "cpu", "-b", "2", *TORCH, "-q").exit_code == 0
-    assert masks == [None, (2, 1, 1, 256)]
+    assert masks == [None, (2, 256)]
     got = table(out)
     cos = (np.array(got["embedding"]) * reference_image_embeddings(naflex_ckpt, got["path"])).sum(axis=1)
     assert cos.min() >= 0.9999

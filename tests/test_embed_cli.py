@@ -248,3 +248,32 @@ def test_stdout_has_one_row_per_file_however_often_it_is_named(cli, fixed_ckpt, 
     listed.write_text("a.png\n./a.png\n")
     got = cli("embed", "a.png", library / "a.png", "--files-from", listed, "-o", "-", "-m", fixed_ckpt, "-j", "0", "-q")
     assert got.exit_code == 0 and len(got.stdout.splitlines()) == 1
+
+
+def test_a_model_folder_that_is_not_there_is_one_line(cli, tmp_path):
+    make_image(tmp_path / "a.jpg")
+    for model in ("./no/such/ckpt", str(tmp_path / "gone"), "ckpts/siglip/"):
+        r = cli("embed", tmp_path / "a.jpg", "-o", tmp_path / "o.parquet", "-m", model)
+        assert r.exit_code == 1 and r.stderr.strip() == f"siglip: error: --model {model}: that folder does not exist"
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_outputs_record_the_versions_that_made_them_and_a_major_change_is_told_once(cli, fixed_ckpt, tmp_path):
+    import importlib.metadata
+
+    make_image(tmp_path / "lib" / "a.jpg")
+    out = tmp_path / "o.parquet"
+    args = ["-o", out, "-m", fixed_ckpt, "--backend", "torch", "-q"]
+    assert cli("embed", tmp_path / "lib", *args).exit_code == 0
+    table = pq.read_table(out)
+    meta = json.loads(table.schema.metadata[b"siglip"])
+    assert meta["versions"] == {p: importlib.metadata.version(p) for p in ("torch", "transformers")}
+    # as if the index had been made under transformers 4
+    meta["versions"]["transformers"] = "4.57.6"
+    pq.write_table(table.replace_schema_metadata({b"siglip": json.dumps(meta).encode()}), out)
+    make_image(tmp_path / "lib" / "b.jpg", color=(0, 0, 250))
+    r = cli("embed", tmp_path / "lib", *args)
+    assert r.exit_code == 0 and r.stderr.count("other major versions (transformers 4.57.6 -> ") == 1
+    assert pq.read_table(out).num_rows == 2
+    r = cli("embed", tmp_path / "lib", *args)  # its newest rows are of these versions now: nothing to say
+    assert r.exit_code == 0 and "major versions" not in r.stderr

@@ -11,6 +11,8 @@ import pytest
 from conftest import run_siglip
 from test_devices import table
 
+pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
+
 TORCH = ["--device", "cpu", "--dtype", "float32", "--backend", "torch", "-q"]
 
 

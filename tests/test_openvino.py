@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
+
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'siglip-cli[openvino]')")
 
 
@@ -189,7 +191,9 @@ def test_nothing_is_sent_and_ctrl_c_waits_for_the_conversion(fixed_ckpt, tmp_pat
 
     script = f"""
 import signal
-import siglip_cli.encoders.openvino as ovb, openvino.tools.ovc.telemetry_utils as t, nncf.telemetry.wrapper as w
+import siglip_cli.encoders.openvino as ovb, openvino.tools.ovc.telemetry_utils as t
+ovb.import_nncf()  # as siglip imports it: its log (a version warning, say) off stdout
+import nncf.telemetry.wrapper as w
 from siglip_cli.config import ModelConfig
 from siglip_cli.encoders import signals_held
 from siglip_cli.model import Encoder

@@ -10,6 +10,8 @@ import pytest
 
 from siglip_cli.index import pages
 
+pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
+
 
 def write(path, dtype, nulls, dim=24, rows=3000, **options):
     rng = np.random.default_rng(len(nulls))

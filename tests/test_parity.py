@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
+
+pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
 
 TEXTS = ["a red car", "This is a photo of a Great Grey Owl.", "two dogs playing in the snow", ""]
 
@@ -79,11 +83,15 @@ def test_text_is_lowercased_but_kept_as_written(cli, fixed_ckpt, tmp_path):
     np.testing.assert_allclose(upper, lower, atol=1e-6)
 
 
-def test_naflex_size_matches_transformers():
-    from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+def test_naflex_size_matches_transformers(naflex_ckpt):
+    """Our NaFlex grid equals the one transformers' processor gives (its public output, spatial_shapes)."""
+    from transformers import AutoImageProcessor
 
     from siglip_cli.decode import naflex_size
 
-    for h, w in [(375, 500), (500, 375), (1, 1), (4000, 3000), (17, 2000), (64, 64)]:
+    processor = AutoImageProcessor.from_pretrained(naflex_ckpt)
+    for h, w in [(375, 500), (500, 375), (2, 2), (1200, 900), (17, 2000), (64, 64)]:
+        image = Image.new("RGB", (w, h), (10, 20, 30))
         for patches in (64, 256, 1024):
-            assert naflex_size(h, w, 16, patches) == get_image_size_for_max_num_patches(h, w, 16, patches)
+            grid = processor(images=[image], max_num_patches=patches, return_tensors="pt")["spatial_shapes"][0]
+            assert naflex_size(h, w, 16, patches) == (int(grid[0]) * 16, int(grid[1]) * 16), (h, w, patches)

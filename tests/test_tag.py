@@ -14,6 +14,8 @@ from siglip_cli.errors import UsageError
 from siglip_cli.vocab import parse_vocab
 from test_embed_cli import make_image
 
+pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
+
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):

@@ -55,10 +55,18 @@ class _Tower(torch.nn.Module):
         return F.normalize(self.model(pixel_values=x).pooler_output.float(), dim=-1)
 
 
+def import_nncf():
+    """nncf, its log kept off stdout (it logs there, from its import on: a version warning would land in `-o -`)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import nncf
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
 def _versions() -> dict:
     import openvino
 
-    nncf = importlib.util.find_spec("nncf") is not None and __import__("nncf").__version__
+    nncf = importlib.util.find_spec("nncf") is not None and import_nncf().__version__
     return {"openvino": openvino.__version__, "nncf": nncf, "torch": torch.__version__}
 
 
@@ -67,10 +75,9 @@ def int8_native() -> bool:
     products can saturate, and int8 needs NNCF's overflow fix (7-bit weights) in every layer, not only the
     first: on an AVX2-only EPYC (random base-224, 64 calibration photos, the 125 shared photos) the worst
     cosine to float32 went 0.988 -> 0.997 with it, the mean 0.9949 -> 0.9992."""
-    try:
-        return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+    from ..compat import cpu_int8_native
+
+    return cpu_int8_native()
 
 
 def cache_path(encoder, batch: int, quantize: str) -> str:
@@ -133,9 +140,7 @@ class OpenVINOTower:
             model = ov.convert_model(tower, example_input=torch.from_numpy(sample[:1]), input=[(-1, h, w, 3)])
         model.reshape([len(sample), h, w, 3])
         if self.quantize != "none":
-            import nncf
-
-            nncf.set_log_level(logging.ERROR)
+            nncf = import_nncf()
             if self.quantize == "int8":  # real photos, in batches of the graph's static shape
                 photos = self.calibration() if self.calibration else None
                 photos = sample if photos is None or photos.shape[1:] != sample.shape[1:] else photos

@@ -64,10 +64,17 @@ class TextTower:
         self.length, self.batch_size = info["length"], batch_size
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": threads}
+        core, xml = ov.Core(), os.path.join(folder, "text.xml")
         if os.access(folder, os.W_OK):  # OpenVINO's own cache of the compiled graph (weights stay in text.bin):
             # so400m's text tower compiles in 1.5 s instead of 2.2 on a slow CPU
-            config.update(CACHE_DIR=os.path.join(folder, "compiled"), CACHE_MODE="OPTIMIZE_SIZE")
-        self.compiled = ov.Core().compile_model(os.path.join(folder, "text.xml"), "CPU", config)
+            try:
+                self.compiled = core.compile_model(xml, "CPU", {**config, "CACHE_DIR": os.path.join(folder, "compiled"),
+                                                                "CACHE_MODE": "OPTIMIZE_SIZE"})
+                return
+            except RuntimeError as e:  # OpenVINO before 2024.5 has no CACHE_MODE: compiled each time
+                if "CACHE_MODE" not in str(e):
+                    raise
+        self.compiled = core.compile_model(xml, "CPU", config)
 
     def ids(self, texts: list[str]) -> np.ndarray:
         rows = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]

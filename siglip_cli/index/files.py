@@ -132,7 +132,10 @@ def write_atomic(path: str, tables: Iterable[pa.Table], schema: pa.Schema) -> in
             with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary_columns(schema)) as writer:
                 for table in tables:
                     if table.num_rows:
-                        writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                        # a cast only where a type differs (pyarrow 15 cannot cast a fixed-size list with nulls)
+                        if not table.schema.equals(schema, check_metadata=False):
+                            table = table.cast(schema)
+                        writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
                         rows += table.num_rows
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())  # the data is on disk before the name points at it

@@ -45,7 +45,7 @@ def read_index(path: str, columns: list[str] | None = None) -> pa.Table:
         raise FileNotFoundError(f"{path} holds no siglip parts")
     tables = [t for t, _ in reversed(tables)]
     schema = tables[-1].schema
-    table = pa.concat_tables([t.cast(schema) for t in tables])
+    table = pa.concat_tables([t if t.schema.equals(schema, check_metadata=False) else t.cast(schema) for t in tables])
     order = pa.array(range(table.num_rows), pa.int64())
     keyed = pa.table({"path": table.column("path"), "path_bytes": table.column("path_bytes"), "n": order})
     last = keyed.group_by(["path", "path_bytes"], use_threads=False).aggregate([("n", "max")])

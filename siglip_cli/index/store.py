@@ -31,6 +31,7 @@ class Store:
         self.layout = layout_for(path)
         self.segments: list[str] = []
         self.foreign: set[int] = set()  # segments of other settings, dropped at the end (--overwrite)
+        self.made_with: dict = {}  # the package versions that made the newest segment (metadata `versions`)
         self.index = Index()
         self._lock: Lock | None = None
 
@@ -65,7 +66,9 @@ class Store:
         signatures = []
         for seg in self.segments:
             try:
-                signatures.append(json.loads(pq.read_schema(seg).metadata[METADATA_KEY]).get("signature"))
+                meta = json.loads(pq.read_schema(seg).metadata[METADATA_KEY])
+                signatures.append(meta.get("signature"))
+                self.made_with = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
             except (OSError, KeyError, TypeError, ValueError, pa.ArrowException):
                 raise RunError(f"{seg} is not a siglip output; move it away or choose another output") from None
         fits = [theirs == self.signature or self.same(theirs) == self.signature for theirs in signatures]
