@@ -104,6 +104,13 @@ Exact = Annotated[bool, typer.Option("--exact", help="Decode JPEGs at full size:
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the image tower: faster on a GPU after a one-time compile (cached on disk).")]
 Ray = Annotated[Optional[str], typer.Option("--ray", help="Run on Ray Data (pip install 'siglip-cli\\[ray]'): local starts a Ray on this machine, auto joins the cluster `ray start` made, or give its address (HOST:PORT, ray://HOST:PORT).", show_default=False)]
 RayActors = Annotated[Optional[int], typer.Option("--ray-actors", min=1, help="With --ray: encoder actors (default: one per GPU of the cluster, else one).", show_default=False)]
+def _text_rules(value: str) -> str:
+    if value not in ("canonical", "lower"):
+        raise typer.BadParameter(f"{value!r}: canonical (as SigLIP was trained) or lower (as transformers' tokenizers)")
+    return value
+
+
+TextRules = Annotated[str, typer.Option("--text-rules", callback=_text_rules, help="canonical|lower: what a text becomes before the tokenizer. canonical (as SigLIP was trained, open_clip's canonicalize): HTML unescaped, _ to space, punctuation dropped, lowercased; lower: lowercased only, as transformers' tokenizers.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Try again every file that failed in an earlier run, even unchanged (those that failed for a passing reason are tried anyway).")]
 
 
@@ -228,7 +235,7 @@ def _run_images(head, opts: dict) -> None:
         raise typer.BadParameter("no images: give image files or folders, or --files-from")
     cfg = RunConfig(
         model=ModelConfig(opts["model"], opts["revision"], opts["device"], opts["dtype"], opts["max_patches"], opts["compile"],
-                          backend=opts["backend"], quantize=opts["quantize"]),
+                          backend=opts["backend"], quantize=opts["quantize"], text_rules=opts["text_rules"]),
         sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
         output=OutputConfig(_output(opts["output"], opts), opts.get("float16", False), opts["overwrite"], opts["wait"], opts["prune"],
                             opts["prune_anyway"], opts["rehash"], opts["retry_errors"]), head=head,
@@ -256,7 +263,7 @@ def embed(
     text: Annotated[Optional[List[str]], typer.Option("--text", "-t", help="Embed this text instead of images (repeatable).", show_default=False)] = None,
     texts_file: Annotated[Optional[str], typer.Option("--texts-file", help="Embed the texts in FILE, one a line (- is stdin).", show_default=False)] = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
-    backend: Backend = "auto", quantize: Quantize = "none",
+    backend: Backend = "auto", quantize: Quantize = "none", text_rules: TextRules = "canonical",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
@@ -280,7 +287,8 @@ def embed(
             raise typer.BadParameter("nothing to embed: give image files or folders, --files-from, --text or --texts-file")
         return _run_images(EmbedSpec(float16), locals())
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend), sources=SourceConfig(),
+        model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend, text_rules=text_rules),
+        sources=SourceConfig(),
         output=OutputConfig(_output(output), float16, overwrite, wait), batch_size=batch_size, workers=workers, strict=strict, quiet=quiet,
     )
     _execute(cfg, texts)
@@ -303,7 +311,7 @@ def tag(
     no_cache: NoCache = False,
     files_from: FilesFrom = None, ext: Ext = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
-    backend: Backend = "auto", quantize: Quantize = "none",
+    backend: Backend = "auto", quantize: Quantize = "none", text_rules: TextRules = "canonical",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     float16: Float16 = False, strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
@@ -332,7 +340,7 @@ def classify(
     no_cache: NoCache = False,
     files_from: FilesFrom = None, ext: Ext = None,
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
-    backend: Backend = "auto", quantize: Quantize = "none",
+    backend: Backend = "auto", quantize: Quantize = "none", text_rules: TextRules = "canonical",
     batch_size: BatchSize = None, workers: Workers = ..., max_patches: MaxPatches = None,
     strict: Strict = False, quiet: Quiet = False,
     overwrite: Overwrite = False, wait: Wait = False, prune: Prune = False, prune_anyway: PruneAnyway = False, rehash: Rehash = False,
@@ -398,7 +406,7 @@ def bench(
 @app.command(epilog=EXIT_CODES)
 def serve(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
-    max_patches: MaxPatches = None,
+    max_patches: MaxPatches = None, text_rules: TextRules = "canonical",
     host: Annotated[str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
@@ -440,7 +448,8 @@ def serve(
             typer.echo(f"siglip: note: serve runs on one device: {device.split(',')[0]}", err=True)
         sock = server.bind(host, port)
 
-        encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch"),
+        encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch",
+                                           text_rules=text_rules),
                                show_downloads=sys.stderr.isatty())
         server.text_on_openvino(encoder)
         cfg = server.ServeConfig(host, port, api_key, batch_size, max_wait_ms / 1000, max_queue, max_items,
@@ -482,7 +491,7 @@ def search(
     min_score: Annotated[Optional[float], typer.Option("--min-score", callback=_finite, help="Drop results scoring below this.", show_default=False)] = None,
     path: Annotated[Optional[List[str]], typer.Option("--path", help="Only rows whose path matches this glob (repeatable).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embed text queries with this model instead of the index's.", show_default=False)] = None,
-    device: Device = "auto",
+    device: Device = "auto", text_rules: TextRules = "canonical",
     server: Annotated[Optional[str], typer.Option("--server", envvar="SIGLIP_SERVER", help="Embed the queries with a running `siglip serve` of the index's model (URL; its token from SIGLIP_API_KEY): no model load and no torch in this process. \\[env: SIGLIP_SERVER]", show_default=False, show_envvar=False)] = None,
     output: ResultsOut = None, json_out: AsJson = False, html: Html = None,
 ) -> None:
@@ -496,16 +505,17 @@ def search(
         from .remote import Remote, early
 
         if server and query and not (image or minus_image or model):  # a server holding this index searches it
-            found = Remote(server).search(index, {"query": query, "minus": minus or [], "k": k, "min_score": min_score,
-                                                  "path": path or []})
+            found = Remote(server, text_rules).search(index, {"query": query, "minus": minus or [], "k": k,
+                                                              "min_score": min_score, "path": path or [],
+                                                              "text_rules": text_rules})
             if found is not None:
                 return found
-        remote = early(server, tuple(query or ()), tuple(minus or ()))  # embedded while the rest loads
+        remote = early(server, tuple(query or ()), tuple(minus or ()), text_rules=text_rules)  # embedded meanwhile
         from . import search as s
         from .vectors import load
 
         q = s.Query(tuple(query or ()), tuple(image or ()), tuple(minus or ()), tuple(minus_image or ()),
-                    image_weight, k, min_score, tuple(path or ()), model, device, server)
+                    image_weight, k, min_score, tuple(path or ()), model, device, server, text_rules)
         return s.search(load(index), q, remote=remote)
 
     _results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")

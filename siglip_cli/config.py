@@ -130,6 +130,7 @@ class ModelConfig:
     commit: str | None = None  # the Hub commit `revision` resolved to (set by the pipeline; loading uses it)
     backend: str = "auto"  # auto | torch | openvino (the image tower on a CPU)
     quantize: str = "none"  # none | int8 | int8-weights | int4 (OpenVINO)
+    text_rules: str = "canonical"  # what a text becomes before the tokenizer: canonical | lower (text.py)
 
 
 @dataclass(frozen=True)

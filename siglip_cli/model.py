@@ -19,6 +19,7 @@ from .config import TEXT_LENGTH, ModelConfig
 from .decode import ImageSpec
 from .errors import RunError
 from .loader import Batch
+from .text import prepare
 from .weights import cached_commit, fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -304,6 +305,7 @@ class Encoder:
         self.vision = _Features(model, "get_image_features") if whole else model
         self._text = _Features(model, "get_text_features") if whole else None
         self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
+        self.text_rules = cfg.text_rules
         self.naflex = self.config.model_type == "siglip2"
         self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
         # --max-patches as an output records it (see weights.patches_setting): None for the checkpoint's own
@@ -430,9 +432,10 @@ class Encoder:
             raise RunError(_cannot_load(name, e, "the text tower of ")) from None
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """SigLIP's text rules: lowercased, right-padded to the trained length, truncated, EOS kept; input ids."""
+        """SigLIP's text rules: cleaned (text.clean), right-padded to the trained length, truncated, EOS kept;
+        input ids."""
         tokens = self.tokenizer(
-            [t.lower() for t in texts], padding="max_length", max_length=self.info.text_length, truncation=True,
+            prepare(texts, self.text_rules), padding="max_length", max_length=self.info.text_length, truncation=True,
             padding_side="right", return_tensors="pt",
         )
         return tokens["input_ids"]
@@ -546,14 +549,14 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Embeddings (n, D) float32 on the device: lowercased, right-padded to the trained length, no mask."""
+        """Embeddings (n, D) float32 on the device: cleaned, right-padded to the trained length, no mask."""
         with self.on_device():
             out = [self._texts(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
             return torch.cat(out) if out else torch.empty((0, self.info.dim), device=self.device)
 
     def _texts(self, texts: list[str]) -> torch.Tensor:
         if self.text_runner is not None:
-            return torch.from_numpy(self.text_runner([t.lower() for t in texts])).to(self.device)
+            return torch.from_numpy(self.text_runner(prepare(texts, self.text_rules))).to(self.device)
         # No attention mask: the text tower was trained without one, and passing it changes the embedding.
         feats = self.text(input_ids=self.tokenize(texts).to(self.device))
         return F.normalize(feats.pooler_output.float(), dim=-1)

@@ -71,7 +71,7 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
         "model": info.name, "revision": info.revision, "commit": info.commit, "architecture": info.architecture,
         "dim": info.dim, "normalization": "l2", "preprocessing": info.preprocessing, "text_length": info.text_length,
         "dtype": str(encoder.dtype).removeprefix("torch."), "backend": encoder.backend, "quantize": encoder.quantize,
-        "text_backend": encoder.text_backend,
+        "text_backend": encoder.text_backend, "text_rules": encoder.text_rules,
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias, **extra,
     }
@@ -97,6 +97,8 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
            "model": "local folder" if local else name, "weights": weights, "dtype": dtype,
            "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}
+    if uses_text(cfg):  # an image embedding does not depend on how texts are cleaned
+        sig["text_rules"] = cfg.model.text_rules
     if cfg.head is not None:
         sig["exact"] = cfg.exact
         for f in dataclasses.fields(cfg.head):
@@ -113,9 +115,17 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     return dataclasses.replace(cfg, model=model), json.loads(json.dumps(sig))  # tuples -> lists, as they read back
 
 
+def uses_text(cfg: RunConfig) -> bool:
+    """Whether the run's rows depend on the text tower (tags, labels, texts), not on the images alone."""
+    return cfg.head is None or type(cfg.head).__name__ != "EmbedSpec"
+
+
 def _normalized(theirs, cfg: RunConfig, sig: dict):
     """An output's signature as this version records the same settings: an output made before --max-patches
-    was normalized recorded the checkpoint's default, or a value that a fixed-resolution checkpoint ignores."""
+    was normalized recorded the checkpoint's default, or a value that a fixed-resolution checkpoint ignores;
+    one made before text rules were recorded cleaned texts by lowercasing them."""
+    if isinstance(theirs, dict) and "text_rules" in sig and "text_rules" not in theirs:
+        theirs = {**theirs, "text_rules": "lower"}
     if not isinstance(theirs, dict) or theirs.get("max_patches") is None or theirs.get("weights") != sig["weights"]:
         return theirs
     patches = patches_setting(cfg.model.name, cfg.model.commit or cfg.model.revision, theirs["max_patches"])[0]
@@ -337,7 +347,7 @@ def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
     if path != "-":  # the same rules as images: the lock, the settings, no other kind of output replaced
         check_parent(path)
         cfg, sig = resolve(cfg)
-        store = Store.open(path, sig, out.overwrite, out.wait, images=False)
+        store = Store.open(path, sig, out.overwrite, out.wait, images=False, same=lambda theirs: _normalized(theirs, cfg, sig))
     try:
         return _run_texts(cfg, texts, store)
     finally:

@@ -46,10 +46,10 @@ class Remote:
     where both know it): a vector from another model would rank the index by noise. Text queries are sent
     (`ask`) before the index's vectors are opened, so that the server embeds them meanwhile."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, text_rules: str = "canonical"):
         if not url.startswith(("http://", "https://")):
             raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
-        self.url, self.asked = url.rstrip("/"), {}
+        self.url, self.asked, self.text_rules = url.rstrip("/"), {}, text_rules
         self.model = (None, None, None, None)  # what the index needs (expect): see same_model
         self.patches = None  # the index's --max-patches (None: the checkpoint's default), for image queries
 
@@ -103,6 +103,9 @@ class Remote:
         theirs = (body.get("model"), body.get("dim"), body.get("commit"), body.get("weights"))
         if not same_model(theirs, self.model):
             raise RunError(f"--server {self.url} runs {describe(theirs)}; the index needs {describe(self.model)}")
+        if body.get("text_rules", self.text_rules) != self.text_rules:  # (an older server does not say)
+            raise RunError(f"--server {self.url} cleans texts by --text-rules {body['text_rules']}; this search asks "
+                           f"for {self.text_rules} (start the server with that, or pass --text-rules {body['text_rules']})")
         import numpy as np
 
         return np.asarray(body["embeddings"], np.float32).reshape(-1, self.model[1])
@@ -173,11 +176,11 @@ def _message(body: bytes) -> str:
     return (text[:200] or "(no message)") + " (is this a siglip serve?)"
 
 
-def early(url: str | None, *texts: tuple[str, ...]) -> Remote | None:
+def early(url: str | None, *texts: tuple[str, ...], text_rules: str = "canonical") -> Remote | None:
     """A Remote for url with these texts already sent, or None without a url."""
     if not url:
         return None
-    remote = Remote(url)
+    remote = Remote(url, text_rules)
     for t in texts:
         remote.ask(t)
     return remote

@@ -32,6 +32,7 @@ class Query:
     model: str | None = None  # override the index's model
     device: str = "auto"
     server: str | None = None  # a running `siglip serve` of the index's model embeds the queries
+    text_rules: str = "canonical"  # what a text becomes before the tokenizer (text.py)
 
 
 def _weights(v: Vectors, q: Query) -> str | None:
@@ -60,7 +61,8 @@ def _encoder(v: Vectors, q: Query):
     try:
         # an image query is embedded as the index's images were: with its --max-patches (None: the default)
         patches = (meta.get("signature") or {}).get("max_patches")
-        encoder = Encoder.load(ModelConfig(name, revision, q.device, dtype, patches, backend="torch"))
+        encoder = Encoder.load(ModelConfig(name, revision, q.device, dtype, patches, backend="torch",
+                                           text_rules=q.text_rules))
     except RunError as e:
         raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
     if encoder.info.dim != v.matrix.shape[1]:
@@ -110,7 +112,7 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
         return encoder
 
     if q.server and remote is None:
-        remote = Remote(q.server)
+        remote = Remote(q.server, q.text_rules)
     if remote:  # a server's embeddings (or, in the server, its own: see serve's /search)
         remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"),
                       _weights(v, q), recorded_patches(v.meta))
@@ -126,7 +128,9 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
         if cached is False:
             cached = _cached_text(v, q) if encoder_factory is None else None
         if cached is not None:
-            out = cached([t.lower() for t in items])
+            from .text import prepare
+
+            out = cached(prepare(items, q.text_rules))
             if out.shape[1] != v.matrix.shape[1]:  # --model's cached tower, of another size
                 raise RunError(f"{q.model!r} makes vectors of {out.shape[1]} dimensions; the index holds {v.matrix.shape[1]}")
             return out

@@ -396,7 +396,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
         return {**({"embeddings": vectors.tolist()} if many else {"embedding": vectors[0].tolist()}), "model": name,
-                "dim": dim, "commit": commit, "weights": weights, "max_patches": encoder.patches}
+                "dim": dim, "commit": commit, "weights": weights, "max_patches": encoder.patches,
+                "text_rules": encoder.text_rules}
 
     def embed_route(path: str, embed) -> None:
         """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""
@@ -507,6 +508,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                                         f"({given or 'unnamed'}) is another, or that one as it was")
             elif given is not None and (not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)):
                 raise ApiError(404, f"this server searches {cfg.index}, not {given}")
+            if payload.get("text_rules", encoder.text_rules) != encoder.text_rules:  # the client then says why
+                raise ApiError(404, f"this server cleans texts by --text-rules {encoder.text_rules}")
             texts, minus, paths = strings(payload, "query", True), strings(payload, "minus", False), strings(payload, "path", False)
             if len(texts) + len(minus) > cfg.max_items:
                 raise ApiError(422, f"at most {cfg.max_items} texts in one request (--max-items)")

@@ -89,9 +89,9 @@ def cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "siglip")
 
 
-def cache_key(model_fingerprint: str, dtype: str, text_length: int, tags, templates) -> str:
+def cache_key(model_fingerprint: str, dtype: str, text_length: int, tags, templates, rules: str) -> str:
     """Everything that changes the text embeddings, hashed."""
-    blob = json.dumps([CACHE_VERSION, model_fingerprint, dtype, text_length, list(templates), list(tags)])
+    blob = json.dumps([CACHE_VERSION, model_fingerprint, dtype, text_length, list(templates), list(tags), rules])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -106,7 +106,8 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
     from .heads import ensemble
 
     def where() -> str:  # by what computes them (a text tower that cannot be converted falls back to torch)
-        key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates)
+        key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates,
+                        encoder.text_rules)
         return os.path.join(cache_dir(), "text", key + ".npy")
 
     path = where()

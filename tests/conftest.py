@@ -138,6 +138,20 @@ def build_v1(folder: Path) -> Path:
     return folder
 
 
+def open_clip_tokenizer():
+    """open_clip's tokenizer module, the reference for SigLIP's text rules, loaded on its own: the package's
+    __init__ imports torchvision, which the CPU build of torch used here cannot load. Skips without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or importlib.util.find_spec("ftfy") is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch; .ci/run does)")
+    path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("open_clip_tokenizer", path))
+    module.__spec__.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def v1_ckpt(tmp_path_factory) -> Path:
     pytest.importorskip("sentencepiece", reason="SigLIP 1 tokenizers need sentencepiece (a dependency)")

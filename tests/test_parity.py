@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image, ImageOps
 
 pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
 
-TEXTS = ["a red car", "This is a photo of a Great Grey Owl.", "two dogs playing in the snow", ""]
+TEXTS = ["a red car", "This is a photo of a Great Grey Owl.", "two dogs playing in the snow", "", "A Photo, of: my_dog!"]
+# as SigLIP was trained on them (open_clip's canonicalize), written out by hand
+CANONICAL = ["a red car", "this is a photo of a great grey owl", "two dogs playing in the snow", "", "a photo of my dog"]
 
 
 def reference_image_embeddings(ckpt, paths) -> np.ndarray:
@@ -30,12 +33,13 @@ def reference_image_embeddings(ckpt, paths) -> np.ndarray:
 
 
 def reference_text_embeddings(ckpt, texts) -> np.ndarray:
+    """The transformers model on the texts as given: right-padded to 64, no attention mask."""
     from transformers import AutoModel, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(ckpt)
     model = AutoModel.from_pretrained(ckpt).eval()
-    tokens = processor(text=[t.lower() for t in texts], padding="max_length", max_length=64, truncation=True,
-                       return_tensors="pt")
+    tokens = processor(text=list(texts), padding="max_length", max_length=64, truncation=True,
+                       padding_side="right", return_tensors="pt")
     with torch.no_grad():
         feats = model.get_text_features(input_ids=tokens["input_ids"]).pooler_output
     return torch.nn.functional.normalize(feats, dim=-1).numpy()
@@ -61,15 +65,20 @@ def test_image_embeddings_match_reference(cli, any_ckpt, photos, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_text_embeddings_match_reference(cli, any_ckpt, tmp_path):
+@pytest.mark.parametrize("rules", ["canonical", "lower"])
+def test_text_embeddings_match_reference(cli, any_ckpt, tmp_path, rules):
+    """canonical (the default): the reference of the text as SigLIP was trained on it ("A Photo, of: my_dog!" is
+    "a photo of my dog"); lower: the reference of the text lowercased, as transformers' tokenizers alone."""
     ckpt = any_ckpt
     out = tmp_path / "texts.parquet"
     args = [a for t in TEXTS for a in ("--text", t)]
-    result = cli("embed", *args, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32")
+    result = cli("embed", *args, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32", "--text-rules", rules)
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     assert table.column("text").to_pylist() == TEXTS
-    cos = (embeddings(out) * reference_text_embeddings(ckpt, TEXTS)).sum(axis=1)
+    assert json.loads(table.schema.metadata[b"siglip"])["text_rules"] == rules
+    given = CANONICAL if rules == "canonical" else [t.lower() for t in TEXTS]
+    cos = (embeddings(out) * reference_text_embeddings(ckpt, given)).sum(axis=1)
     assert cos.min() >= 0.9999
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from siglip_cli.errors import UsageError
 from siglip_cli.vocab import parse_vocab
+from conftest import open_clip_tokenizer
 from test_embed_cli import make_image
 
 pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
@@ -24,9 +25,12 @@ def cache(tmp_path, monkeypatch):
     return folder
 
 
-def reference_probs(ckpt, paths, texts, templates=("This is a photo of {}.",)) -> np.ndarray:
-    """sigmoid(logits_per_image) from the model's own forward, one template; or a manual ensemble."""
+def reference_probs(ckpt, paths, texts, templates=("This is a photo of {}.",), clean=None) -> np.ndarray:
+    """sigmoid(logits_per_image) from the model's own forward, one template; or a manual ensemble. Prompts are
+    cleaned as SigLIP was trained (open_clip's canonicalize), or by `clean`."""
     from transformers import AutoModel, AutoProcessor
+
+    clean = clean or open_clip_tokenizer().get_clean_fn("canonicalize")
 
     processor = AutoProcessor.from_pretrained(ckpt)
     model = AutoModel.from_pretrained(ckpt).eval()
@@ -34,30 +38,32 @@ def reference_probs(ckpt, paths, texts, templates=("This is a photo of {}.",)) -
     pix = processor(images=images, return_tensors="pt")
     with torch.no_grad():
         if len(templates) == 1:
-            tok = processor(text=[templates[0].format(t).lower() for t in texts], padding="max_length",
-                            max_length=64, truncation=True, return_tensors="pt")
+            tok = processor(text=[clean(templates[0].format(t)) for t in texts], padding="max_length",
+                            max_length=64, truncation=True, padding_side="right", return_tensors="pt")
             return torch.sigmoid(model(input_ids=tok["input_ids"], **pix).logits_per_image).numpy()
         img = torch.nn.functional.normalize(model.get_image_features(**pix).pooler_output, dim=-1)
         per = []
         for tpl in templates:
-            tok = processor(text=[tpl.format(t).lower() for t in texts], padding="max_length", max_length=64,
-                            truncation=True, return_tensors="pt")
+            tok = processor(text=[clean(tpl.format(t)) for t in texts], padding="max_length", max_length=64,
+                            truncation=True, padding_side="right", return_tensors="pt")
             per.append(torch.nn.functional.normalize(
                 model.get_text_features(input_ids=tok["input_ids"]).pooler_output, dim=-1))
         txt = torch.nn.functional.normalize(torch.stack(per).mean(0), dim=-1)
         return torch.sigmoid(img @ txt.T * model.logit_scale.exp() + model.logit_bias).numpy()
 
 
-def test_top5_ram_tags_match_reference(cli, any_ckpt, photos, ram_tags, tmp_path):
+@pytest.mark.parametrize("rules", ["canonical", "lower"])
+def test_top5_ram_tags_match_reference(cli, any_ckpt, photos, ram_tags, tmp_path, rules):
+    """canonical: the reference on prompts cleaned as SigLIP was trained; lower: today's transformers parity."""
     ckpt = any_ckpt
     out = tmp_path / "tags.parquet"
     result = cli("tag", photos, "--vocab", ram_tags, "--top-k", "5", "--threshold", "0", "-o", out,
-                 "-m", ckpt, "--device", "cpu", "--dtype", "float32", "-j", "2", "-b", "32")
+                 "-m", ckpt, "--device", "cpu", "--dtype", "float32", "-j", "2", "-b", "32", "--text-rules", rules)
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     paths = table.column("path").to_pylist()
     vocab = [line.strip() for line in ram_tags.read_text().splitlines() if line.strip()]
-    ref = reference_probs(ckpt, paths, vocab)
+    ref = reference_probs(ckpt, paths, vocab, clean=str.lower if rules == "lower" else None)
     for row, probs in zip(table.column("tags").to_pylist(), ref):
         order = np.argsort(-probs, kind="stable")[:5]
         np.testing.assert_allclose([t["score"] for t in row], probs[order], atol=1e-4)
