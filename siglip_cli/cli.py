@@ -210,16 +210,9 @@ def _text(values: list[str], option: str) -> list[str]:
 
 
 def _read_lines(path: str, what: str) -> list[str]:
-    try:
-        with (sys.stdin if path == "-" else open(path, encoding="utf-8-sig")) as f:  # -sig: a byte-order mark
-            lines = [line.rstrip("\r\n") for line in f]
-    except UnicodeDecodeError:
-        raise typer.BadParameter(f"cannot read {what} {path}: not UTF-8 text")
-    except OSError as e:
-        raise typer.BadParameter(f"cannot read {what} {path}: {e.strerror or e}")
-    if lines:  # (stdin's too: Windows editors write one, and it is not part of the first text)
-        lines[0] = lines[0].removeprefix("\ufeff")
-    return [line for line in lines if line.strip()]
+    from .sources import text_lines
+
+    return [line for line in _usage(lambda: text_lines(path, what)) if line.strip()]
 
 
 @app.callback()
@@ -408,6 +401,7 @@ def serve(
     model: Model = ..., revision: Revision = None, device: Device = "auto", dtype: Dtype = "auto",
     max_patches: MaxPatches = None, text_rules: TextRules = "canonical",
     host: Annotated[str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")] = "127.0.0.1",
+    allow_host: Annotated[Optional[List[str]], typer.Option("--allow-host", help="Also answer requests that name this host in their Host header (repeatable): the names clients use to reach a server on --host 0.0.0.0. Loopback names and --host are always answered.", show_default=False)] = None,
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SIGLIP_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]", show_default=False, show_envvar=False)] = None,
     vocab: Annotated[Optional[str], typer.Option("--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False)] = None,
@@ -447,6 +441,8 @@ def serve(
         if "," in device:
             typer.echo(f"siglip: note: serve runs on one device: {device.split(',')[0]}", err=True)
         sock = server.bind(host, port)
+        if warning := server.exposed_warning(server.ServeConfig(host, port, api_key)):
+            typer.echo(warning, err=True)
 
         encoder = Encoder.load(ModelConfig(model, revision, device.split(",")[0], dtype, max_patches, backend="torch",
                                            text_rules=text_rules),
@@ -454,7 +450,7 @@ def serve(
         server.text_on_openvino(encoder)
         cfg = server.ServeConfig(host, port, api_key, batch_size, max_wait_ms / 1000, max_queue, max_items,
                                  int(max_body_mb * (1 << 20)), timeout, max(1, workers), max_pixels, vocab=found,
-                                 threshold=threshold, index=index)
+                                 threshold=threshold, index=index, allow_hosts=tuple(allow_host or ()))
         server.run(encoder, cfg, sock)
     except SiglipError as e:
         typer.echo(f"siglip: error: {e}", err=True)

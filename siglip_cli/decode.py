@@ -117,6 +117,45 @@ def _patchify(pixels: np.ndarray, p: int) -> np.ndarray:
     return np.ascontiguousarray(grid.reshape((h // p) * (w // p), p * p * c))
 
 
+def most_bytes(width: int, height: int) -> int:
+    """The largest file an image of this size is taken from: 8 bytes a pixel (16-bit RGBA, uncompressed) and
+    64 MiB of metadata, previews and appended video (motion photos). Past it, the file is refused unread."""
+    return width * height * 8 + (64 << 20)
+
+
+class Refused(Exception):
+    """A file refused from its header and size alone (its message is the error row's)."""
+
+    def __init__(self, message: str, width: int, height: int):
+        super().__init__(message)
+        self.width, self.height = width, height
+
+
+def open_image(f, size: int, max_pixels: int) -> Image.Image:
+    """The image of an open file, its header read and nothing more; Refused when it is over `max_pixels` or
+    larger on disk than such an image can be (most_bytes): a sparse or padded file is never read whole."""
+    im = Image.open(f)
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise Refused(f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
+                      f"{RAISE_LIMIT}", width, height)
+    if size > most_bytes(width, height):
+        im.close()
+        raise Refused(f"not an image, or a format Pillow cannot read: the file is {size:,} bytes, more than a "
+                      f"{width}x{height} image can take", width, height)
+    return im
+
+
+def _sha256(f) -> str:
+    """The file's content hash, read in chunks (for --rehash on later runs)."""
+    f.seek(0)
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
     st = os.stat(record.path)
     if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the read forever
@@ -124,20 +163,17 @@ def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
     if st.st_size == 0:
         return Decoded(record, error="empty file (0 bytes)")
     with open(record.path, "rb") as f:
-        data = f.read()
-    return _pixels(record, data, spec)
+        return _pixels(record, f, st.st_size, spec)
 
 
-def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
-    sha = hashlib.sha256(data).hexdigest()  # for --rehash on later runs
-    with Image.open(io.BytesIO(data)) as im:
+def _pixels(record: FileRecord, f, size: int, spec: ImageSpec) -> Decoded:
+    try:
+        im = open_image(f, size, spec.max_pixels)
+    except Refused as e:
+        over = str(e).endswith(RAISE_LIMIT)  # the bytes are the image's: hashed, so --rehash sees a change
+        return Decoded(record, _sha256(f) if over else None, e.width, e.height, error=str(e))
+    with im:
         width, height = im.size
-        if width * height > spec.max_pixels:
-            return Decoded(
-                record, sha, width, height,
-                error=f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                f"{spec.max_pixels:,}; {RAISE_LIMIT}",
-            )
         if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by a quarter
             width, height = height, width
         if spec.naflex:
@@ -150,6 +186,7 @@ def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
             im.draft(None, (max(th, tw), max(th, tw)))
         im.load()
         rgb = to_rgb(ImageOps.exif_transpose(im))
+    sha = _sha256(f)
     if spec.naflex:
         pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
         p = spec.patch_size
@@ -208,7 +245,7 @@ def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> De
     if record.error:
         return Decoded(record, error=record.error)
     try:
-        return _load(record, spec) if data is None else _pixels(record, data, spec)
+        return _load(record, spec) if data is None else _pixels(record, io.BytesIO(data), len(data), spec)
     except UnidentifiedImageError:
         if record.path.lower().endswith((".heic", ".heif")) and not HEIF:
             return Decoded(record, error=NEEDS_HEIF)

@@ -61,12 +61,11 @@ class Remote:
         import urllib.error
         import urllib.request
 
-        headers = {"Content-Type": "application/json"}
-        if key := os.environ.get("SIGLIP_API_KEY"):
-            headers["Authorization"] = f"Bearer {key}"
         try:
             body = items if isinstance(items, dict) else {"input": items}
-            req = urllib.request.Request(self.url + route, json.dumps(body).encode(), headers)
+            req = urllib.request.Request(self.url + route, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            if key := os.environ.get("SIGLIP_API_KEY"):  # never sent on to where a redirect points
+                req.add_unredirected_header("Authorization", f"Bearer {key}")
             # /search may first rebuild the index's sidecar (a minute for 10M rows): it is given longer
             wait = SEARCH_S if route == "/search" else ANSWER_S
             with urllib.request.urlopen(req, timeout=wait) as r:

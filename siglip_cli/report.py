@@ -8,6 +8,7 @@ import html
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -64,19 +65,42 @@ def _json_default(value) -> str:
 
 
 def _cell(v) -> str:
+    """A value as the terminal table shows it: control characters (a file name's escape codes) escaped."""
     if isinstance(v, float):
         return f"{v:.4f}"
-    return "" if v is None else str(v)
+    return "" if v is None else _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(v))
 
 
-def thumbnail(path: str) -> str | None:
-    """A small JPEG of the image as a data: URI, or None when it cannot be read now."""
-    from PIL import Image, ImageOps
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-    from .decode import to_rgb
+
+def thumbnail(path: str, timeout: float | None = None) -> str | None:
+    """A small JPEG of the image as a data: URI, or None when it cannot be read now: with decode's checks (a
+    regular file, the pixel limit, a size its header explains) and within decode's timeout."""
+    import threading
+
+    from .config import DEFAULT_TIMEOUT
+
+    out: list[str] = []
+    worker = threading.Thread(target=lambda: out.append(_thumbnail(path)), name="siglip-thumbnail", daemon=True)
+    worker.start()
+    worker.join(DEFAULT_TIMEOUT if timeout is None else timeout)  # a stalled mount: shown as unreadable
+    return out[0] if out else None
+
+
+def _thumbnail(path: str) -> str | None:
+    import stat
+
+    from PIL import ImageOps
+
+    from .config import DEFAULT_MAX_PIXELS
+    from .decode import open_image, to_rgb
 
     try:
-        with Image.open(path) as im:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO now at an indexed path would block forever
+            return None
+        with open(path, "rb") as f, open_image(f, st.st_size, DEFAULT_MAX_PIXELS) as im:
             im.draft("RGB", (THUMB, THUMB))
             im = to_rgb(ImageOps.exif_transpose(im))
             im.thumbnail((THUMB, THUMB))

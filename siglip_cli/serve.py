@@ -52,6 +52,44 @@ class ServeConfig:
     vocab: object = None  # a Vocab for /tag, or None
     threshold: float = DEFAULT_THRESHOLD
     index: str | None = None  # an index (of this model) that POST /search searches
+    allow_hosts: tuple[str, ...] = ()  # Host header names answered besides loopback's and --host's (--allow-host)
+
+
+# Bounds on what one request may ask of the server, checked before any work (a 422 names the limit).
+MAX_GLOBS = 16  # /search's "path" globs (fnmatch is quadratic in "[": 1,024 of them take 70 ms)
+MAX_GLOB_CHARS = 1024
+MAX_JSON_DEPTH = 32
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def allowed_hosts(cfg: ServeConfig) -> frozenset[str]:
+    """The Host names a request may carry (DNS rebinding: a page whose name now points at 127.0.0.1 is refused)."""
+    host = cfg.host.strip("[]")
+    extra = () if host in ("0.0.0.0", "::") else (host, f"[{host}]")
+    return frozenset(h.lower() for h in (*LOOPBACK, *extra, *cfg.allow_hosts))
+
+
+def host_of(header: str) -> str:
+    """A Host header's name, without its port."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header.split("]")[0] + "]"
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def depth(value, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply a parsed JSON value nests, counted up to limit + 1, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 class ApiError(Exception):
@@ -310,6 +348,9 @@ class Server:
 
 
 async def read_json(request, max_body: int):
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # a page's form or text/plain post (no CORS preflight) is not read
+        raise ApiError(415, "send the body as JSON, with Content-Type: application/json")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_body:
         raise ApiError(413, f"the body is {int(length):,} bytes; at most {max_body:,} (--max-body-mb)")
@@ -319,9 +360,14 @@ async def read_json(request, max_body: int):
         if len(body) > max_body:
             raise ApiError(413, f"the body is over {max_body:,} bytes (--max-body-mb)")
     try:
-        return json.loads(body)
+        payload = json.loads(body)
+    except RecursionError:
+        raise ApiError(422, f"the JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError:
         raise ApiError(400, "the body is not valid JSON") from None
+    if depth(payload) > MAX_JSON_DEPTH:
+        raise ApiError(422, f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    return payload
 
 
 async def _disconnected(request) -> None:
@@ -353,6 +399,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         body = {"error": {"message": e.message, "index": e.index, "code": e.status}}
         return JSONResponse(body, status_code=e.status, headers=e.headers)
 
+    hosts = allowed_hosts(cfg)
     routes: set = set()  # the app's own paths, filled in below: /metrics labels no other (a client's paths would
     # grow it without bound and could break its format)
 
@@ -361,10 +408,16 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         t = time.perf_counter()
         path = request.url.path
         route = path if path in routes else "other"
+        if host_of(request.headers.get("host", "")) not in hosts:
+            server.metrics.request(route, 421, time.perf_counter() - t)
+            return JSONResponse({"error": {"message": "this server does not answer that Host (--allow-host adds one)",
+                                           "code": 421}}, status_code=421)
         if cfg.api_key and path not in ("/health", "/ready"):  # probes need no token
-            # the header's bytes as sent (Starlette decodes it as Latin-1), against the key's UTF-8
-            given = request.headers.get("authorization", "").encode("latin-1", "replace")
-            if not hmac.compare_digest(given, f"Bearer {cfg.api_key}".encode()):
+            # the header's bytes as sent (Starlette decodes it as Latin-1), against the key's UTF-8; the scheme's
+            # name in any case (RFC 9110)
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
+            if not hmac.compare_digest(given, cfg.api_key.encode()):
                 response = JSONResponse({"error": {"message": "missing or wrong bearer token", "code": 401}},
                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 server.metrics.request(route, 401, time.perf_counter() - t)
@@ -374,11 +427,11 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         return response
 
     async def guarded(request: Request, work, deadline: float | None = cfg.timeout):
-        """The work of a request, its body's arrival included, within its deadline; dropped if the client goes
-        away."""
+        """The work of a request, its body's arrival included, within its deadline (the body within --timeout
+        always); dropped if the client goes away."""
         start = time.monotonic()
         try:
-            payload = await asyncio.wait_for(read_json(request, cfg.max_body), deadline)
+            payload = await asyncio.wait_for(read_json(request, cfg.max_body), deadline or cfg.timeout)
         except asyncio.TimeoutError:
             raise ApiError(504, f"the request took over {cfg.timeout:g}s (--timeout): its body was still arriving") from None
         if deadline is not None:
@@ -393,6 +446,13 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         if gone in done:
             return Response(status_code=499)  # nobody reads it; the queue no longer holds its items
         raise ApiError(504, f"the request took over {cfg.timeout:g}s (--timeout)")
+
+    def tokens_read(texts: list[str]) -> int:
+        """The tokens the model reads of these texts (cleaned and cut as it reads them, at most its length each)."""
+        from .text import prepare
+
+        return sum(min(len(encoder.tokenizer(t)["input_ids"]), encoder.info.text_length)
+                   for t in prepare(texts, encoder.text_rules))
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
         return {**({"embeddings": vectors.tolist()} if many else {"embedding": vectors[0].tolist()}), "model": name,
@@ -436,7 +496,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                     raise
 
             await asyncio.gather(some(server.images, images), some(server.texts, texts))
-            tokens = sum(len(encoder.tokenizer(values[i].lower())["input_ids"]) for i in texts)
+            tokens = await asyncio.to_thread(tokens_read, [values[i] for i in texts])  # off the event loop
             data = [{"object": "embedding", "index": i,
                      "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
                     for i, v in enumerate(out)]
@@ -513,6 +573,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             texts, minus, paths = strings(payload, "query", True), strings(payload, "minus", False), strings(payload, "path", False)
             if len(texts) + len(minus) > cfg.max_items:
                 raise ApiError(422, f"at most {cfg.max_items} texts in one request (--max-items)")
+            if len(paths) > MAX_GLOBS or any(len(g) > MAX_GLOB_CHARS for g in paths):
+                raise ApiError(422, f'"path": at most {MAX_GLOBS} globs of at most {MAX_GLOB_CHARS} characters')
             k = _count(payload, "k", 10)
             min_score = payload.get("min_score")
             if min_score is not None:
@@ -613,6 +675,17 @@ def bind(host: str, port: int):
     return sock
 
 
+LIMIT_CONNECTIONS = 512  # open connections at once (beyond: 503), under the common limit of 1024 open files
+
+
+def exposed_warning(cfg: ServeConfig) -> str | None:
+    """A loud line for a server that listens beyond loopback without a key: anyone who reaches it can use it."""
+    if cfg.api_key or cfg.host.strip("[]") in LOOPBACK:
+        return None
+    return (f"siglip: WARNING: listening on {cfg.host} without --api-key: anyone who can reach this machine can "
+            "use the model and search the index (set SIGLIP_API_KEY, or serve behind a proxy that checks one)")
+
+
 def run(encoder: Encoder, cfg: ServeConfig, sock=None) -> None:
     """Serve until interrupted."""
     import uvicorn
@@ -624,4 +697,7 @@ def run(encoder: Encoder, cfg: ServeConfig, sock=None) -> None:
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"  # the port itself where --port 0
     print(f"siglip: serving {encoder.info.name} on {where} (dim {encoder.info.dim}, {encoder.device}, "
           f"{str(encoder.dtype)[6:]})" + (", bearer token required" if cfg.api_key else ""), file=sys.stderr)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    # half-sent requests and idle connections are bounded: slow clients cannot hold every file descriptor
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
+                            limit_concurrency=LIMIT_CONNECTIONS, h11_max_incomplete_event_size=64 << 10)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -186,6 +186,9 @@ def _build(index: str, place: str, key: dict) -> None:
     files = _sources(index)
     rows, light = _current(files)
     vector = pq.read_schema(files[-1]).field("embedding").type
+    if not pa.types.is_fixed_size_list(vector) or not pa.types.is_floating(vector.value_type):
+        raise RunError(f"{index}: its embedding column is {vector}, not the fixed-size list of floats siglip writes "
+                       "(rewritten by another tool?); rebuild it with `siglip embed ... --overwrite`")
     dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
     parent = os.path.dirname(place)
     os.makedirs(parent, exist_ok=True)  # beside the index (there already) or in the cache

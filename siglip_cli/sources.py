@@ -71,6 +71,45 @@ def _walk(folder: str, extensions: tuple[str, ...], seen: set[tuple[int, int]]) 
             yield _record(path)
 
 
+MAX_LINE = 1 << 16  # bytes: more than any path (PATH_MAX is 4096) or text the model reads (text.RAW_CHARS)
+
+
+def bounded_lines(stream, what: str, limit: int = MAX_LINE) -> Iterator[bytes]:
+    """The lines of a binary stream, each read with a bound: a longer one (a file without newlines, /dev/zero)
+    is a UsageError before it fills memory."""
+    n = 0
+    while line := stream.readline(limit + 1):
+        n += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            from .errors import UsageError
+
+            raise UsageError(f"{what}, line {n}: longer than {limit:,} bytes; give one item a line")
+        yield line
+
+
+def text_lines(source: str, what: str) -> list[str]:
+    """A UTF-8 list of texts, tags or labels, one a line ('-' is stdin), bounded as bounded_lines; without line
+    ends and a byte-order mark (Windows editors write one; it is not part of the first line)."""
+    from .errors import UsageError
+
+    try:
+        stream = sys.stdin.buffer if source == "-" else open(source, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {source}: {e.strerror or e}") from None
+    try:
+        lines = [line.rstrip(b"\r\n").decode("utf-8") for line in bounded_lines(stream, f"{what} {source}")]
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read {what} {source}: not UTF-8 text") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {source}: {e.strerror or e}") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")
+    return lines
+
+
 def read_list(source: str) -> Iterator[str]:
     """Paths from a --files-from file, one a line ('-' is stdin); blank lines are skipped.
 
@@ -78,7 +117,7 @@ def read_list(source: str) -> Iterator[str]:
     """
     stream = sys.stdin.buffer if source == "-" else open(source, "rb")
     try:
-        for n, line in enumerate(stream):
+        for n, line in enumerate(bounded_lines(stream, f"--files-from {source}")):
             line = line.rstrip(b"\r\n")
             if n == 0:
                 line = line.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first name

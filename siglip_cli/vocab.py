@@ -65,13 +65,9 @@ def parse_vocab(lines, source: str, allow_thresholds: bool = True, comments: boo
 
 def read_vocab(path: str, allow_thresholds: bool = True) -> Vocab:
     """Parse a vocabulary (or label) file; an unreadable or empty one is a usage error (exit 2)."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first tag
-            return parse_vocab(f.readlines(), path, allow_thresholds)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"cannot read {path}: not UTF-8 text") from None
+    from .sources import text_lines
+
+    return parse_vocab(text_lines(path, "the vocabulary"), path, allow_thresholds)
 
 
 def check_templates(templates: tuple[str, ...]) -> tuple[str, ...]:

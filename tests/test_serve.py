@@ -276,9 +276,11 @@ def test_limits(server):
     assert server.post("/txt/embed", {"input": ["x"] * 17}).status_code == 422
     assert server.post("/txt/embed", {"nothing": 1}).status_code == 422
     assert server.post("/txt/embed", {"input": [1, 2]}).json()["error"]["index"] == 0
-    big = httpx.post(server.url + "/img/embed", content=b'{"input": "' + b"A" * (2 << 20) + b'"}', timeout=30)
+    JSON = {"Content-Type": "application/json"}
+    big = httpx.post(server.url + "/img/embed", content=b'{"input": "' + b"A" * (2 << 20) + b'"}', timeout=30,
+                     headers=JSON)
     assert big.status_code == 413
-    assert httpx.post(server.url + "/txt/embed", content=b"{not json", timeout=10).status_code == 400
+    assert httpx.post(server.url + "/txt/embed", content=b"{not json", timeout=10, headers=JSON).status_code == 400
     assert server.post("/tag", {"input": b64(jpeg()), "threshold": 2}).status_code == 422
     assert server.get("/health").json() == {"status": "ok"}
     # a text that is not valid Unicode (a lone surrogate, as JSON allows): a 422 naming it, on every route that
@@ -287,7 +289,7 @@ def test_limits(server):
     for route, body in (("/txt/embed", b'{"input": ["fine", %s]}' % lone),
                         ("/v1/embeddings", b'{"input": ["fine", %s]}' % lone),
                         ("/classify", b'{"input": "%s", "labels": ["a", %s]}' % (b64(jpeg()).encode(), lone))):
-        bad = httpx.post(server.url + route, content=body, timeout=30)
+        bad = httpx.post(server.url + route, content=body, timeout=30, headers=JSON)
         assert bad.status_code == 422 and "not valid Unicode" in bad.json()["error"]["message"], (route, bad.text)
     assert server.post("/txt/embed", {"input": ["fine"]}).status_code == 200
     # labels count against --max-items, as texts do (a 429 "busy" answered more, which no retry would cure)
