@@ -137,11 +137,9 @@ def open_image(f, size: int, max_pixels: int) -> Image.Image:
     im = Image.open(f)
     width, height = im.size
     if width * height > max_pixels:
-        im.close()
         raise Refused(f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
                       f"{RAISE_LIMIT}", width, height)
     if size > most_bytes(width, height):
-        im.close()
         raise Refused(f"not an image, or a format Pillow cannot read: the file is {size:,} bytes, more than a "
                       f"{width}x{height} image can take", width, height)
     return im
@@ -163,15 +161,22 @@ def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
     if st.st_size == 0:
         return Decoded(record, error="empty file (0 bytes)")
     with open(record.path, "rb") as f:
-        return _pixels(record, f, st.st_size, spec)
+        try:
+            open_image(f, st.st_size, spec.max_pixels)  # the header alone, before anything is read whole
+        except Refused as e:
+            over = str(e).endswith(RAISE_LIMIT)  # the bytes are the image's: hashed, so --rehash sees a change
+            return Decoded(record, _sha256(f) if over else None, e.width, e.height, error=str(e))
+        f.seek(0)
+        data = f.read()
+    return _pixels(record, data, spec)
 
 
-def _pixels(record: FileRecord, f, size: int, spec: ImageSpec) -> Decoded:
+def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
+    sha = hashlib.sha256(data).hexdigest()  # for --rehash on later runs
     try:
-        im = open_image(f, size, spec.max_pixels)
+        im = open_image(io.BytesIO(data), len(data), spec.max_pixels)
     except Refused as e:
-        over = str(e).endswith(RAISE_LIMIT)  # the bytes are the image's: hashed, so --rehash sees a change
-        return Decoded(record, _sha256(f) if over else None, e.width, e.height, error=str(e))
+        return Decoded(record, sha, e.width, e.height, error=str(e))
     with im:
         width, height = im.size
         if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by a quarter
@@ -186,7 +191,6 @@ def _pixels(record: FileRecord, f, size: int, spec: ImageSpec) -> Decoded:
             im.draft(None, (max(th, tw), max(th, tw)))
         im.load()
         rgb = to_rgb(ImageOps.exif_transpose(im))
-    sha = _sha256(f)
     if spec.naflex:
         pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
         p = spec.patch_size
@@ -245,7 +249,7 @@ def decode(record: FileRecord, spec: ImageSpec, data: bytes | None = None) -> De
     if record.error:
         return Decoded(record, error=record.error)
     try:
-        return _load(record, spec) if data is None else _pixels(record, io.BytesIO(data), len(data), spec)
+        return _load(record, spec) if data is None else _pixels(record, data, spec)
     except UnidentifiedImageError:
         if record.path.lower().endswith((".heic", ".heif")) and not HEIF:
             return Decoded(record, error=NEEDS_HEIF)

@@ -146,7 +146,8 @@ def test_bad_usage_exits_2(cli, args, message, library):
 
 
 def test_missing_model_is_one_line_and_exit_1(library, tmp_path):
-    result = run_siglip("embed", library / "a.png", "-o", tmp_path / "o.parquet", "-m", tmp_path / "no-such-model")
+    """A Hub id that cannot be had (offline, not cached); a local folder that is not there is its own test."""
+    result = run_siglip("embed", library / "a.png", "-o", tmp_path / "o.parquet", "-m", "nobody/no-such-model")
     assert result.returncode == 1
     assert result.stderr.startswith("siglip: error: cannot load model")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -315,7 +315,7 @@ def test_queue_deadline_and_token(fixed_ckpt):
         # a client that goes away: its item leaves the queue before it runs
         body = b'{"input": "gone"}'
         with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
+            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             time.sleep(0.1)
         time.sleep(0.3)
@@ -325,7 +325,7 @@ def test_queue_deadline_and_token(fixed_ckpt):
         assert 'siglip_items_total{kind="text"} 1' in metrics  # the startup canary's only: neither ran
         # --timeout counts the body's arrival: a client that sends half and waits is answered 504 in time
         with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
+            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
             sock.settimeout(10)
             assert sock.recv(4096).startswith(b"HTTP/1.1 504")
