@@ -33,14 +33,36 @@ def checkpoint(folder: Path, arch: str) -> Path:
     hidden, mlp, layers, heads, patch, size = ARCHS[arch]
     torch.manual_seed(0)
     config = SiglipConfig(
-        vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                           num_attention_heads=heads, patch_size=patch, image_size=size),
-        text_config=dict(vocab_size=512, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1,
-                         num_attention_heads=heads, max_position_embeddings=64, projection_size=hidden))
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            patch_size=patch,
+            image_size=size,
+        ),
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            max_position_embeddings=64,
+            projection_size=hidden,
+        ),
+    )
     SiglipModel(config).save_pretrained(folder)
-    processor = dict(image_processor_type="SiglipImageProcessor", do_resize=True, do_rescale=True,
-                     do_normalize=True, size={"height": size, "width": size}, resample=2,
-                     rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = dict(
+        image_processor_type="SiglipImageProcessor",
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        size={"height": size, "width": size},
+        resample=2,
+        rescale_factor=1 / 255,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     Path(folder, "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
 
@@ -58,8 +80,9 @@ def photos(folder: Path, copies: int) -> Path:
 def embed(args: list[str], out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", *args, "-o", str(out)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "siglip_cli", "embed", *args, "-o", str(out)], capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         sys.exit(done.stderr)
@@ -86,15 +109,21 @@ def main() -> None:
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the cluster and its driver (the run) alike
     env = dict(os.environ)
     ray = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"], env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [ray, "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     try:
         print("--ray auto (a Ray already running):")
         running = embed(common + ["--ray", "auto"], a.work / "ray-auto")
     finally:
         subprocess.run([ray, "stop"], env=env, capture_output=True)
-    print(f"images/s: local {local:.2f}, --ray local {fresh:.2f} ({fresh / local:.2f} of local), "
-          f"--ray auto {running:.2f} ({running / local:.2f} of local)")
+    print(
+        f"images/s: local {local:.2f}, --ray local {fresh:.2f} ({fresh / local:.2f} of local), "
+        f"--ray auto {running:.2f} ({running / local:.2f} of local)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ import contextlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import statistics
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -50,43 +49,94 @@ def checkpoint(folder: str, dim: int) -> str:
     tok = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True, padding_side="right")
     torch.manual_seed(0)
     config = SiglipConfig(
-        text_config=dict(vocab_size=256_000, hidden_size=dim, intermediate_size=4304, num_hidden_layers=27,
-                         num_attention_heads=16, max_position_embeddings=64, projection_size=dim,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
-        vision_config=dict(hidden_size=dim, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
-                           image_size=64, patch_size=16))
+        text_config=dict(
+            vocab_size=256_000,
+            hidden_size=dim,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            max_position_embeddings=64,
+            projection_size=dim,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=dim,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=16,
+            image_size=64,
+            patch_size=16,
+        ),
+    )
     SiglipModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    processor = dict(image_processor_type="SiglipImageProcessor", do_resize=True, do_rescale=True,
-                     do_normalize=True, size={"height": 64, "width": 64}, resample=2,
-                     rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = dict(
+        image_processor_type="SiglipImageProcessor",
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        size={"height": 64, "width": 64},
+        resample=2,
+        rescale_factor=1 / 255,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     Path(folder, "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
 
 
 def make(path: str, rows: int, dim: int, model: str) -> None:
     rng = np.random.default_rng(0)
-    meta = {"tool": "siglip", "model": model, "dim": dim, "dtype": "float32", "logit_scale": 10.0,
-            "logit_bias": -10.0, "task": "embed", "embedding_dtype": "float16", "signature": None}
-    schema = pa.schema([("path", pa.string()), ("status", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                        ("size", pa.int64()), ("embedding", pa.list_(pa.float16(), dim))],
-                       metadata={b"siglip": json.dumps(meta).encode()})
+    meta = {
+        "tool": "siglip",
+        "model": model,
+        "dim": dim,
+        "dtype": "float32",
+        "logit_scale": 10.0,
+        "logit_bias": -10.0,
+        "task": "embed",
+        "embedding_dtype": "float16",
+        "signature": None,
+    }
+    schema = pa.schema(
+        [
+            ("path", pa.string()),
+            ("status", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("size", pa.int64()),
+            ("embedding", pa.list_(pa.float16(), dim)),
+        ],
+        metadata={b"siglip": json.dumps(meta).encode()},
+    )
     with pq.ParquetWriter(path, schema, use_dictionary=dictionary_columns(schema)) as w:  # as siglip writes
         for start in range(0, rows, 50_000):
             n = min(50_000, rows - start)
             v = rng.standard_normal((n, dim), dtype=np.float32)
             v /= np.linalg.norm(v, axis=1, keepdims=True)
             emb = pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float16).ravel()), dim)
-            w.write_table(pa.table({"path": [f"/photos/{i:08d}.jpg" for i in range(start, start + n)],
-                                    "status": ["ok"] * n, "width": pa.array([4000] * n, pa.int32()),
-                                    "height": pa.array([3000] * n, pa.int32()), "size": [3_000_000] * n,
-                                    "embedding": emb}, schema=schema))
+            w.write_table(
+                pa.table(
+                    {
+                        "path": [f"/photos/{i:08d}.jpg" for i in range(start, start + n)],
+                        "status": ["ok"] * n,
+                        "width": pa.array([4000] * n, pa.int32()),
+                        "height": pa.array([3000] * n, pa.int32()),
+                        "size": [3_000_000] * n,
+                        "embedding": emb,
+                    },
+                    schema=schema,
+                )
+            )
 
 
 def timed(args: list[str]) -> tuple[float, float]:
     t = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "siglip_cli", *args],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-m", "siglip_cli", *args], capture_output=True, text=True
+    )
     took = time.perf_counter() - t
     if out.returncode:
         raise SystemExit(out.stderr)
@@ -128,8 +178,11 @@ def serving(model: str, extra: list[str]):
     """A `siglip serve` of the model on the CPU, ready; its URL and process id."""
     port = 8765
     t = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "siglip_cli", "serve", "-m", model, "--port", str(port),
-                               "--device", "cpu", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "siglip_cli", "serve", "-m", model, "--port", str(port), "--device", "cpu", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):
@@ -164,9 +217,11 @@ def text(index: str, model: str, a) -> None:
             runs = [timed(query + ["--server", url]) for _ in range(12)][1:]  # the first warms the server
             server_rss = peak_memory(pid)
         took = sorted(r[0] for r in runs)
-        print(f"| text search with {label} | {a.rows:,} x {a.dim} float16 | {took[0]:.2f}-{took[-1]:.2f} s, "
-              f"median {statistics.median(took):.2f} s (11 runs) | {max(r[1] for r in runs):.2f} GB "
-              f"(the server: {server_rss:.1f} GB) |")
+        print(
+            f"| text search with {label} | {a.rows:,} x {a.dim} float16 | {took[0]:.2f}-{took[-1]:.2f} s, "
+            f"median {statistics.median(took):.2f} s (11 runs) | {max(r[1] for r in runs):.2f} GB "
+            f"(the server: {server_rss:.1f} GB) |"
+        )
     from siglip_cli.config import ModelConfig
     from siglip_cli.encoders import ovtext
     from siglip_cli.model import Encoder
@@ -178,8 +233,10 @@ def text(index: str, model: str, a) -> None:
     print(f"(converting the text tower for OpenVINO took {time.perf_counter() - t:.0f} s, once)")
     runs = [timed(query) for _ in range(5)]
     took, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
-    print(f"| text search, the text tower converted (OpenVINO, from the cache) | {a.rows:,} x {a.dim} float16 | "
-          f"{took:.2f} s | {rss:.2f} GB |")
+    print(
+        f"| text search, the text tower converted (OpenVINO, from the cache) | {a.rows:,} x {a.dim} float16 | "
+        f"{took:.2f} s | {rss:.2f} GB |"
+    )
 
 
 if __name__ == "__main__":

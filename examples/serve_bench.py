@@ -34,8 +34,15 @@ async def level(url: str, route: str, items: list, clients: int, seconds: float)
         await asyncio.gather(*(client(k, http, t + seconds) for k in range(clients)))
         took = time.monotonic() - t
     p = np.percentile(latencies, [50, 95, 99]) * 1000
-    return {"route": route, "clients": clients, "requests_s": len(latencies) / took, "errors": errors,
-            "p50_ms": p[0], "p95_ms": p[1], "p99_ms": p[2]}
+    return {
+        "route": route,
+        "clients": clients,
+        "requests_s": len(latencies) / took,
+        "errors": errors,
+        "p50_ms": p[0],
+        "p95_ms": p[1],
+        "p99_ms": p[2],
+    }
 
 
 def main() -> None:
@@ -56,8 +63,11 @@ def main() -> None:
             continue
         for clients in map(int, a.clients.split(",")):
             r = asyncio.run(level(a.url, route, items, clients, a.seconds))
-            print(f"| {route} | {clients} | {r['requests_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-                  f"{r['p99_ms']:.0f} | {r['errors']} |", flush=True)
+            print(
+                f"| {route} | {clients} | {r['requests_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+                f"{r['p99_ms']:.0f} | {r['errors']} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from .config import ARCHS, ModelConfig, RunConfig
-from .errors import RunError
 from .decode import decode_photos
+from .errors import RunError
 from .loader import chunk_size, decoded_chunks, pixel_shape
 from .model import Encoder, cpu_bf16_native, resolve_backend, resolve_device, resolve_dtype
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -45,11 +46,24 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     backend = resolve_backend(cfg, device, naflex=False)
     torch.manual_seed(0)  # the same random weights in every run: backends compare, conversions cache
     config = SiglipConfig(
-        vision_config=dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                           num_attention_heads=heads, patch_size=patch, image_size=size),
+        vision_config=dict(
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            patch_size=patch,
+            image_size=size,
+        ),
         # the text tower does not take part in image throughput: keep it minimal
-        text_config=dict(vocab_size=512, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1,
-                         num_attention_heads=heads, max_position_embeddings=64, projection_size=hidden),
+        text_config=dict(
+            vocab_size=512,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            max_position_embeddings=64,
+            projection_size=hidden,
+        ),
     )
     with torch.device(device):
         # built in float32 then cast, so that every dtype has the same weights (rounded)
@@ -61,8 +75,13 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     load = torch.float32 if backend == "openvino" else dtype
     model = model.to(load)
     # what Encoder reads of a processor: the recipe of the fixed-resolution SigLIP 2 checkpoints
-    processor = SimpleNamespace(size={"height": size, "width": size}, resample=2, image_mean=[0.5] * 3,
-                                image_std=[0.5] * 3, rescale_factor=1 / 255)
+    processor = SimpleNamespace(
+        size={"height": size, "width": size},
+        resample=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        rescale_factor=1 / 255,
+    )
     # A byte-level Gemma tokenizer: enough to embed a vocabulary when measuring `tag`.
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
     vocab.update({f"<0x{i:02X}>": 6 + i for i in range(256)})
@@ -118,8 +137,11 @@ def bench_images(cfg: RunConfig, folder: str, most: int = 512) -> tuple[list[str
         except Exception:
             bad += 1
     if not paths:
-        raise UsageError(f"no image in {', '.join(src.paths)} can be decoded"
-                         + (f" ({bad} tried)" if bad else "") + "; bench makes its own photos when given none")
+        raise UsageError(
+            f"no image in {', '.join(src.paths)} can be decoded"
+            + (f" ({bad} tried)" if bad else "")
+            + "; bench makes its own photos when given none"
+        )
     if bad:
         print(f"siglip: note: {bad} of the images given cannot be decoded; bench leaves them out", file=sys.stderr)
     return paths, False
@@ -143,9 +165,12 @@ def ceiling(encoder: Encoder, batch_size: int, seconds: float, sample: np.ndarra
         x = torch.randint(0, 256, (batch_size, *shape), dtype=torch.uint8, device=encoder.device)
     args = [x]
     if encoder.naflex:
-        side = int(encoder.spec.max_patches ** 0.5)
-        args += [torch.ones(batch_size, shape[0], dtype=torch.int32, device=encoder.device),
-                 torch.tensor([[side, shape[0] // side]] * batch_size), True]  # every patch real: no mask
+        side = int(encoder.spec.max_patches**0.5)
+        args += [
+            torch.ones(batch_size, shape[0], dtype=torch.int32, device=encoder.device),
+            torch.tensor([[side, shape[0] // side]] * batch_size),
+            True,
+        ]  # every patch real: no mask
     with encoder.on_device():
         return _timed(encoder, args, batch_size, seconds)
 
@@ -213,17 +238,30 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
             from .encoders import openvino
 
             openvino.prepare([encoder], (FileRecord(p) for p in paths), spec, batch_size)
-        top, first_call_s = ceiling(encoder, batch_size, bench.seconds, decode_photos([FileRecord(p) for p in paths[:batch_size]], spec))
+        top, first_call_s = ceiling(
+            encoder, batch_size, bench.seconds, decode_photos([FileRecord(p) for p in paths[:batch_size]], spec)
+        )
         decode = decode_rate(records, spec, cfg.workers, batch_size, cfg.timeout)
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size, head=EmbedSpec())
         e2e = end_to_end(run_cfg, encoder, records, folder)
         result = {
-            "device": _device_name(encoder.device), "model": encoder.info.name, "dtype": str(encoder.dtype)[6:],
-            "backend": encoder.backend, "quantize": encoder.quantize,
-            "compile": cfg.model.compile, "exact": cfg.exact, "batch_size": batch_size, "workers": cfg.workers,
-            "images": n, "distinct_files": len({r.path for r in records}), "generated_images": generated,
-            "load_s": round(load_s, 2), "first_call_s": round(first_call_s, 2),
-            "ceiling": _rate(top), "decode": _rate(decode), "end_to_end": _rate(e2e),
+            "device": _device_name(encoder.device),
+            "model": encoder.info.name,
+            "dtype": str(encoder.dtype)[6:],
+            "backend": encoder.backend,
+            "quantize": encoder.quantize,
+            "compile": cfg.model.compile,
+            "exact": cfg.exact,
+            "batch_size": batch_size,
+            "workers": cfg.workers,
+            "images": n,
+            "distinct_files": len({r.path for r in records}),
+            "generated_images": generated,
+            "load_s": round(load_s, 2),
+            "first_call_s": round(first_call_s, 2),
+            "ceiling": _rate(top),
+            "decode": _rate(decode),
+            "end_to_end": _rate(e2e),
             "ratio": round(e2e / top, 3),
         }
         if tag_spec is not None:
@@ -246,8 +284,10 @@ def variants(device: torch.device) -> list[tuple[str, str, str]]:
 
 @torch.inference_mode()
 def _embed(encoder: Encoder, sample: np.ndarray, batch_size: int) -> np.ndarray:
-    out = [encoder._features(torch.from_numpy(sample[i : i + batch_size]).to(encoder.device)).float().cpu()
-           for i in range(0, len(sample), batch_size)]
+    out = [
+        encoder._features(torch.from_numpy(sample[i : i + batch_size]).to(encoder.device)).float().cpu()
+        for i in range(0, len(sample), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 
@@ -299,34 +339,56 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
             out = os.path.join(folder, f"{backend}-{dtype}-{quantize}")
             os.makedirs(out)
             e2e = end_to_end(run_cfg, encoder, records, out)
-            rows.append({"backend": backend, "dtype": dtype, "quantize": quantize, "tower": _rate(top),
-                         "end_to_end": _rate(e2e), "ratio": round(e2e / top, 3),
-                         "vs_float32": round(e2e / rows[0]["end_to_end"], 2) if rows else 1.0,
-                         "min_cos": round(float(cos.min()), 6), "mean_cos": round(float(cos.mean()), 6),
-                         "first_batch_s": round(prepare_s, 1)})
+            rows.append(
+                {
+                    "backend": backend,
+                    "dtype": dtype,
+                    "quantize": quantize,
+                    "tower": _rate(top),
+                    "end_to_end": _rate(e2e),
+                    "ratio": round(e2e / top, 3),
+                    "vs_float32": round(e2e / rows[0]["end_to_end"], 2) if rows else 1.0,
+                    "min_cos": round(float(cos.min()), 6),
+                    "mean_cos": round(float(cos.mean()), 6),
+                    "first_batch_s": round(prepare_s, 1),
+                }
+            )
             if text is not None:
                 rows[-1]["top5_same"] = round(float((top5(emb, text) == ref_tags).all(axis=1).mean()), 3)
             del encoder
-    return {"device": _device_name(device), "model": f"random:{bench.arch}" if bench.arch else cfg.model.name,
-            "images": n, "photos_compared": len(sample), "distinct_files": len({r.path for r in records}),
-            "generated_images": generated,
-            "batch_size": batch_size, "workers": cfg.workers, "variants": rows}
+    return {
+        "device": _device_name(device),
+        "model": f"random:{bench.arch}" if bench.arch else cfg.model.name,
+        "images": n,
+        "photos_compared": len(sample),
+        "distinct_files": len({r.path for r in records}),
+        "generated_images": generated,
+        "batch_size": batch_size,
+        "workers": cfg.workers,
+        "variants": rows,
+    }
 
 
 def matrix_table(result: dict) -> str:
     """The backends side by side, as the README's table."""
     tags = "top5_same" in result["variants"][0]
-    lines = ["| hardware | model | backend | dtype | quantize | tower img/s | end to end img/s | vs torch float32 "
-             "| end to end / tower | min cos | mean cos |" + (" same top 5 tags |" if tags else ""),
-             "| --- " * (11 + tags) + "|"]
+    lines = [
+        "| hardware | model | backend | dtype | quantize | tower img/s | end to end img/s | vs torch float32 "
+        "| end to end / tower | min cos | mean cos |" + (" same top 5 tags |" if tags else ""),
+        "| --- " * (11 + tags) + "|",
+    ]
     for v in result["variants"]:
-        lines.append(f"| {result['device']} | {result['model']} | {v['backend']} | {v['dtype']} | {v['quantize']} "
-                     f"| {v['tower']:.3g} | {v['end_to_end']:.3g} | {v['vs_float32']:.2f}x | {v['ratio']:.2f} "
-                     f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} |" + (f" {v['top5_same']:.0%} |" if tags else ""))
-    lines.append(f"\n{result['images']:,} images end to end ({result['distinct_files']} distinct files"
-                 f"{', generated' if result['generated_images'] else ''}), cosines on {result['photos_compared']} "
-                 f"photos against torch float32 on the same pixels; batch {result['batch_size']}, "
-                 f"{result['workers']} workers")
+        lines.append(
+            f"| {result['device']} | {result['model']} | {v['backend']} | {v['dtype']} | {v['quantize']} "
+            f"| {v['tower']:.3g} | {v['end_to_end']:.3g} | {v['vs_float32']:.2f}x | {v['ratio']:.2f} "
+            f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} |" + (f" {v['top5_same']:.0%} |" if tags else "")
+        )
+    lines.append(
+        f"\n{result['images']:,} images end to end ({result['distinct_files']} distinct files"
+        f"{', generated' if result['generated_images'] else ''}), cosines on {result['photos_compared']} "
+        f"photos against torch float32 on the same pixels; batch {result['batch_size']}, "
+        f"{result['workers']} workers"
+    )
     return "\n".join(lines)
 
 
@@ -345,14 +407,19 @@ def _device_name(device: torch.device) -> str:
 def table(result: dict) -> str:
     """The result as the README's table row, with its header."""
     head = "| hardware | model | backend | dtype | quantize | compile | ceiling | decode | end to end | ratio |"
-    row = (f"| {result['device']} | {result['model']} | {result['backend']} | {result['dtype']} | {result['quantize']} "
-           f"| {'yes' if result['compile'] else 'no'} "
-           f"| {result['ceiling']:.3g} | {result['decode']:.3g} | {result['end_to_end']:.3g} | {result['ratio']:.2f} |")
+    row = (
+        f"| {result['device']} | {result['model']} | {result['backend']} | {result['dtype']} | {result['quantize']} "
+        f"| {'yes' if result['compile'] else 'no'} "
+        f"| {result['ceiling']:.3g} | {result['decode']:.3g} | {result['end_to_end']:.3g} | {result['ratio']:.2f} |"
+    )
     lines = [head, "| --- " * 10 + "|", row]
     if "tag" in result:
-        lines.append(f"\ntag with {result['n_tags']:,} tags: {result['tag']:.3g} images/s, "
-                     f"{result['tag_vs_embed']:.0%} of embed")
-    lines.append(f"\n{result['images']:,} images ({result['distinct_files']} distinct files"
-                 f"{', generated' if result['generated_images'] else ''}), batch {result['batch_size']}, "
-                 f"{result['workers']} workers; model load {result['load_s']}s, first call {result['first_call_s']}s")
+        lines.append(
+            f"\ntag with {result['n_tags']:,} tags: {result['tag']:.3g} images/s, {result['tag_vs_embed']:.0%} of embed"
+        )
+    lines.append(
+        f"\n{result['images']:,} images ({result['distinct_files']} distinct files"
+        f"{', generated' if result['generated_images'] else ''}), batch {result['batch_size']}, "
+        f"{result['workers']} workers; model load {result['load_s']}s, first call {result['first_call_s']}s"
+    )
     return "\n".join(lines)

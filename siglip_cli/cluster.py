@@ -53,8 +53,10 @@ def connect(address: str):
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise RunError(f"cannot connect to Ray at {address!r}: {str(e).strip().splitlines()[0]} "
-                           "(--ray local starts one here; --ray auto finds the one `ray start` made)") from None
+            raise RunError(
+                f"cannot connect to Ray at {address!r}: {str(e).strip().splitlines()[0]} "
+                "(--ray local starts one here; --ray auto finds the one `ray start` made)"
+            ) from None
     for name in ("ray.data", "ray"):
         logging.getLogger(name).setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
@@ -74,8 +76,10 @@ def prepare(cfg: RunConfig) -> RunConfig:
     from .model import resolve_devices, resolve_dtype
 
     if cfg.model.device not in ("auto", "cpu", "cuda"):
-        raise RunError(f"--ray places each encoder on a GPU of its own, or on a CPU: give --device auto, cuda or "
-                       f"cpu, not {cfg.model.device}")
+        raise RunError(
+            f"--ray places each encoder on a GPU of its own, or on a CPU: give --device auto, cuda or "
+            f"cpu, not {cfg.model.device}"
+        )
     local = cfg.ray == "local"  # no Ray is started for a run that turns out to have nothing to do
     if cfg.model.device == "cpu":
         gpus = 0.0
@@ -115,12 +119,14 @@ def _tables(records: Iterable[FileRecord], size: int = 4096) -> Iterator[pa.Tabl
     chunk: list[FileRecord] = []
 
     def table() -> pa.Table:
-        return pa.table({
-            "path": pa.array([os.fsencode(r.path) for r in chunk], pa.binary()),
-            "size": pa.array([r.size for r in chunk], pa.int64()),
-            "mtime_ns": pa.array([r.mtime_ns for r in chunk], pa.int64()),
-            "error": pa.array([_utf8(r.error) for r in chunk], pa.string()),
-        })
+        return pa.table(
+            {
+                "path": pa.array([os.fsencode(r.path) for r in chunk], pa.binary()),
+                "size": pa.array([r.size for r in chunk], pa.int64()),
+                "mtime_ns": pa.array([r.mtime_ns for r in chunk], pa.int64()),
+                "error": pa.array([_utf8(r.error) for r in chunk], pa.string()),
+            }
+        )
 
     for r in records:
         chunk.append(r)
@@ -140,8 +146,10 @@ def blocks(tables: list[pa.Table], cpus: int) -> list[pa.Table]:
 
 
 def _records(table: pa.Table) -> list[FileRecord]:
-    return [FileRecord(os.fsdecode(p), s, m, e) for p, s, m, e in zip(
-        *(table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "error")))]
+    return [
+        FileRecord(os.fsdecode(p), s, m, e)
+        for p, s, m, e in zip(*(table.column(c).to_pylist() for c in ("path", "size", "mtime_ns", "error")))
+    ]
 
 
 _KEPT: dict = {}  # this Ray worker's decode process, kept from one task to the next (loader.decoded_chunks)
@@ -210,8 +218,12 @@ class EncodeActor:
         from .pipeline import finite, launch
         from .sink import image_rows
 
-        items = [Decoded(r, sha, w, h, None, tuple(g), r.error) for r, sha, w, h, g in zip(
-            _records(table), *(table.column(c).to_pylist() for c in ("sha256", "width", "height", "grid")))]
+        items = [
+            Decoded(r, sha, w, h, None, tuple(g), r.error)
+            for r, sha, w, h, g in zip(
+                _records(table), *(table.column(c).to_pylist() for c in ("sha256", "width", "height", "grid"))
+            )
+        ]
         ok = [i for i, d in enumerate(items) if d.error is None]
         payload = {}
         if ok:
@@ -258,16 +270,24 @@ def process(cfg: RunConfig, store, records, progress) -> None:
     batch_size = cfg.batch_size or default_batch_size(device)
     ds = ray.data.from_arrow(blocks(tables, int(ray.cluster_resources().get("CPU", 1))))
     del tables
-    ds = ds.map_batches(decode_block, fn_kwargs={"spec": spec, "timeout": cfg.timeout}, batch_format="pyarrow",
-                        batch_size=None, num_cpus=1)
+    ds = ds.map_batches(
+        decode_block,
+        fn_kwargs={"spec": spec, "timeout": cfg.timeout},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=1,
+    )
     # An encoder actor asks for less than a whole CPU: Ray then keeps decoding and encoding apart (it would fuse
     # two stages with the same resources into one actor) and leaves the decode tasks every core. A CPU actor's
     # torch uses all the node's cores anyway.
     ds = ds.map_batches(
-        EncodeActor, fn_constructor_kwargs={"cfg": cfg, "signature": store.signature if store else None,
-                                            "batch_size": batch_size},
-        batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.ray_actors),
-        num_gpus=1 if device.type == "cuda" else 0, num_cpus=0.5,
+        EncodeActor,
+        fn_constructor_kwargs={"cfg": cfg, "signature": store.signature if store else None, "batch_size": batch_size},
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.ray_actors),
+        num_gpus=1 if device.type == "cuda" else 0,
+        num_cpus=0.5,
     )
     sink, schema = None, None
     progress.begin()

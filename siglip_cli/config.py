@@ -70,7 +70,10 @@ def cgroup_cpu_limit(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgrou
                 folder = os.path.join(base, *parts[:depth])
                 try:
                     if controllers:
-                        with open(os.path.join(folder, "cpu.cfs_quota_us")) as q, open(os.path.join(folder, "cpu.cfs_period_us")) as p:
+                        with (
+                            open(os.path.join(folder, "cpu.cfs_quota_us")) as q,
+                            open(os.path.join(folder, "cpu.cfs_period_us")) as p,
+                        ):
                             quota, period = int(q.read()), int(p.read())
                     else:
                         with open(os.path.join(folder, "cpu.max")) as m:

@@ -35,12 +35,23 @@ UNREADABLE = "permission denied: make the file readable by this user"
 RAISE_LIMIT = "raise --max-pixels to read it"
 READ_ERROR = "cannot read the file: "
 VANISHED = "file disappeared before it could be read"
-STALLED = "reading or decoding took over {:g}s (a stalled disk or network mount?); raise --timeout if the file is just huge"
+STALLED = (
+    "reading or decoding took over {:g}s (a stalled disk or network mount?); raise --timeout if the file is just huge"
+)
 OUT_OF_MEMORY = "out of memory while decoding; lower --max-pixels or --workers, and rerun with --retry-errors"
 # Errors of a file's own bytes: the same bytes fail the same way, so a file that has not changed is not tried again.
 # (Out of memory is of the run's settings; --retry-errors is the way to try again.)
-LASTING = ("empty file", "not a regular file", "not an image", "corrupt or truncated image", "the decoder crashed",
-           "cannot decode", "cannot record", "the model gave", OUT_OF_MEMORY.split(";")[0])
+LASTING = (
+    "empty file",
+    "not a regular file",
+    "not an image",
+    "corrupt or truncated image",
+    "the decoder crashed",
+    "cannot decode",
+    "cannot record",
+    "the model gave",
+    OUT_OF_MEMORY.split(";")[0],
+)
 
 # Smaller photos decode fast at full size, so they always take the exact path.
 DRAFT_MIN_PIXELS = 4_000_000
@@ -101,7 +112,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in HIGH_BIT_DEPTH:
         a = np.asarray(image, dtype=np.float32)
         peak = float(a.max()) if a.size else 0.0
-        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0 if peak <= 1 and image.mode == "F" else 1.0
+        scale = (
+            255.0 / 65535.0
+            if image.mode.startswith("I;16") or peak > 255
+            else 255.0
+            if peak <= 1 and image.mode == "F"
+            else 1.0
+        )
         image = Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8), "L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -137,11 +154,18 @@ def open_image(f, size: int, max_pixels: int) -> Image.Image:
     im = Image.open(f)
     width, height = im.size
     if width * height > max_pixels:
-        raise Refused(f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
-                      f"{RAISE_LIMIT}", width, height)
+        raise Refused(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; {RAISE_LIMIT}",
+            width,
+            height,
+        )
     if size > most_bytes(width, height):
-        raise Refused(f"not an image, or a format Pillow cannot read: the file is {size:,} bytes, more than a "
-                      f"{width}x{height} image can take", width, height)
+        raise Refused(
+            f"not an image, or a format Pillow cannot read: the file is {size:,} bytes, more than a "
+            f"{width}x{height} image can take",
+            width,
+            height,
+        )
     return im
 
 

@@ -11,8 +11,19 @@ import sys
 
 from . import __version__
 
-PACKAGES = ("torch", "transformers", "huggingface-hub", "tokenizers", "pillow", "pillow-heif", "pyarrow",
-            "numpy", "openvino", "nncf", "typer")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "huggingface-hub",
+    "tokenizers",
+    "pillow",
+    "pillow-heif",
+    "pyarrow",
+    "numpy",
+    "openvino",
+    "nncf",
+    "typer",
+)
 
 
 def _version(package: str) -> str | None:
@@ -61,15 +72,21 @@ def _cuda(torch) -> list[dict]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         device = torch.device("cuda", i)
-        out.append({"device": str(device), "name": p.name, "capability": f"{p.major}.{p.minor}",
-                    "memory": _gib(p.total_memory), "bf16_native": cuda_bf16_native(device)})
+        out.append(
+            {
+                "device": str(device),
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "memory": _gib(p.total_memory),
+                "bf16_native": cuda_bf16_native(device),
+            }
+        )
     return out
 
 
 def report(model: str) -> dict:
     """Everything doctor shows, as plain data (--json prints it as it is)."""
     import torch
-
     from huggingface_hub import constants, try_to_load_from_cache
 
     from .config import ModelConfig, cgroup_cpu_limit, default_workers, usable_cpus
@@ -83,7 +100,9 @@ def report(model: str) -> dict:
     # NaFlex checkpoints run on torch whatever auto would pick: known from the config where it is here (a doctor
     # downloads nothing), else from the name
     try:
-        config = os.path.join(model, "config.json") if os.path.isdir(model) else try_to_load_from_cache(model, "config.json")
+        config = (
+            os.path.join(model, "config.json") if os.path.isdir(model) else try_to_load_from_cache(model, "config.json")
+        )
         with open(config, encoding="utf-8") as f:
             naflex = json.load(f).get("model_type") == "siglip2"
     except Exception:  # noqa: BLE001 - a report, not a run
@@ -101,26 +120,46 @@ def report(model: str) -> dict:
     else:
         try:
             found = try_to_load_from_cache(model, "config.json")
-            cached = f"in the Hub cache ({found.split(os.sep)[-2][:12]})" if isinstance(found, str) else \
-                "not in the Hub cache: the first run downloads it"
+            cached = (
+                f"in the Hub cache ({found.split(os.sep)[-2][:12]})"
+                if isinstance(found, str)
+                else "not in the Hub cache: the first run downloads it"
+            )
         except ValueError:
             cached = "not a Hub id or a folder"
     mkl = torch.backends.mkldnn.is_available()
     return {
-        "siglip": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "siglip": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
         "packages": {p: v for p in PACKAGES if (v := _version(p))},
-        "torch_cuda": torch.version.cuda, "torch_hip": torch.version.hip,
-        "cpu": {"name": _cpu_name(), "usable": usable_cpus(), "cores": os.cpu_count(), "cgroup_limit": cgroup_cpu_limit(),
-                "bf16_native": cpu_bf16_native(), "int8_native": openvino.int8_native(),
-                "capability": torch.backends.cpu.get_cpu_capability(), "onednn": mkl},
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": torch.version.hip,
+        "cpu": {
+            "name": _cpu_name(),
+            "usable": usable_cpus(),
+            "cores": os.cpu_count(),
+            "cgroup_limit": cgroup_cpu_limit(),
+            "bf16_native": cpu_bf16_native(),
+            "int8_native": openvino.int8_native(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn": mkl,
+        },
         "cuda": _cuda(torch),
         "mps": bool(torch.backends.mps.is_available()),
-        "auto": {"devices": [str(d) for d in devices], "dtype": str(resolve_dtype("auto", devices))[6:],
-                 "backend": backend, "batch_size": default_batch_size(devices[0]), "workers": default_workers(),
-                 "openvino_installed": openvino.available()},
+        "auto": {
+            "devices": [str(d) for d in devices],
+            "dtype": str(resolve_dtype("auto", devices))[6:],
+            "backend": backend,
+            "batch_size": default_batch_size(devices[0]),
+            "workers": default_workers(),
+            "openvino_installed": openvino.available(),
+        },
         "shared_memory": {"path": SHM_DIR, "free": _gib(shm.free), "total": _gib(shm.total)} if shm else None,
-        "caches": {"siglip": {"path": cache_dir(), "size": _gib(_size(cache_dir()))},
-                   "huggingface_hub": {"path": hub, "size": _gib(_size(hub))}},
+        "caches": {
+            "siglip": {"path": cache_dir(), "size": _gib(_size(cache_dir()))},
+            "huggingface_hub": {"path": hub, "size": _gib(_size(hub))},
+        },
         "model": {"name": model, "status": cached, "offline": bool(constants.HF_HUB_OFFLINE)},
     }
 
@@ -139,13 +178,17 @@ def text(r: dict) -> str:
     ]
     if r["cuda"]:
         for g in r["cuda"]:
-            lines.append(f"{g['device']}: {g['name']}, compute capability {g['capability']}, {g['memory']}, "
-                         f"native bfloat16: {'yes' if g['bf16_native'] else 'no (float16)'}")
+            lines.append(
+                f"{g['device']}: {g['name']}, compute capability {g['capability']}, {g['memory']}, "
+                f"native bfloat16: {'yes' if g['bf16_native'] else 'no (float16)'}"
+            )
     else:
         lines.append("cuda: not available")
     lines.append(f"mps: {'available' if r['mps'] else 'not available'}")
-    lines.append(f"auto picks: --device {','.join(auto['devices'])} --dtype {auto['dtype']} --backend {auto['backend']} "
-                 f"--batch-size {auto['batch_size']} --workers {auto['workers']}")
+    lines.append(
+        f"auto picks: --device {','.join(auto['devices'])} --dtype {auto['dtype']} --backend {auto['backend']} "
+        f"--batch-size {auto['batch_size']} --workers {auto['workers']}"
+    )
     if r["shared_memory"]:
         s = r["shared_memory"]
         lines.append(f"shared memory: {s['path']}, {s['free']} free of {s['total']}")

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from . import worker
-from .decode import STALLED, Decoded, ImageSpec, decode
 from .compat import pool_processes
+from .decode import STALLED, Decoded, ImageSpec, decode
 from .errors import RunError
 from .sources import FileRecord
 from .worker import pixel_shape
@@ -75,8 +75,11 @@ def reap_stale_blocks(min_age: float = 60.0) -> int:
     """
     reaped = 0
     try:
-        names = [(n, int(m.group(1))) for n in os.listdir(SHM_DIR)
-                 if (m := re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+", n))]
+        names = [
+            (n, int(m.group(1)))
+            for n in os.listdir(SHM_DIR)
+            if (m := re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+", n))
+        ]
     except OSError:
         return 0
     for name, pid in names:
@@ -169,8 +172,9 @@ class _Pool:
         self._start()
 
     def _start(self) -> None:
-        self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=self.ctx,
-                                            initializer=worker.init, initargs=(self.board, os.getpid()))
+        self.executor = ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=self.ctx, initializer=worker.init, initargs=(self.board, os.getpid())
+        )
 
     def submit(self, *args):
         return self.executor.submit(worker.decode_into, *args)
@@ -201,8 +205,11 @@ def _chunks(records: Iterable[FileRecord], size: int) -> Iterator[list[FileRecor
 
 
 def _crashed(rec: FileRecord) -> Decoded:
-    return Decoded(rec, error="the decoder crashed on this file (its worker process died when decoding it alone); "
-                              "the file is probably corrupt")
+    return Decoded(
+        rec,
+        error="the decoder crashed on this file (its worker process died when decoding it alone); "
+        "the file is probably corrupt",
+    )
 
 
 def _stalled(rec: FileRecord, timeout: float) -> Decoded:
@@ -239,7 +246,9 @@ class _Decoder:
         c.future = None
         if c.rows:
             try:
-                c.future = self.pool.submit([c.records[i] for i in c.rows], c.rows, self.spec, c.slot and c.slot.name, c.lane)
+                c.future = self.pool.submit(
+                    [c.records[i] for i in c.rows], c.rows, self.spec, c.slot and c.slot.name, c.lane
+                )
             except (BrokenProcessPool, RuntimeError) as e:  # a worker died since the last look: recovered as any crash
                 c.future = Future()
                 c.future.set_exception(BrokenProcessPool(str(e)))
@@ -259,8 +268,10 @@ class _Decoder:
         try:
             self.pool.submit([], [], self.spec, None, -1).result(timeout=max(60.0, self.timeout))
         except Exception as e:
-            raise RunError(f"decode worker processes die before decoding anything ({type(e).__name__}); "
-                           "free some memory, or decode in the main process with -j 0") from None
+            raise RunError(
+                f"decode worker processes die before decoding anything ({type(e).__name__}); "
+                "free some memory, or decode in the main process with -j 0"
+            ) from None
 
     def alone(self, rec: FileRecord) -> Decoded:
         """Decode one file by itself in a fresh worker, pixels by pipe: the test of whether the file is to blame."""
@@ -302,8 +313,10 @@ class _Decoder:
     def _recover(self, inflight: list[_Chunk], suspects: list[tuple[_Chunk, int]]) -> None:
         self.fruitless += 1
         if self.fruitless > self.MAX_FRUITLESS:
-            raise RunError("decode worker processes keep dying without finishing a file; "
-                           "free some memory, or decode in the main process with -j 0")
+            raise RunError(
+                "decode worker processes keep dying without finishing a file; "
+                "free some memory, or decode in the main process with -j 0"
+            )
         self._fresh()
         for c, row in suspects:
             if row not in c.settled:
@@ -313,7 +326,11 @@ class _Decoder:
 
 
 def decoded_chunks(
-    records: Iterable[FileRecord], spec: ImageSpec, workers: int, chunk: int, timeout: float = 60.0,
+    records: Iterable[FileRecord],
+    spec: ImageSpec,
+    workers: int,
+    chunk: int,
+    timeout: float = 60.0,
     keep: dict | None = None,
 ) -> Iterator[list[Decoded]]:
     """Decoded files in input order, a chunk at a time, with at most 2*workers chunks in flight.
@@ -337,8 +354,11 @@ def decoded_chunks(
             reap_stale_blocks()
             chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
             if blocks is None:
-                print(f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
-                      "(slower; give the container more, e.g. docker run --shm-size=1g)", file=sys.stderr)
+                print(
+                    f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
+                    "(slower; give the container more, e.g. docker run --shm-size=1g)",
+                    file=sys.stderr,
+                )
         window = len(blocks) if blocks else 2 * workers
         if pool is None:
             board = multiprocessing.get_context("spawn").RawArray("d", window * worker.LANE)
@@ -393,7 +413,11 @@ def _close(keep: dict | None) -> None:
 
 
 def batches(
-    records: Iterable[FileRecord], spec: ImageSpec, batch_size: int, workers: int, pin: bool = False,
+    records: Iterable[FileRecord],
+    spec: ImageSpec,
+    batch_size: int,
+    workers: int,
+    pin: bool = False,
     timeout: float = 60.0,
 ) -> Iterator[Batch]:
     """The whole input as batches of batch_size files, in order, decoded in parallel.

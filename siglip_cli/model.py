@@ -127,12 +127,16 @@ def resolve_backend(cfg: ModelConfig, device: torch.device, naflex: bool) -> str
             raise RunError(f"--backend openvino runs on the CPU, not {device.type}; use --device cpu")
         if naflex:
             if cfg.backend == "openvino" or cfg.quantize != "none":
-                print("siglip: note: NaFlex checkpoints (variable patch grids) run on torch, not OpenVINO",
-                      file=sys.stderr)
+                print(
+                    "siglip: note: NaFlex checkpoints (variable patch grids) run on torch, not OpenVINO",
+                    file=sys.stderr,
+                )
             want = "torch"
     if cfg.quantize != "none" and want != "openvino":
-        raise RunError(f"--quantize {cfg.quantize} needs the OpenVINO backend on a CPU "
-                       "(pip install 'siglip-cli[openvino]', --device cpu) and a fixed-resolution checkpoint")
+        raise RunError(
+            f"--quantize {cfg.quantize} needs the OpenVINO backend on a CPU "
+            "(pip install 'siglip-cli[openvino]', --device cpu) and a fixed-resolution checkpoint"
+        )
     return want
 
 
@@ -176,7 +180,9 @@ def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
     resample = Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BILINEAR)))
     if naflex:
         return ImageSpec(
-            naflex=True, resample=resample, patch_size=int(processor.patch_size),
+            naflex=True,
+            resample=resample,
+            patch_size=int(processor.patch_size),
             max_patches=int(max_patches or processor.max_num_patches),
         )
     size = processor.size
@@ -268,15 +274,22 @@ def _cannot_load(name: str, error: BaseException, what: str = "") -> str:
         return folder
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
     text = str(error)
-    missing = [p for p in ("sentencepiece", "protobuf") if p in text.lower() and ("install" in text.lower()
-               or isinstance(error, ImportError))]
+    missing = [
+        p
+        for p in ("sentencepiece", "protobuf")
+        if p in text.lower() and ("install" in text.lower() or isinstance(error, ImportError))
+    ]
     if what == "the tokenizer of " and not missing and _unimportable("sentencepiece"):
         missing = ["sentencepiece"]
     if missing:
-        return (f"cannot load {what}{name!r}: it needs the {' and '.join(missing)} package(s), which are missing "
-                f"here; pip install {' '.join(missing)} (or reinstall siglip-cli, which depends on them)")
-    return (f"cannot load {what}{name!r}: {first} (give a Hub id such as google/siglip2-so400m-patch14-384, or a "
-            "folder saved with save_pretrained)")
+        return (
+            f"cannot load {what}{name!r}: it needs the {' and '.join(missing)} package(s), which are missing "
+            f"here; pip install {' '.join(missing)} (or reinstall siglip-cli, which depends on them)"
+        )
+    return (
+        f"cannot load {what}{name!r}: {first} (give a Hub id such as google/siglip2-so400m-patch14-384, or a "
+        "folder saved with save_pretrained)"
+    )
 
 
 class _Features(torch.nn.Module):
@@ -293,8 +306,17 @@ class _Features(torch.nn.Module):
 class Encoder:
     """A checkpoint on its device: L2-normalized image and text embeddings, and the logit scale and bias."""
 
-    def __init__(self, model, processor, tokenizer, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                 scalars: dict[str, float] | None = None, config=None):
+    def __init__(
+        self,
+        model,
+        processor,
+        tokenizer,
+        cfg: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        scalars: dict[str, float] | None = None,
+        config=None,
+    ):
         """model: a whole SiglipModel / Siglip2Model, or only its vision tower (then `config` is the checkpoint's
         whole config, `scalars` hold the logit scale and bias, and the text tower and the tokenizer are loaded
         from cfg's checkpoint the first time texts are encoded)."""
@@ -309,7 +331,9 @@ class Encoder:
         self.naflex = self.config.model_type == "siglip2"
         self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
         # --max-patches as an output records it (see weights.patches_setting): None for the checkpoint's own
-        self.patches = self.spec.max_patches if self.naflex and self.spec.max_patches != processor.max_num_patches else None
+        self.patches = (
+            self.spec.max_patches if self.naflex and self.spec.max_patches != processor.max_num_patches else None
+        )
         scale = float(getattr(processor, "rescale_factor", 1 / 255))
         mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
         std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)
@@ -324,12 +348,18 @@ class Encoder:
         text_length = int(getattr(self.config.text_config, "max_position_embeddings", TEXT_LENGTH))
         architecture = (getattr(self.config, "architectures", None) or [type(model).__name__])[0]
         self.info = ModelInfo(
-            name=cfg.name, revision=cfg.revision, commit=cfg.commit or cached_commit(cfg.name, cfg.revision),
-            architecture=architecture, dim=int(self.config.vision_config.hidden_size), text_length=text_length,
+            name=cfg.name,
+            revision=cfg.revision,
+            commit=cfg.commit or cached_commit(cfg.name, cfg.revision),
+            architecture=architecture,
+            dim=int(self.config.vision_config.hidden_size),
+            text_length=text_length,
             preprocessing=(
-                f"naflex patch={self.spec.patch_size} max_patches={self.spec.max_patches}" if self.naflex
+                f"naflex patch={self.spec.patch_size} max_patches={self.spec.max_patches}"
+                if self.naflex
                 else f"resize {self.spec.width}x{self.spec.height}"
-            ) + f" resample={self.spec.resample.name.lower()} mean={processor.image_mean} std={processor.image_std}",
+            )
+            + f" resample={self.spec.resample.name.lower()} mean={processor.image_mean} std={processor.image_std}",
         )
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
         self._features = self._naflex if self.naflex else self._fixed
@@ -426,8 +456,9 @@ class Encoder:
         """The checkpoint's text tower, read from its weights in dtype (on the CPU)."""
         name, revision = self._source
         try:
-            return _towers(self.config)[1].from_pretrained(name, revision=revision, dtype=dtype,
-                                                           attn_implementation="sdpa")
+            return _towers(self.config)[1].from_pretrained(
+                name, revision=revision, dtype=dtype, attn_implementation="sdpa"
+            )
         except (OSError, ValueError, KeyError, ImportError) as e:
             raise RunError(_cannot_load(name, e, "the text tower of ")) from None
 
@@ -435,8 +466,12 @@ class Encoder:
         """SigLIP's text rules: cleaned (text.clean), right-padded to the trained length, truncated, EOS kept;
         input ids."""
         tokens = self.tokenizer(
-            prepare(texts, self.text_rules), padding="max_length", max_length=self.info.text_length, truncation=True,
-            padding_side="right", return_tensors="pt",
+            prepare(texts, self.text_rules),
+            padding="max_length",
+            max_length=self.info.text_length,
+            truncation=True,
+            padding_side="right",
+            return_tensors="pt",
         )
         return tokens["input_ids"]
 
@@ -513,8 +548,10 @@ class Encoder:
         chunk = (self.chunk or batch_size) // 2
         if chunk < 1:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise RunError(f"one image does not fit in the memory of {self.device}: {first}; try --dtype "
-                           "bfloat16 or float16, a smaller --max-patches, or another --device") from None
+            raise RunError(
+                f"one image does not fit in the memory of {self.device}: {first}; try --dtype "
+                "bfloat16 or float16, a smaller --max-patches, or another --device"
+            ) from None
         self.chunk = chunk
         if self.pad_to:
             self.pad_to = chunk

@@ -20,17 +20,17 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .decode import may_work_now
-from .loader import Batch, batches
-from .model import Encoder, resolve_devices, resolve_dtype
-from .weights import patches_setting, resolve_weights
-from .progress import Progress, Summary, progress_enabled
 from .errors import RunError
-from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
 from .index import Root, Store
 from .index.store import check_parent
+from .loader import Batch, batches
+from .model import Encoder, resolve_devices, resolve_dtype
+from .progress import Progress, Summary, progress_enabled
+from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
 from .sources import is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
+from .weights import patches_setting, resolve_weights
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -54,12 +54,17 @@ def made_with(openvino: bool) -> dict[str, str]:
 
 def version_note(before: dict, now: dict) -> str | None:
     """A line for a run that continues an index whose newest rows were made under another major version."""
-    changed = [f"{k} {before[k]} -> {v}" for k, v in now.items()
-               if isinstance(before.get(k), str) and before[k].split(".")[0] != v.split(".")[0]]
+    changed = [
+        f"{k} {before[k]} -> {v}"
+        for k, v in now.items()
+        if isinstance(before.get(k), str) and before[k].split(".")[0] != v.split(".")[0]
+    ]
     if not changed:
         return None
-    return ("siglip: note: this index was made under other major versions (" + ", ".join(changed) + "); new rows "
-            "are added to it as usual (--overwrite rebuilds it under these)")
+    return (
+        "siglip: note: this index was made under other major versions (" + ", ".join(changed) + "); new rows "
+        "are added to it as usual (--overwrite rebuilds it under these)"
+    )
 
 
 def metadata(encoder: Encoder, extra: dict) -> dict:
@@ -67,13 +72,25 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
     info = encoder.info
     return {
         "versions": made_with("openvino" in (encoder.backend, encoder.text_backend)),
-        "tool": "siglip", "tool_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "model": info.name, "revision": info.revision, "commit": info.commit, "architecture": info.architecture,
-        "dim": info.dim, "normalization": "l2", "preprocessing": info.preprocessing, "text_length": info.text_length,
-        "dtype": str(encoder.dtype).removeprefix("torch."), "backend": encoder.backend, "quantize": encoder.quantize,
-        "text_backend": encoder.text_backend, "text_rules": encoder.text_rules,
+        "tool": "siglip",
+        "tool_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": info.name,
+        "revision": info.revision,
+        "commit": info.commit,
+        "architecture": info.architecture,
+        "dim": info.dim,
+        "normalization": "l2",
+        "preprocessing": info.preprocessing,
+        "text_length": info.text_length,
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+        "backend": encoder.backend,
+        "quantize": encoder.quantize,
+        "text_backend": encoder.text_backend,
+        "text_rules": encoder.text_rules,
         "logit_scale": encoder.logit_scale,
-        "logit_bias": encoder.logit_bias, **extra,
+        "logit_bias": encoder.logit_bias,
+        **extra,
     }
 
 
@@ -94,9 +111,15 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
     # (a Ray run's device and dtype were made concrete for its actors by cluster.prepare)
     devices = [] if cfg.ray else resolve_devices(cfg.model.device)  # an absent device fails here, before any work
     dtype = str(resolve_dtype(cfg.model.dtype, devices)).removeprefix("torch.")
-    sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts",
-           "model": "local folder" if local else name, "weights": weights, "dtype": dtype,
-           "max_patches": cfg.model.max_patches, "quantize": cfg.model.quantize}
+    sig = {
+        "index": INDEX_VERSION,
+        "task": type(cfg.head).__name__ if cfg.head else "texts",
+        "model": "local folder" if local else name,
+        "weights": weights,
+        "dtype": dtype,
+        "max_patches": cfg.model.max_patches,
+        "quantize": cfg.model.quantize,
+    }
     if uses_text(cfg):  # an image embedding does not depend on how texts are cleaned
         sig["text_rules"] = cfg.model.text_rules
     if cfg.head is not None:
@@ -110,8 +133,9 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
             sig[f.name] = value
     # a local folder by its absolute path: the index's metadata then names it from anywhere (./ckpt from
     # another folder is another checkpoint, or none)
-    model = dataclasses.replace(cfg.model, name=os.path.abspath(name) if local else name,
-                                commit=None if local else weights)
+    model = dataclasses.replace(
+        cfg.model, name=os.path.abspath(name) if local else name, commit=None if local else weights
+    )
     return dataclasses.replace(cfg, model=model), json.loads(json.dumps(sig))  # tuples -> lists, as they read back
 
 
@@ -148,8 +172,10 @@ def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
         return arrays, batch.ok
     for j in np.flatnonzero(~good):
         d = batch.items[batch.ok[j]]
-        d.error = ("the model gave NaN or infinite values for this image (a float16/bfloat16 overflow?); "
-                   "--dtype float32 avoids it (into a new output, or with --overwrite)")
+        d.error = (
+            "the model gave NaN or infinite values for this image (a float16/bfloat16 overflow?); "
+            "--dtype float32 avoids it (into a new output, or with --overwrite)"
+        )
     return {k: v[good] for k, v in arrays.items()}, [i for i, g in zip(batch.ok, good) if g]
 
 
@@ -166,8 +192,10 @@ def run(cfg: RunConfig) -> Summary:
     # refuses to prune under it (check_roots); with --prune-anyway it is a folder deleted on purpose: its rows go.
     gone = [] if out.prune and out.prune_anyway else [p for p in src.paths if missing(p)]
     if gone and len(gone) == len(src.paths) and src.files_from is None:
-        raise RunError(f"{', '.join(gone)}: no such file or folder (an unmounted share?); nothing done"
-                       + ("; not pruning (--prune-anyway prunes its rows if it is gone for good)" if out.prune else ""))
+        raise RunError(
+            f"{', '.join(gone)}: no such file or folder (an unmounted share?); nothing done"
+            + ("; not pruning (--prune-anyway prunes its rows if it is gone for good)" if out.prune else "")
+        )
     for p in gone:
         print(f"siglip: error: {p}: no such file or folder (an unmounted share?)", file=sys.stderr)
     summary = _start(cfg)
@@ -205,11 +233,14 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     if store is None:
         records = _once(records)
     else:
+
         def retry(path: str, entry) -> bool:  # a file that failed before, unchanged since
             return out.retry_errors or may_work_now(entry.error, path, entry.pixels, cfg.max_pixels, cfg.timeout)
 
         records = store.pending(records, roots(src.paths), out.rehash, retry)
-    recount = None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))
+    recount = (
+        None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))
+    )
     progress = Progress(progress_enabled(cfg.quiet), recount)
     first = next(records, None)
     if first is not None:  # only now is the model worth loading
@@ -228,8 +259,11 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
     if store is not None:
         progress.summary.moved = store.copy_moves()
         if store.index.absent:
-            print(f"siglip: note: {store.index.absent:,} files with rows in the index are not there now, or cannot be "
-                  "checked (an unmounted share?); their rows are kept", file=sys.stderr)
+            print(
+                f"siglip: note: {store.index.absent:,} files with rows in the index are not there now, or cannot be "
+                "checked (an unmounted share?); their rows are kept",
+                file=sys.stderr,
+            )
         if out.prune:
             try:
                 progress.summary.pruned = store.prune(roots(src.paths), out.prune_anyway)
@@ -256,7 +290,8 @@ def _once(records):
 def out_of_memory(error: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or MPS's RuntimeError saying the same."""
     return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "MPS backend out of memory" in str(error))
+        isinstance(error, RuntimeError) and "MPS backend out of memory" in str(error)
+    )
 
 
 def launch(encoder: Encoder, task, batch: Batch, batch_size: int):
@@ -273,8 +308,11 @@ def launch(encoder: Encoder, task, batch: Batch, batch_size: int):
                 raise
             encoder.shrink(e, batch_size)  # a RunError at one image
     if encoder.chunk != before:
-        print(f"siglip: {encoder.device} ran out of memory at batch size {before or batch_size}; going on in "
-              f"batches of {encoder.chunk} (--batch-size sets it)", file=sys.stderr)
+        print(
+            f"siglip: {encoder.device} ran out of memory at batch size {before or batch_size}; going on in "
+            f"batches of {encoder.chunk} (--batch-size sets it)",
+            file=sys.stderr,
+        )
     return wait
 
 
@@ -347,7 +385,9 @@ def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
     if path != "-":  # the same rules as images: the lock, the settings, no other kind of output replaced
         check_parent(path)
         cfg, sig = resolve(cfg)
-        store = Store.open(path, sig, out.overwrite, out.wait, images=False, same=lambda theirs: _normalized(theirs, cfg, sig))
+        store = Store.open(
+            path, sig, out.overwrite, out.wait, images=False, same=lambda theirs: _normalized(theirs, cfg, sig)
+        )
     try:
         return _run_texts(cfg, texts, store)
     finally:
@@ -359,12 +399,19 @@ def _run_texts(cfg: RunConfig, texts: list[str], store: Store | None) -> Summary
     path = cfg.output.path
     encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet))
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
-    schema = make_schema(TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text", "signature": store and store.signature}))
+    schema = make_schema(
+        TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text", "signature": store and store.signature})
+    )
     progress = Progress(progress_enabled(cfg.quiet), label="texts")
     emb = encoder.encode_texts(texts).cpu().numpy().astype("float16" if cfg.output.float16 else "float32")
     n = len(texts)
     table = pa.Table.from_arrays(
-        [pa.array(texts, pa.string()), pa.array(["ok"] * n), pa.nulls(n, pa.string()), scatter(field, emb, range(n), n)],
+        [
+            pa.array(texts, pa.string()),
+            pa.array(["ok"] * n),
+            pa.nulls(n, pa.string()),
+            scatter(field, emb, range(n), n),
+        ],
         schema=schema,
     )
     if store is None:

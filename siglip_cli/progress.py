@@ -48,12 +48,25 @@ class Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
 
         self.bar = RichProgress(
-            TextColumn(label), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.1f}/s"), TimeRemainingColumn(), TextColumn("failed: {task.fields[failed]}"),
-            console=Console(stderr=True), transient=True,
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f}/s"),
+            TimeRemainingColumn(),
+            TextColumn("failed: {task.fields[failed]}"),
+            console=Console(stderr=True),
+            transient=True,
         )
         self.task = self.bar.add_task(label, total=None, rate=0.0, failed=0)
         self.started = False

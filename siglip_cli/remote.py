@@ -7,7 +7,6 @@ import os
 
 from .errors import RunError
 
-
 # A server answers a query in seconds (so400m on a slow CPU: a text 0.4 s, a photo 2 s); a listener that never
 # answers is said to be one within a minute, not after five
 ANSWER_S = 60.0
@@ -25,8 +24,13 @@ def same_model(a: tuple, b: tuple) -> bool:
         return False
     if weights and other_weights:
         return weights == other_weights
-    same = name == other or (bool(name) and bool(other) and os.path.isdir(name) and os.path.isdir(other)
-                             and os.path.realpath(name) == os.path.realpath(other))
+    same = name == other or (
+        bool(name)
+        and bool(other)
+        and os.path.isdir(name)
+        and os.path.isdir(other)
+        and os.path.realpath(name) == os.path.realpath(other)
+    )
     return same and not (commit and other_commit and commit != other_commit)
 
 
@@ -53,7 +57,9 @@ class Remote:
         self.model = (None, None, None, None)  # what the index needs (expect): see same_model
         self.patches = None  # the index's --max-patches (None: the checkpoint's default), for image queries
 
-    def expect(self, name: str, dim: int, commit: str | None, weights: str | None = None, patches: int | None = None) -> None:
+    def expect(
+        self, name: str, dim: int, commit: str | None, weights: str | None = None, patches: int | None = None
+    ) -> None:
         self.model, self.patches = (name, dim, commit, weights), patches
 
     def _request(self, route: str, items: list | dict) -> dict:
@@ -63,7 +69,9 @@ class Remote:
 
         try:
             body = items if isinstance(items, dict) else {"input": items}
-            req = urllib.request.Request(self.url + route, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                self.url + route, json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
             if key := os.environ.get("SIGLIP_API_KEY"):  # never sent on to where a redirect points
                 req.add_unredirected_header("Authorization", f"Bearer {key}")
             # /search may first rebuild the index's sidecar (a minute for 10M rows): it is given longer
@@ -103,8 +111,10 @@ class Remote:
         if not same_model(theirs, self.model):
             raise RunError(f"--server {self.url} runs {describe(theirs)}; the index needs {describe(self.model)}")
         if body.get("text_rules", self.text_rules) != self.text_rules:  # (an older server does not say)
-            raise RunError(f"--server {self.url} cleans texts by --text-rules {body['text_rules']}; this search asks "
-                           f"for {self.text_rules} (start the server with that, or pass --text-rules {body['text_rules']})")
+            raise RunError(
+                f"--server {self.url} cleans texts by --text-rules {body['text_rules']}; this search asks "
+                f"for {self.text_rules} (start the server with that, or pass --text-rules {body['text_rules']})"
+            )
         import numpy as np
 
         return np.asarray(body["embeddings"], np.float32).reshape(-1, self.model[1])
@@ -130,8 +140,10 @@ class Remote:
         # an image is embedded as the index's were: with its --max-patches (an older server does not say)
         if "max_patches" in body and body["max_patches"] != self.patches:
             theirs, ours = ("the default" if n is None else n for n in (body["max_patches"], self.patches))
-            raise RunError(f"--server {self.url} embeds images with --max-patches {theirs}; the index's were "
-                           f"embedded with {ours} (start the server with that, or search without --server)")
+            raise RunError(
+                f"--server {self.url} embeds images with --max-patches {theirs}; the index's were "
+                f"embedded with {ours} (start the server with that, or search without --server)"
+            )
         return vector
 
     def search(self, index: str, query: dict):

@@ -14,8 +14,17 @@ from dataclasses import dataclass
 
 THUMB = 256  # pixels, the longer side
 # the Parquet type of each column a result can have (sizes and resolutions as the index stores them)
-TYPES = {"group": "int32", "representative": "bool_", "rank": "int32", "score": "float32", "path": "string",
-         "width": "int32", "height": "int32", "size": "int64", "path_bytes": "binary"}
+TYPES = {
+    "group": "int32",
+    "representative": "bool_",
+    "rank": "int32",
+    "score": "float32",
+    "path": "string",
+    "width": "int32",
+    "height": "int32",
+    "size": "int64",
+    "path_bytes": "binary",
+}
 
 
 @dataclass
@@ -120,31 +129,40 @@ align-items:center;justify-content:center;color:#a00;background:#eee}.meta{font-
 
 def _card(row: dict, label: str, rep: bool = False) -> str:
     uri = thumbnail(os.fsdecode(row["path_bytes"]) if row.get("path_bytes") else row["path"])
-    img = f'<img src="{uri}" alt="{html.escape(os.path.basename(row["path"]))}">' if uri else \
-        '<div class="missing">cannot read this file now</div>'
-    size = f'{row.get("width")}x{row.get("height")}, {row.get("size") or 0:,} bytes'
-    return (f'<div class="card{" rep" if rep else ""}">{img}<div class="meta"><b>{html.escape(label)}</b><br>'
-            f'{html.escape(row["path"])}<br>{size}</div></div>')
+    img = (
+        f'<img src="{uri}" alt="{html.escape(os.path.basename(row["path"]))}">'
+        if uri
+        else '<div class="missing">cannot read this file now</div>'
+    )
+    size = f"{row.get('width')}x{row.get('height')}, {row.get('size') or 0:,} bytes"
+    return (
+        f'<div class="card{" rep" if rep else ""}">{img}<div class="meta"><b>{html.escape(label)}</b><br>'
+        f"{html.escape(row['path'])}<br>{size}</div></div>"
+    )
 
 
 def write_html(path: str, results: Results, title: str) -> None:
     """Search results as a grid, or dedup groups side by side (the representative framed); thumbnails are
     embedded, so the page opens anywhere."""
     rows = results.rows
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     if "group" in results.columns:
         groups: dict[int, list] = {}
         for r in rows:
             groups.setdefault(r["group"], []).append(r)
         for g, members in groups.items():
             parts.append(f'<div class="group"><h2>group {g}: {len(members)} files</h2><div class="grid">')
-            parts += [_card(r, f'{"keep? " if r["representative"] else ""}cos {r["score"]:.4f}', r["representative"])
-                      for r in members]
+            parts += [
+                _card(r, f"{'keep? ' if r['representative'] else ''}cos {r['score']:.4f}", r["representative"])
+                for r in members
+            ]
             parts.append("</div></div>")
     else:
         parts.append('<div class="grid">')
-        parts += [_card(r, f'#{r["rank"]}  score {r["score"]:.4f}') for r in rows]
+        parts += [_card(r, f"#{r['rank']}  score {r['score']:.4f}") for r in rows]
         parts.append("</div>")
     parts.append("</body></html>\n")
     from .index.files import write_error

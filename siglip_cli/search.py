@@ -54,15 +54,18 @@ def _encoder(v: Vectors, q: Query):
         from .weights import local_fingerprint
 
         if (here := local_fingerprint(name)) != weights:  # another checkpoint by that name (./ckpt from elsewhere)
-            raise RunError(f"the index was made with {name!r} (weights {weights}); here that is "
-                           f"{os.path.realpath(name)}, other weights ({here}): give --model the index's checkpoint")
+            raise RunError(
+                f"the index was made with {name!r} (weights {weights}); here that is "
+                f"{os.path.realpath(name)}, other weights ({here}): give --model the index's checkpoint"
+            )
     # torch: converting a tower for OpenVINO costs more than one query saves (so400m's text tower: 16-20 s and
     # 7.6 GB once, on a slow CPU); `tag` and `classify` on a CPU convert it, and then _cached_text reads it
     try:
         # an image query is embedded as the index's images were: with its --max-patches (None: the default)
         patches = (meta.get("signature") or {}).get("max_patches")
-        encoder = Encoder.load(ModelConfig(name, revision, q.device, dtype, patches, backend="torch",
-                                           text_rules=q.text_rules))
+        encoder = Encoder.load(
+            ModelConfig(name, revision, q.device, dtype, patches, backend="torch", text_rules=q.text_rules)
+        )
     except RunError as e:
         raise RunError(f"the index was made with {name!r}, which cannot be loaded here ({e}); give --model") from None
     if encoder.info.dim != v.matrix.shape[1]:
@@ -79,7 +82,12 @@ def _cached_text(v: Vectors, q: Query):
     meta = v.meta
     name, commit, weights = q.model or meta.get("model"), None if q.model else meta.get("commit"), _weights(v, q)
     local = weights if weights and weights.startswith("local:") else None  # found by content, wherever it is now
-    if q.device not in ("auto", "cpu") or not name or not (commit or local or os.path.isdir(name)) or not ovtext.available():
+    if (
+        q.device not in ("auto", "cpu")
+        or not name
+        or not (commit or local or os.path.isdir(name))
+        or not ovtext.available()
+    ):
         return None
     from .config import usable_cpus
     from .weights import fingerprint
@@ -114,8 +122,13 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
     if q.server and remote is None:
         remote = Remote(q.server, q.text_rules)
     if remote:  # a server's embeddings (or, in the server, its own: see serve's /search)
-        remote.expect(q.model or v.meta.get("model"), v.matrix.shape[1], None if q.model else v.meta.get("commit"),
-                      _weights(v, q), recorded_patches(v.meta))
+        remote.expect(
+            q.model or v.meta.get("model"),
+            v.matrix.shape[1],
+            None if q.model else v.meta.get("commit"),
+            _weights(v, q),
+            recorded_patches(v.meta),
+        )
 
     cached = False  # not looked for yet
 
@@ -132,7 +145,9 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
 
             out = cached(prepare(items, q.text_rules))
             if out.shape[1] != v.matrix.shape[1]:  # --model's cached tower, of another size
-                raise RunError(f"{q.model!r} makes vectors of {out.shape[1]} dimensions; the index holds {v.matrix.shape[1]}")
+                raise RunError(
+                    f"{q.model!r} makes vectors of {out.shape[1]} dimensions; the index holds {v.matrix.shape[1]}"
+                )
             return out
         return model().encode_texts(list(items)).cpu().numpy()
 
@@ -182,10 +197,15 @@ def search(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = N
     if q.min_score is not None:
         passed = scores.astype(np.float64) >= q.min_score  # float64: a score like -1e300 does not overflow
         idx, scores = idx[passed], scores[passed]
-    rows = [{"rank": rank, "score": float(score), **v.rows.record(i)}
-            for rank, (i, score) in enumerate(zip(idx.tolist(), scores.astype(np.float32)), start=1)]
-    return Results(["rank", "score", "path", "width", "height", "size", "path_bytes"], rows,
-                   "sigmoid probability" if probability else "cosine")
+    rows = [
+        {"rank": rank, "score": float(score), **v.rows.record(i)}
+        for rank, (i, score) in enumerate(zip(idx.tolist(), scores.astype(np.float32)), start=1)
+    ]
+    return Results(
+        ["rank", "score", "path", "width", "height", "size", "path_bytes"],
+        rows,
+        "sigmoid probability" if probability else "cosine",
+    )
 
 
 # dedup's first pass compares rows in the LOW dimensions that carry most of their length (a basis from a sample of
@@ -247,7 +267,10 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
     P, R, N = torch.cat(P), torch.cat(R).to(fast), torch.cat(N)
     # Every block's products land in the same few buffers: fresh multi-megabyte tensors of changing shapes
     # fragment the C heap (a 100,000-row --similar run grew to 12 GB that way).
-    Sbuf, mask = torch.empty(block, block, dtype=fast, device=device), torch.empty(block, block, dtype=torch.bool, device=device)
+    Sbuf, mask = (
+        torch.empty(block, block, dtype=fast, device=device),
+        torch.empty(block, block, dtype=torch.bool, device=device),
+    )
     rows_ab = torch.empty(2, block, d, device=device)
 
     def full(k: int, lo: int):

@@ -5,7 +5,6 @@ GET /health, /ready, /metrics. Images arrive as base64 or data: URIs and are dec
 CLI's decoding, no torch in them); a bad item answers 4xx naming its index and never reaches the model.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -132,13 +131,18 @@ class Metrics:
         out.append("# TYPE siglip_items_total counter")
         out += [f'siglip_items_total{{kind="{k}"}} {n}' for k, n in sorted(self.items.items())]
         out += ["# TYPE siglip_queue_depth gauge", f"siglip_queue_depth {depth}"]
-        for name, table, buckets, label in (("siglip_request_seconds", self.latency, LATENCY_BUCKETS, "route"),
-                                            ("siglip_batch_size", self.batches, BATCH_BUCKETS, "kind")):
+        for name, table, buckets, label in (
+            ("siglip_request_seconds", self.latency, LATENCY_BUCKETS, "route"),
+            ("siglip_batch_size", self.batches, BATCH_BUCKETS, "kind"),
+        ):
             out.append(f"# TYPE {name} histogram")
             for key, (counts, total, n) in sorted(table.items()):
                 out += [f'{name}_bucket{{{label}="{key}",le="{b}"}} {c}' for b, c in zip(buckets, counts)]
-                out += [f'{name}_bucket{{{label}="{key}",le="+Inf"}} {n}', f'{name}_sum{{{label}="{key}"}} {total:.6f}',
-                        f'{name}_count{{{label}="{key}"}} {n}']
+                out += [
+                    f'{name}_bucket{{{label}="{key}",le="+Inf"}} {n}',
+                    f'{name}_sum{{{label}="{key}"}} {total:.6f}',
+                    f'{name}_count{{{label}="{key}"}} {n}',
+                ]
         return "\n".join(out) + "\n"
 
 
@@ -155,7 +159,7 @@ def image_bytes(value, index: int) -> bytes:
         m = DATA_URI.match(value)
         if not m:
             raise ApiError(400, f"item {index}: only base64 data: URIs are accepted", index)
-        value = value[m.end():]
+        value = value[m.end() :]
     try:
         data = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -218,8 +222,12 @@ class Server:
 
         # as a run's decode workers: Ctrl-C and SIGTERM are the server's to handle (each worker printed a
         # KeyboardInterrupt traceback), and they end with it
-        return ProcessPoolExecutor(self.cfg.workers, multiprocessing.get_context("spawn"),
-                                   initializer=worker.init, initargs=(None, os.getpid()))
+        return ProcessPoolExecutor(
+            self.cfg.workers,
+            multiprocessing.get_context("spawn"),
+            initializer=worker.init,
+            initargs=(None, os.getpid()),
+        )
 
     async def decode(self, data: bytes, index: int):
         from . import worker
@@ -292,8 +300,10 @@ class Server:
                 self.index_vectors, self.index_key = load(self.cfg.index, resident=True), key
             v = self.index_vectors
         if not same_model(index_model(v.meta, v.matrix.shape[1]), self.model):
-            raise RunError(f"--index {self.cfg.index} was made with {describe(index_model(v.meta, v.matrix.shape[1]))}; "
-                           f"this server runs {describe(self.model)}")
+            raise RunError(
+                f"--index {self.cfg.index} was made with {describe(index_model(v.meta, v.matrix.shape[1]))}; "
+                f"this server runs {describe(self.model)}"
+            )
         return v
 
     def search(self, texts: list[str], minus: list[str], vectors: np.ndarray, k: int, min_score, paths: list[str]):
@@ -410,16 +420,21 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         route = path if path in routes else "other"
         if host_of(request.headers.get("host", "")) not in hosts:
             server.metrics.request(route, 421, time.perf_counter() - t)
-            return JSONResponse({"error": {"message": "this server does not answer that Host (--allow-host adds one)",
-                                           "code": 421}}, status_code=421)
+            return JSONResponse(
+                {"error": {"message": "this server does not answer that Host (--allow-host adds one)", "code": 421}},
+                status_code=421,
+            )
         if cfg.api_key and path not in ("/health", "/ready"):  # probes need no token
             # the header's bytes as sent (Starlette decodes it as Latin-1), against the key's UTF-8; the scheme's
             # name in any case (RFC 9110)
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             given = token.strip().encode("latin-1", "replace") if scheme.lower() == "bearer" else b""
             if not hmac.compare_digest(given, cfg.api_key.encode()):
-                response = JSONResponse({"error": {"message": "missing or wrong bearer token", "code": 401}},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                response = JSONResponse(
+                    {"error": {"message": "missing or wrong bearer token", "code": 401}},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
                 server.metrics.request(route, 401, time.perf_counter() - t)
                 return response
         response = await call_next(request)
@@ -433,7 +448,9 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         try:
             payload = await asyncio.wait_for(read_json(request, cfg.max_body), deadline or cfg.timeout)
         except asyncio.TimeoutError:
-            raise ApiError(504, f"the request took over {cfg.timeout:g}s (--timeout): its body was still arriving") from None
+            raise ApiError(
+                504, f"the request took over {cfg.timeout:g}s (--timeout): its body was still arriving"
+            ) from None
         if deadline is not None:
             deadline = max(0.0, deadline - (time.monotonic() - start))
         task = asyncio.ensure_future(work(payload))
@@ -451,21 +468,32 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         """The tokens the model reads of these texts (cleaned and cut as it reads them, at most its length each)."""
         from .text import prepare
 
-        return sum(min(len(encoder.tokenizer(t)["input_ids"]), encoder.info.text_length)
-                   for t in prepare(texts, encoder.text_rules))
+        return sum(
+            min(len(encoder.tokenizer(t)["input_ids"]), encoder.info.text_length)
+            for t in prepare(texts, encoder.text_rules)
+        )
 
     def embedded(vectors: np.ndarray, many: bool) -> dict:
-        return {**({"embeddings": vectors.tolist()} if many else {"embedding": vectors[0].tolist()}), "model": name,
-                "dim": dim, "commit": commit, "weights": weights, "max_patches": encoder.patches,
-                "text_rules": encoder.text_rules}
+        return {
+            **({"embeddings": vectors.tolist()} if many else {"embedding": vectors[0].tolist()}),
+            "model": name,
+            "dim": dim,
+            "commit": commit,
+            "weights": weights,
+            "max_patches": encoder.patches,
+            "text_rules": encoder.text_rules,
+        }
 
     def embed_route(path: str, embed) -> None:
         """The plan's routes: {"input": item or list} -> the vector, or the vectors in order."""
+
         async def route(request: Request):
             async def work(payload):
                 values, many = items_of(payload, cfg.max_items)
                 return embedded(await embed(values), many)
+
             return await guarded(request, work)
+
         app.post(path, name=path.strip("/").replace("/", "_"))(route)
 
     embed_route("/txt/embed", server.texts)
@@ -497,11 +525,23 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
             await asyncio.gather(some(server.images, images), some(server.texts, texts))
             tokens = await asyncio.to_thread(tokens_read, [values[i] for i in texts])  # off the event loop
-            data = [{"object": "embedding", "index": i,
-                     "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
-                    for i, v in enumerate(out)]
-            return {"object": "list", "data": data, "model": payload.get("model") or name,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            data = [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                    if fmt == "base64"
+                    else v.tolist(),
+                }
+                for i, v in enumerate(out)
+            ]
+            return {
+                "object": "list",
+                "data": data,
+                "model": payload.get("model") or name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+
         return await guarded(request, work)
 
     @app.post("/tag")
@@ -516,9 +556,12 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
             scores = server.scores(await server.images(values), server.tag_text)
             limits = np.array([threshold if t is None else t for t in server.thresholds], np.float32)
-            results = [{"tags": [{"tag": server.tags[i], "score": float(s)} for i, s in zip(idx, val)]}
-                       for idx, val in select(scores, limits, top_k)]
+            results = [
+                {"tags": [{"tag": server.tags[i], "score": float(s)} for i, s in zip(idx, val)]}
+                for idx, val in select(scores, limits, top_k)
+            ]
             return {"model": name, "results": results} if many else {"model": name, **results[0]}
+
         return await guarded(request, work)
 
     @app.post("/classify")
@@ -535,10 +578,16 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
             text = await server.label_embeddings(tuple(labels))
             scores = server.scores(await server.images(values), text)
-            results = [{"label": labels[idx[0]], "score": float(val[0]),
-                        "top_k": [{"label": labels[i], "score": float(s)} for i, s in zip(idx, val)]}
-                       for idx, val in select(scores, np.zeros(len(labels), np.float32), top_k)]
+            results = [
+                {
+                    "label": labels[idx[0]],
+                    "score": float(val[0]),
+                    "top_k": [{"label": labels[i], "score": float(s)} for i, s in zip(idx, val)],
+                }
+                for idx, val in select(scores, np.zeros(len(labels), np.float32), top_k)
+            ]
             return {"model": name, "results": results} if many else {"model": name, **results[0]}
+
         return await guarded(request, work)
 
     def strings(payload: dict, key: str, need: bool) -> list[str]:
@@ -564,13 +613,22 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
                 except OSError:
                     ours = None
                 if theirs != ours:
-                    raise ApiError(404, f"this server searches {cfg.index} as it is now; the index sent "
-                                        f"({given or 'unnamed'}) is another, or that one as it was")
-            elif given is not None and (not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)):
+                    raise ApiError(
+                        404,
+                        f"this server searches {cfg.index} as it is now; the index sent "
+                        f"({given or 'unnamed'}) is another, or that one as it was",
+                    )
+            elif given is not None and (
+                not isinstance(given, str) or os.path.realpath(given) != os.path.realpath(cfg.index)
+            ):
                 raise ApiError(404, f"this server searches {cfg.index}, not {given}")
             if payload.get("text_rules", encoder.text_rules) != encoder.text_rules:  # the client then says why
                 raise ApiError(404, f"this server cleans texts by --text-rules {encoder.text_rules}")
-            texts, minus, paths = strings(payload, "query", True), strings(payload, "minus", False), strings(payload, "path", False)
+            texts, minus, paths = (
+                strings(payload, "query", True),
+                strings(payload, "minus", False),
+                strings(payload, "path", False),
+            )
             if len(texts) + len(minus) > cfg.max_items:
                 raise ApiError(422, f"at most {cfg.max_items} texts in one request (--max-items)")
             if len(paths) > MAX_GLOBS or any(len(g) > MAX_GLOB_CHARS for g in paths):
@@ -587,8 +645,16 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             for row in found.rows:  # the exact name (not UTF-8) in base64, as JSON Lines have it
                 if row.get("path_bytes") is not None:
                     row["path_bytes"] = base64.b64encode(row["path_bytes"]).decode()
-            return {"columns": found.columns, "rows": found.rows, "score": found.score, "model": name, "dim": dim,
-                    "commit": commit, "weights": weights}
+            return {
+                "columns": found.columns,
+                "rows": found.rows,
+                "score": found.score,
+                "model": name,
+                "dim": dim,
+                "commit": commit,
+                "weights": weights,
+            }
+
         # no deadline: after the index changed, the first search rebuilds its sidecar (a minute for 10M rows)
         return await guarded(request, work, deadline=None)
 
@@ -603,8 +669,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.metrics.render(server.batcher.depth()),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(server.metrics.render(server.batcher.depth()), media_type="text/plain; version=0.0.4")
 
     routes.update(r.path for r in app.routes)
     return app
@@ -682,8 +747,10 @@ def exposed_warning(cfg: ServeConfig) -> str | None:
     """A loud line for a server that listens beyond loopback without a key: anyone who reaches it can use it."""
     if cfg.api_key or cfg.host.strip("[]") in LOOPBACK:
         return None
-    return (f"siglip: WARNING: listening on {cfg.host} without --api-key: anyone who can reach this machine can "
-            "use the model and search the index (set SIGLIP_API_KEY, or serve behind a proxy that checks one)")
+    return (
+        f"siglip: WARNING: listening on {cfg.host} without --api-key: anyone who can reach this machine can "
+        "use the model and search the index (set SIGLIP_API_KEY, or serve behind a proxy that checks one)"
+    )
 
 
 def run(encoder: Encoder, cfg: ServeConfig, sock=None) -> None:
@@ -695,9 +762,18 @@ def run(encoder: Encoder, cfg: ServeConfig, sock=None) -> None:
     encoder.encode_texts(["a photo"])  # the text tower loaded before the first request, not during it
     host, port = sock.getsockname()[:2]
     where = f"http://{'[' + host + ']' if ':' in host else host}:{port}"  # the port itself where --port 0
-    print(f"siglip: serving {encoder.info.name} on {where} (dim {encoder.info.dim}, {encoder.device}, "
-          f"{str(encoder.dtype)[6:]})" + (", bearer token required" if cfg.api_key else ""), file=sys.stderr)
+    print(
+        f"siglip: serving {encoder.info.name} on {where} (dim {encoder.info.dim}, {encoder.device}, "
+        f"{str(encoder.dtype)[6:]})" + (", bearer token required" if cfg.api_key else ""),
+        file=sys.stderr,
+    )
     # half-sent requests and idle connections are bounded: slow clients cannot hold every file descriptor
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=5,
-                            limit_concurrency=LIMIT_CONNECTIONS, h11_max_incomplete_event_size=64 << 10)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=5,
+        limit_concurrency=LIMIT_CONNECTIONS,
+        h11_max_incomplete_event_size=64 << 10,
+    )
     uvicorn.Server(config).run(sockets=[sock])

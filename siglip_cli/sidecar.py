@@ -181,14 +181,18 @@ def build(index: str, place: str, key: dict) -> None:
 def _build(index: str, place: str, key: dict) -> None:
     meta, embeddings = _settings(index)
     if not embeddings:
-        raise RunError(f"{index} holds no embeddings (made by `siglip {meta.get('task')}`); search an index "
-                       "made by `siglip embed` or `siglip tag --with-embeddings`")
+        raise RunError(
+            f"{index} holds no embeddings (made by `siglip {meta.get('task')}`); search an index "
+            "made by `siglip embed` or `siglip tag --with-embeddings`"
+        )
     files = _sources(index)
     rows, light = _current(files)
     vector = pq.read_schema(files[-1]).field("embedding").type
     if not pa.types.is_fixed_size_list(vector) or not pa.types.is_floating(vector.value_type):
-        raise RunError(f"{index}: its embedding column is {vector}, not the fixed-size list of floats siglip writes "
-                       "(rewritten by another tool?); rebuild it with `siglip embed ... --overwrite`")
+        raise RunError(
+            f"{index}: its embedding column is {vector}, not the fixed-size list of floats siglip writes "
+            "(rewritten by another tool?); rebuild it with `siglip embed ... --overwrite`"
+        )
     dim, dtype = vector.list_size, np.dtype(vector.value_type.to_pandas_dtype())
     parent = os.path.dirname(place)
     os.makedirs(parent, exist_ok=True)  # beside the index (there already) or in the cache
@@ -198,8 +202,9 @@ def _build(index: str, place: str, key: dict) -> None:
         bounds, columns = np.zeros((len(rows), 2), np.float32), np.ones(dim, np.float32)
         with open(os.path.join(tmp, "vectors.npy"), "wb") as out, open(os.path.join(tmp, "fast.npy"), "wb") as fast:
             for f, t in ((out, dtype), (fast, np.dtype(np.int8))):
-                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(t),
-                                                         "fortran_order": False, "shape": (len(rows), dim)})
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(t), "fortran_order": False, "shape": (len(rows), dim)}
+                )
             for lo, hi, block, q in _groups(files, rows, vector):
                 if hi > lo:
                     out.write(block.data)

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .decode import Decoded
-from .sources import FileRecord, display_path
 from .index import METADATA_KEY, write_atomic
 from .index.files import stdout_errors
+from .sources import FileRecord, display_path
 
 # A part file is written at least this often, so a killed run redoes at most this much work.
 FLUSH_ROWS = int(os.environ.get("SIGLIP_FLUSH_ROWS", 4096))
@@ -130,7 +130,7 @@ def image_rows(schema: pa.Schema, items: list, ok: Sequence[int], payload: dict)
                         pass
         common = _common(items)
     n = len(items)
-    rest = [scatter(f, payload[f.name], ok, n) if payload else pa.nulls(n, f.type) for f in list(schema)[len(common):]]
+    rest = [scatter(f, payload[f.name], ok, n) if payload else pa.nulls(n, f.type) for f in list(schema)[len(common) :]]
     if payload and any(items[i].error for i in ok):  # encoded, but its row could not be recorded
         keep = pa.array([None if d.error else i for i, d in enumerate(items)], pa.int32())
         rest = [c.take(keep) for c in rest]

@@ -124,8 +124,10 @@ def read_list(source: str) -> Iterator[str]:
             if b"\0" in line:  # no file name holds one
                 from .errors import UsageError
 
-                raise UsageError(f"--files-from {source}, line {n + 1}: a NUL byte; give one path a line "
-                                 "(not a NUL-separated list, as find -print0 writes)")
+                raise UsageError(
+                    f"--files-from {source}, line {n + 1}: a NUL byte; give one path a line "
+                    "(not a NUL-separated list, as find -print0 writes)"
+                )
             if line:
                 yield os.fsdecode(line)
     finally:

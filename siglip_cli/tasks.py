@@ -124,8 +124,14 @@ class TagTask(_Scored):
 
     def metadata(self) -> dict:
         s = self.spec
-        meta = {"task": "tag", "templates": list(s.templates), "threshold": s.threshold, "top_k": s.top_k,
-                "n_tags": len(self.tags), "score": "sigmoid(exp(logit_scale) * cos + logit_bias)"}
+        meta = {
+            "task": "tag",
+            "templates": list(s.templates),
+            "threshold": s.threshold,
+            "top_k": s.top_k,
+            "n_tags": len(self.tags),
+            "score": "sigmoid(exp(logit_scale) * cos + logit_bias)",
+        }
         if s.all_scores:  # the dense vector's columns
             meta["vocabulary"] = list(self.tags)
         return meta
@@ -157,19 +163,30 @@ class ClassifyTask(_Scored):
         self.names = pa.array(spec.labels, pa.string())
 
     def fields(self) -> list[pa.Field]:
-        return [pa.field("label", pa.string()), pa.field("score", pa.float32()), pa.field("top_k", _scored_list("label"))]
+        return [
+            pa.field("label", pa.string()),
+            pa.field("score", pa.float32()),
+            pa.field("top_k", _scored_list("label")),
+        ]
 
     def metadata(self) -> dict:
-        return {"task": "classify", "templates": list(self.spec.templates), "labels": list(self.spec.labels),
-                "score": "sigmoid(exp(logit_scale) * cos + logit_bias)"}
+        return {
+            "task": "classify",
+            "templates": list(self.spec.templates),
+            "labels": list(self.spec.labels),
+            "score": "sigmoid(exp(logit_scale) * cos + logit_bias)",
+        }
 
     def device(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"scores": sigmoid_scores(embeddings, self.text, self.encoder.logit_scale, self.encoder.logit_bias)}
 
     def host(self, arrays: dict) -> dict:
         selected = select(arrays["scores"], self.none, self.spec.top_k)
-        return {"label": [self.spec.labels[idx[0]] for idx, _ in selected], "score": [val[0] for _, val in selected],
-                "top_k": _pairs(selected, self.names, "label")}
+        return {
+            "label": [self.spec.labels[idx[0]] for idx, _ in selected],
+            "score": [val[0] for _, val in selected],
+            "top_k": _pairs(selected, self.names, "label"),
+        }
 
 
 def make_task(spec, encoder: Encoder):

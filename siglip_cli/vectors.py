@@ -170,8 +170,6 @@ def quantize(rows: np.ndarray, columns: np.ndarray | None = None, block: int = 2
     return out
 
 
-
-
 def _places(index: str) -> list[str]:
     real = os.path.realpath(index)
     folder, name = os.path.split(real)
@@ -222,8 +220,14 @@ def _open(place: str, resident: bool = False) -> Vectors:
     with open(at("paths.bin"), "rb") as f, open(at("meta.json")) as m:
         rows, meta = Rows(f.read(), np.load(at("ends.npy")), np.load(at("ints.npy"))), json.load(m)
     n, d = matrix.shape
-    whole = (fast.values.shape == (n, d) and bounds.shape == (n, 2) and fast.columns.shape == (d,)
-             and rows.ends.shape == (n,) and rows.ints.shape == (n, 3) and len(rows.text) == (rows.ends[-1] if n else 0))
+    whole = (
+        fast.values.shape == (n, d)
+        and bounds.shape == (n, 2)
+        and fast.columns.shape == (d,)
+        and rows.ends.shape == (n,)
+        and rows.ints.shape == (n, 3)
+        and len(rows.text) == (rows.ends[-1] if n else 0)
+    )
     if not whole:  # a file cut short or replaced by hand: load() builds the sidecar again
         raise ValueError(f"the sidecar in {place} is not whole")
     return Vectors(matrix, rows, meta, fast)
@@ -319,8 +323,9 @@ def _scan(matrix: np.ndarray, q: np.ndarray, block: int = 256) -> np.ndarray:
     return out
 
 
-def top_k(matrix: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None,
-          fast: Quantized | None = None) -> tuple[np.ndarray, np.ndarray]:
+def top_k(
+    matrix: np.ndarray, query: np.ndarray, k: int, keep: np.ndarray | None = None, fast: Quantized | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The exact k best rows by dot product with a unit query, in float32: (indices, cosines), best first; `keep`
     masks rows out (path filters).
 

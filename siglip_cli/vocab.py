@@ -48,7 +48,9 @@ def parse_vocab(lines, source: str, allow_thresholds: bool = True, comments: boo
             except ValueError:
                 value = -1.0
             if not 0.0 <= value <= 1.0:
-                raise UsageError(f"{source}, line {number}: threshold {threshold.strip()!r} is not a number from 0 to 1")
+                raise UsageError(
+                    f"{source}, line {number}: threshold {threshold.strip()!r} is not a number from 0 to 1"
+                )
         if tag.lower() in seen:
             dropped.append(tag)
             continue
@@ -102,8 +104,9 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
     from .heads import ensemble
 
     def where() -> str:  # by what computes them (a text tower that cannot be converted falls back to torch)
-        key = cache_key(encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates,
-                        encoder.text_rules)
+        key = cache_key(
+            encoder.fingerprint, encoder.text_kind, encoder.info.text_length, tags, templates, encoder.text_rules
+        )
         return os.path.join(cache_dir(), "text", key + ".npy")
 
     path = where()
@@ -112,8 +115,12 @@ def text_embeddings(encoder, tags: tuple[str, ...], templates: tuple[str, ...], 
             cached = np.load(path, allow_pickle=False)
             # what a cache entry must be: as written, one finite float32 vector per tag, of the model's size;
             # anything else (cut short, another writer's array or file) is recomputed and rewritten, never scored
-            if (isinstance(cached, np.ndarray) and cached.shape == (len(tags), encoder.info.dim)
-                    and cached.dtype == np.float32 and np.isfinite(cached).all()):
+            if (
+                isinstance(cached, np.ndarray)
+                and cached.shape == (len(tags), encoder.info.dim)
+                and cached.dtype == np.float32
+                and np.isfinite(cached).all()
+            ):
                 return torch.from_numpy(cached).to(encoder.device)
         except Exception:
             pass

@@ -16,8 +16,13 @@ def missing_folder(name: str) -> str | None:
     """The one-line error for a --model that names a local folder (a path, not a Hub id) that is not there."""
     if os.path.isdir(name):
         return None
-    path_like = name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or \
-        name.count("/") > 1 or name.endswith(("/", "\\")) or "\\" in name
+    path_like = (
+        name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or name in (".", "..")
+        or name.count("/") > 1
+        or name.endswith(("/", "\\"))
+        or "\\" in name
+    )
     if not path_like:
         return None
     what = "is a file, not a folder saved with save_pretrained" if os.path.exists(name) else "does not exist"
@@ -48,7 +53,6 @@ def resolve_weights(name: str, revision: str | None) -> str:
             "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"
         ) from None
     return os.path.basename(os.path.dirname(config))  # .../snapshots/<commit>/config.json
-
 
 
 # The files of a local checkpoint that decide its numbers: weights, configs, tokenizer (not a README).

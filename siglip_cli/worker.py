@@ -73,7 +73,9 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return _slots[name]
 
 
-def decode_into(records: list[FileRecord], rows: list[int], spec: ImageSpec, slot: str | None, lane: int) -> list[Decoded]:
+def decode_into(
+    records: list[FileRecord], rows: list[int], spec: ImageSpec, slot: str | None, lane: int
+) -> list[Decoded]:
     """Worker task: decode files; put each one's pixels in its row of the shared slot (or, with no slot, in
     the returned record itself), and report progress on the board's lane.
 

@@ -40,9 +40,18 @@ def _tokenizer():
 
 
 def _text_config(vocab_size: int) -> dict:
-    return dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=64, projection_size=32,
-                pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        projection_size=32,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
 
 
 def write_processor(folder: Path, **recipe) -> None:
@@ -50,8 +59,15 @@ def write_processor(folder: Path, **recipe) -> None:
     particular transformers version is needed to make one)."""
     import json
 
-    config = dict(do_normalize=True, do_rescale=True, do_resize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                  rescale_factor=1 / 255, **recipe)
+    config = dict(
+        do_normalize=True,
+        do_rescale=True,
+        do_resize=True,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        rescale_factor=1 / 255,
+        **recipe,
+    )
     (folder / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -64,8 +80,14 @@ def build_fixed(folder: Path) -> Path:
     tok = _tokenizer()
     config = SiglipConfig(
         text_config=_text_config(len(tok)),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=64, patch_size=16),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
     )
     model = SiglipModel(config).eval()
     with torch.no_grad():  # a realistic scale and bias, so that scores are not all ~0 or ~1
@@ -73,8 +95,13 @@ def build_fixed(folder: Path) -> Path:
         model.logit_bias.fill_(-2.0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    write_processor(folder, image_processor_type="SiglipImageProcessor", do_convert_rgb=True, resample=2,
-                    size={"height": 64, "width": 64})
+    write_processor(
+        folder,
+        image_processor_type="SiglipImageProcessor",
+        do_convert_rgb=True,
+        resample=2,
+        size={"height": 64, "width": 64},
+    )
     return folder
 
 
@@ -87,8 +114,14 @@ def build_naflex(folder: Path) -> Path:
     tok = _tokenizer()
     config = Siglip2Config(
         text_config=_text_config(len(tok)),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_patches=16, patch_size=16),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_patches=16,
+            patch_size=16,
+        ),
     )
     model = Siglip2Model(config).eval()
     with torch.no_grad():
@@ -97,8 +130,9 @@ def build_naflex(folder: Path) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     # 256 as in the real NaFlex checkpoints (Siglip2Processor applies 256 whatever the image processor says).
-    write_processor(folder, image_processor_type="Siglip2ImageProcessor", resample=2, patch_size=16,
-                    max_num_patches=256)
+    write_processor(
+        folder, image_processor_type="Siglip2ImageProcessor", resample=2, patch_size=16, max_num_patches=256
+    )
     return folder
 
 
@@ -112,29 +146,59 @@ def build_v1(folder: Path) -> Path:
     import torch
     from transformers import SiglipConfig, SiglipModel, SiglipTokenizer
 
-    lines = ["a red car on a road", "this is a photo of a great grey owl", "two dogs playing in the snow",
-             "a photo of a cat", "the quick brown fox jumps over the lazy dog", string.ascii_lowercase,
-             string.digits] * 20
+    lines = [
+        "a red car on a road",
+        "this is a photo of a great grey owl",
+        "two dogs playing in the snow",
+        "a photo of a cat",
+        "the quick brown fox jumps over the lazy dog",
+        string.ascii_lowercase,
+        string.digits,
+    ] * 20
     spiece = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=spiece, vocab_size=120,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=spiece,
+        vocab_size=120,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spiece.model").write_bytes(spiece.getvalue())
     tok = SiglipTokenizer(vocab_file=str(folder / "spiece.model"), model_max_length=64)
     torch.manual_seed(2)
     text = _text_config(len(tok))
     text.update(pad_token_id=1, eos_token_id=1, bos_token_id=None)
-    config = SiglipConfig(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16))
+    config = SiglipConfig(
+        text_config=text,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        ),
+    )
     model = SiglipModel(config).eval()
     with torch.no_grad():
         model.logit_scale.fill_(2.3)
         model.logit_bias.fill_(-2.0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    write_processor(folder, image_processor_type="SiglipImageProcessor", do_convert_rgb=True, resample=3,
-                    size={"height": 64, "width": 64})
+    write_processor(
+        folder,
+        image_processor_type="SiglipImageProcessor",
+        do_convert_rgb=True,
+        resample=3,
+        size={"height": 64, "width": 64},
+    )
     return folder
 
 
@@ -211,5 +275,11 @@ def cli():
 
 def run_siglip(*args, **kw) -> subprocess.CompletedProcess:
     """Run `python -m siglip_cli ARGS...` in a subprocess, as a shell script would."""
-    return subprocess.run([sys.executable, "-m", "siglip_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=kw.pop("cwd", None), env={**os.environ, **kw.pop("env", {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "siglip_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=kw.pop("cwd", None),
+        env={**os.environ, **kw.pop("env", {})},
+        **kw,
+    )

@@ -73,7 +73,7 @@ def _specific(fmt: str, data: bytes) -> dict[str, bytes]:
     def put(name: str, offset: int, code: str, values) -> None:
         size = struct.calcsize(code)
         for v in values:
-            patched = data[:offset] + struct.pack(code, v) + data[offset + size:]
+            patched = data[:offset] + struct.pack(code, v) + data[offset + size :]
             out[f"{name}-{v}"] = _png_fix(patched) if fmt == "PNG" else patched
 
     if fmt == "PNG":
@@ -106,13 +106,15 @@ def _specific(fmt: str, data: bytes) -> dict[str, bytes]:
         put("chunksize", 16, "<I", _values(32))
     elif fmt == "TIFF" and data[:2] == b"II":
         ifd = struct.unpack("<I", data[4:8])[0]
-        for k in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        for k in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
             entry = ifd + 2 + 12 * k
-            tag = struct.unpack("<H", data[entry:entry + 2])[0]
+            tag = struct.unpack("<H", data[entry : entry + 2])[0]
             names = {258: "bitspersample", 277: "samplesperpixel", 279: "stripbytecounts", 273: "stripoffsets"}
             if tag in names:
                 put(names[tag] + "-count", entry + 4, "<I", (0, 0xFFFFFFFF))
-                put(names[tag], entry + 8, "<I" if tag in (273, 279) else "<H", _values(32 if tag in (273, 279) else 16))
+                put(
+                    names[tag], entry + 8, "<I" if tag in (273, 279) else "<H", _values(32 if tag in (273, 279) else 16)
+                )
     return out
 
 
@@ -133,7 +135,7 @@ def build(root: str) -> list[str]:
         tag = fmt.lower()
         for offset, bits, code in _size_fields(data):
             for v in _values(bits):
-                patched = data[:offset] + struct.pack(code, v) + data[offset + bits // 8:]
+                patched = data[:offset] + struct.pack(code, v) + data[offset + bits // 8 :]
                 write(f"{tag}-size{offset}-{bits}-{v}{ext}", _png_fix(patched) if fmt == "PNG" else patched)
         if fmt == "PPM":  # sizes and the maximum value are text
             body = data.split(b"\n", 3)[-1]

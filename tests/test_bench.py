@@ -8,8 +8,22 @@ import pytest
 def test_bench_json_with_tag(cli, tmp_path):
     vocab = tmp_path / "v.txt"
     vocab.write_text("red\nsky\ncat\n")
-    result = cli("bench", "--arch", "tiny", "--device", "cpu", "-n", "64", "-j", "1", "--seconds", "0.2",
-                 "--vocab", vocab, "--json")
+    result = cli(
+        "bench",
+        "--arch",
+        "tiny",
+        "--device",
+        "cpu",
+        "-n",
+        "64",
+        "-j",
+        "1",
+        "--seconds",
+        "0.2",
+        "--vocab",
+        vocab,
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["model"] == "random:tiny" and out["images"] == 64 and out["generated_images"]
@@ -51,8 +65,22 @@ def test_bench_unknown_arch_exits_2(cli):
 def test_bench_backends_side_by_side(cli, photos, tmp_path):
     vocab = tmp_path / "v.txt"
     vocab.write_text("red\nsky\ncat\ndog\ntree\ncar\nbeach\nsnow\n")
-    result = cli("bench", photos, "--arch", "tiny", "--backends", "-n", "16", "-j", "1", "--seconds", "0.2",
-                 "--vocab", vocab, "--json")
+    result = cli(
+        "bench",
+        photos,
+        "--arch",
+        "tiny",
+        "--backends",
+        "-n",
+        "16",
+        "-j",
+        "1",
+        "--seconds",
+        "0.2",
+        "--vocab",
+        vocab,
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)
     rows = {(v["backend"], v["dtype"], v["quantize"]): v for v in out["variants"]}
@@ -80,9 +108,28 @@ def test_bench_ends_on_sigterm_in_one_line_and_leaves_nothing(tmp_path):
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "bench", "--arch", "tiny", "--device", "cpu",
-                             "-n", "100000", "-j", "1", "--seconds", "0.2"], env={**os.environ, "TMPDIR": str(tmp)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "siglip_cli",
+            "bench",
+            "--arch",
+            "tiny",
+            "--device",
+            "cpu",
+            "-n",
+            "100000",
+            "-j",
+            "1",
+            "--seconds",
+            "0.2",
+        ],
+        env={**os.environ, "TMPDIR": str(tmp)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not any(tmp.glob("siglip-bench-*/*.jpg")) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -38,7 +38,8 @@ def test_inductor_names_its_default_cache_folder():
     default = compat.inductor_default_cache_dir()
     assert isinstance(default, str) and default, (
         f"{_version('torch')}: torch._inductor.runtime.cache_dir_utils.default_cache_dir is gone: --compile's "
-        "artefacts would go back to a /tmp folder that a reboot wipes")
+        "artefacts would go back to a /tmp folder that a reboot wipes"
+    )
 
 
 def test_a_compile_failure_has_a_type_to_catch():
@@ -46,7 +47,8 @@ def test_a_compile_failure_has_a_type_to_catch():
 
     failures = compat.compile_failures()
     assert failures and all(issubclass(t, Exception) for t in failures), (
-        f"{_version('torch')}: torch._dynamo.exc.BackendCompilerFailed is gone: a failed --compile would be a traceback")
+        f"{_version('torch')}: torch._dynamo.exc.BackendCompilerFailed is gone: a failed --compile would be a traceback"
+    )
 
     def broken(gm, example_inputs):
         raise RuntimeError("no compiler here")
@@ -66,7 +68,8 @@ def test_the_worker_processes_of_a_pool_can_be_reached():
         processes = compat.pool_processes(pool)
         assert len(processes) == 1 and all(p.is_alive() and hasattr(p, "kill") for p in processes), (
             f"Python {sys.version.split()[0]}: ProcessPoolExecutor._processes is gone: a worker stuck in a read "
-            "could no longer be killed")
+            "could no longer be killed"
+        )
 
 
 def test_the_logit_scale_and_bias_are_read_in_float32_from_the_weights(fixed_ckpt):
@@ -75,7 +78,8 @@ def test_the_logit_scale_and_bias_are_read_in_float32_from_the_weights(fixed_ckp
 
     scalars = stored_scalars(str(fixed_ckpt), None)
     assert scalars == pytest.approx({"logit_scale": 2.3, "logit_bias": -2.0}), (
-        f"{_version('transformers')}: the checkpoint no longer stores logit_scale and logit_bias under those names")
+        f"{_version('transformers')}: the checkpoint no longer stores logit_scale and logit_bias under those names"
+    )
 
 
 def test_a_hub_checkpoint_is_known_by_the_commit_its_cached_files_came_from(tmp_path):

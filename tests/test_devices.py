@@ -58,8 +58,25 @@ def test_several_devices_tag_like_one(cli, fixed_ckpt, photos, tmp_path):
     outs = []
     for device in ("cpu", "cpu,cpu"):
         outs.append(tmp_path / f"{device}.parquet")
-        result = cli("tag", photos, "--vocab", vocab, "-o", outs[-1], "-m", fixed_ckpt, "--device", device, "-b", "8",
-                     "--all-scores", "--threshold", "0", *TORCH, "-q")
+        result = cli(
+            "tag",
+            photos,
+            "--vocab",
+            vocab,
+            "-o",
+            outs[-1],
+            "-m",
+            fixed_ckpt,
+            "--device",
+            device,
+            "-b",
+            "8",
+            "--all-scores",
+            "--threshold",
+            "0",
+            *TORCH,
+            "-q",
+        )
         assert result.exit_code == 0, result.stderr
     a, b = table(outs[0]), table(outs[1])
     assert a["path"] == b["path"] and [t[0]["tag"] for t in a["tags"]] == [t[0]["tag"] for t in b["tags"]]
@@ -103,7 +120,7 @@ def test_auto_dtype_on_a_cpu(monkeypatch):
     import siglip_cli.model as model
 
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(model, "cpu_bf16_native", lambda: native)
+        monkeypatch.setattr(model, "cpu_bf16_native", lambda native=native: native)
         assert resolve_dtype("auto", [torch.device("cpu")]) == want
 
 
@@ -206,7 +223,10 @@ def test_doctor_says_the_backend_a_naflex_run_uses(cli, fixed_ckpt, naflex_ckpt,
     openvino); and a file given as the model is not a model."""
     from siglip_cli.encoders.openvino import available
 
-    for ckpt, expected in ((naflex_ckpt, "torch"), (fixed_ckpt, "openvino" if available() and not torch.cuda.is_available() else None)):
+    for ckpt, expected in (
+        (naflex_ckpt, "torch"),
+        (fixed_ckpt, "openvino" if available() and not torch.cuda.is_available() else None),
+    ):
         report = json.loads(cli("doctor", "-m", ckpt, "--json").stdout)
         if expected:
             assert report["auto"]["backend"] == expected, (ckpt.name, report["auto"])

@@ -81,8 +81,9 @@ def test_strict_exits_1_when_a_row_failed(cli, fixed_ckpt, library, tmp_path):
 def test_files_from_stdin_attempts_every_listed_path(cli, fixed_ckpt, library, tmp_path):
     out = tmp_path / "out.parquet"
     listed = [library / "notes.txt", library / "b.jpg", library / "missing.jpg"]
-    result = cli("embed", "--files-from", "-", "-o", out, "-m", fixed_ckpt,
-                 input="".join(f"{p}\n" for p in listed) + "\n")
+    result = cli(
+        "embed", "--files-from", "-", "-o", out, "-m", fixed_ckpt, input="".join(f"{p}\n" for p in listed) + "\n"
+    )
     assert result.exit_code == 0, result.stderr
     got = rows(out)
     assert [r["path"] for r in got] == [str(p) for p in listed]  # list order is kept
@@ -125,19 +126,22 @@ def test_output_readable_by_duckdb(cli, fixed_ckpt, library, tmp_path):
     assert (n, ok, dim) == (6, 3, 32)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--frobnicate"], "No such option"),
-    (["--device", "tpu"], "expected auto, cpu, mps, cuda"),
-    (["--dtype", "int8"], "expected auto, float32"),
-    (["--batch-size", "0"], "greater than or equal to 1|not in the range x>=1"),  # typer 0.29 | before
-    ([], "nothing to embed"),
-    (["-t", "a cat", "IMG"], "not both"),
-    (["IMG", "-o", ""], "an empty name"),  # an output that cannot be an index
-    (["-t", "a cat", "-o", ""], "an empty name"),
-    (["IMG", "-o", "/dev/null"], "is not a file or a folder"),
-    (["IMG", "-o", "-", "--prune"], "--prune works on an index"),  # options an index alone honours: to stdout
-    (["IMG", "-o", "-", "--retry-errors"], "--retry-errors works on an index"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--frobnicate"], "No such option"),
+        (["--device", "tpu"], "expected auto, cpu, mps, cuda"),
+        (["--dtype", "int8"], "expected auto, float32"),
+        (["--batch-size", "0"], "greater than or equal to 1|not in the range x>=1"),  # typer 0.29 | before
+        ([], "nothing to embed"),
+        (["-t", "a cat", "IMG"], "not both"),
+        (["IMG", "-o", ""], "an empty name"),  # an output that cannot be an index
+        (["-t", "a cat", "-o", ""], "an empty name"),
+        (["IMG", "-o", "/dev/null"], "is not a file or a folder"),
+        (["IMG", "-o", "-", "--prune"], "--prune works on an index"),  # options an index alone honours: to stdout
+        (["IMG", "-o", "-", "--retry-errors"], "--retry-errors works on an index"),
+    ],
+)
 def test_bad_usage_exits_2(cli, args, message, library):
     args = [str(library / "a.png") if a == "IMG" else a for a in args]
     result = cli("embed", *args)
@@ -168,10 +172,12 @@ def test_subprocess_pipeline_and_module_entry(fixed_ckpt, library):
 
 
 def test_help_does_not_import_heavy_modules():
-    code = ("import sys, runpy; sys.argv=['siglip','embed','--help']\n"
-            "try: runpy.run_module('siglip_cli', run_name='__main__')\n"
-            "except SystemExit: pass\n"
-            "print(sorted(m for m in ('torch','transformers','pyarrow') if m in sys.modules))")
+    code = (
+        "import sys, runpy; sys.argv=['siglip','embed','--help']\n"
+        "try: runpy.run_module('siglip_cli', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "print(sorted(m for m in ('torch','transformers','pyarrow') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip().endswith("[]"), result.stdout[-300:]
 
@@ -206,7 +212,9 @@ def test_a_usage_error_is_plain_text_with_the_message_on_one_line(library):
     to the terminal's width wrapped the message and filled logs with box art)."""
     result = run_siglip("embed", library / "a.png", "-o", "")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for '--output' / '-o': an empty name")
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("Error: Invalid value for '--output' / '-o': an empty name")
+    )
     assert "╭" not in result.stderr and "│" not in result.stderr and result.stdout == ""
     assert run_siglip("--version").returncode == 0 and run_siglip("embed", "-h").returncode == 0
 
@@ -234,8 +242,9 @@ def test_what_the_command_line_gives_is_checked_before_anything_loads(cli, fixed
 
 
 def test_labels_are_taken_as_given_and_texts_keep_the_backend(cli, fixed_ckpt, library, tmp_path):
-    got = cli("classify", library / "a.png", "--labels", "#1,#2", "-o", "-", "-m", fixed_ckpt, "-j", "0",
-              "--top-k", "2", "-q")
+    got = cli(
+        "classify", library / "a.png", "--labels", "#1,#2", "-o", "-", "-m", fixed_ckpt, "-j", "0", "--top-k", "2", "-q"
+    )
     assert got.exit_code == 0, got.stderr  # labels, not comments (a file's '#' lines are)
     assert {t["label"] for t in json.loads(got.stdout)["top_k"]} == {"#1", "#2"}
     out = tmp_path / "t.parquet"

@@ -71,8 +71,9 @@ def test_missing_sentencepiece_is_one_line(v1_ckpt, tmp_path):
     import os
 
     path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
-    r = run_siglip("embed", "--text", "a red car", "-o", tmp_path / "t.parquet", "-m", v1_ckpt, *TORCH,
-                   env={"PYTHONPATH": path})
+    r = run_siglip(
+        "embed", "--text", "a red car", "-o", tmp_path / "t.parquet", "-m", v1_ckpt, *TORCH, env={"PYTHONPATH": path}
+    )
     assert r.returncode == 1, r.stderr
     assert "sentencepiece" in r.stderr and "pip install" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -27,10 +26,15 @@ def camera_jpeg(tmp_path_factory, photos):
     return plain, turned
 
 
-@pytest.mark.parametrize("spec", [
-    ImageSpec(height=384, width=384), ImageSpec(height=224, width=224),
-    ImageSpec(naflex=True, patch_size=16, max_patches=256),
-], ids=["384", "224", "naflex"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ImageSpec(height=384, width=384),
+        ImageSpec(height=224, width=224),
+        ImageSpec(naflex=True, patch_size=16, max_patches=256),
+    ],
+    ids=["384", "224", "naflex"],
+)
 def test_fast_within_one_level_of_exact(camera_jpeg, spec):
     for path in camera_jpeg:
         fast = decode(FileRecord(str(path)), spec)

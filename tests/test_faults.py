@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_odd_files import jpeg_bytes
 
 import lying_headers
 from conftest import run_siglip
-from test_odd_files import jpeg_bytes
 
 
 def library(folder, n: int, prefix: str = "img"):
@@ -45,7 +45,7 @@ def hook_dir(tmp_path, code: str):
 
 
 # Runs in the decode workers only (the main process and the resource tracker have no multiprocessing parent).
-IN_WORKERS = '''
+IN_WORKERS = """
 import builtins, multiprocessing, os, signal, sys, time
 _open = builtins.open
 def open(file, *args, **kwargs):
@@ -65,7 +65,7 @@ def open(file, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGBUS)  # the machine's fault (a full /dev/shm), once
     return _open(file, *args, **kwargs)
 builtins.open = open
-'''
+"""
 
 
 # -- 1. a file's values never crash the run ----------------------------------------------------------------
@@ -98,8 +98,9 @@ def test_corpus_of_lying_headers(fixed_ckpt, tmp_path):
     names = lying_headers.build(str(root))
     exts = sorted({os.path.splitext(n)[1] for n in names})
     out = tmp_path / "out.parquet"
-    result = run_siglip("embed", root, "--ext", ",".join(exts), "-o", out, "-m", fixed_ckpt, "-j", "2",
-                        "--timeout", "30", timeout=600)
+    result = run_siglip(
+        "embed", root, "--ext", ",".join(exts), "-o", out, "-m", fixed_ckpt, "-j", "2", "--timeout", "30", timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     got = pq.read_table(out, columns=["path", "status", "error"]).to_pylist()
@@ -152,10 +153,30 @@ def stalled_run(fixed_ckpt, tmp_path, stderr, env: dict | None = None) -> subpro
     lib = library(tmp_path / "lib", 2)
     for i in range(4):
         (lib / f"stall{i}.jpg").write_bytes(jpeg_bytes())
-    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(tmp_path / "out"),
-                             "-m", str(fixed_ckpt), "-j", "2", "-b", "2", "--timeout", "600"],
-                            env={**os.environ, **hook_dir(tmp_path, IN_WORKERS), **(env or {})}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "siglip_cli",
+            "embed",
+            str(lib),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(fixed_ckpt),
+            "-j",
+            "2",
+            "-b",
+            "2",
+            "--timeout",
+            "600",
+        ],
+        env={**os.environ, **hook_dir(tmp_path, IN_WORKERS), **(env or {})},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while len(session_pids(proc.pid)) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -183,12 +204,15 @@ def test_kill_9_leaves_no_process_and_no_shared_memory(fixed_ckpt, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the run's processes")
-@pytest.mark.parametrize("sig,group,code,said", [(signal.SIGINT, True, 130, "siglip: interrupted"),
-                                                 (signal.SIGTERM, True, 143, "siglip: terminated")])
+@pytest.mark.parametrize(
+    "sig,group,code,said",
+    [(signal.SIGINT, True, 130, "siglip: interrupted"), (signal.SIGTERM, True, 143, "siglip: terminated")],
+)
 def test_ctrl_c_and_sigterm_end_the_run_in_one_line(fixed_ckpt, tmp_path, sig, group, code, said):
     """Ctrl-C reaches the whole process group (the workers too), and so does SIGTERM from systemd (timeout(1)
-    signals the main process alone, the lesser case): either way one line and 128+signal, no worker tracebacks, no process and no shared memory
-    left, and no leak warnings (a signal during a conversion is held until it ends: see encoders.signals_held)."""
+    signals the main process alone, the lesser case): either way one line and 128+signal, no worker tracebacks,
+    no process and no shared memory left, and no leak warnings (a signal during a conversion is held until it
+    ends: see encoders.signals_held)."""
     proc = stalled_run(fixed_ckpt, tmp_path, subprocess.PIPE, {"SIGLIP_FLUSH_ROWS": "1"})
     try:
         if group:
@@ -248,7 +272,9 @@ def test_blocks_held_by_a_live_run_elsewhere_are_kept(tmp_path):
 def test_decode_workers_do_not_import_torch(fixed_ckpt, tmp_path):
     log = tmp_path / "workers.log"
     env = {**hook_dir(tmp_path, IN_WORKERS), "SIGLIP_TEST_LOG": str(log)}
-    result = run_siglip("embed", library(tmp_path / "lib", 4), "-o", tmp_path / "out", "-m", fixed_ckpt, "-j", "2", env=env)
+    result = run_siglip(
+        "embed", library(tmp_path / "lib", 4), "-o", tmp_path / "out", "-m", fixed_ckpt, "-j", "2", env=env
+    )
     assert result.returncode == 0, result.stderr
     lines = log.read_text().splitlines()
     assert len(lines) == 4
@@ -297,14 +323,17 @@ def test_tiny_dev_shm_in_a_container(fixed_ckpt, tmp_path):
     assert all(r["status"] == "ok" for r in rows(out).values()) and len(rows(out)) == 12
 
 
-CRASH_ALWAYS = IN_WORKERS + '''
+CRASH_ALWAYS = (
+    IN_WORKERS
+    + """
 _open2 = builtins.open
 def open(file, *args, **kwargs):
     if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith("crash-always.jpg"):
         os.kill(os.getpid(), signal.SIGSEGV)
     return _open2(file, *args, **kwargs)
 builtins.open = open
-'''
+"""
+)
 
 
 def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
@@ -312,8 +341,20 @@ def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
     (lib / "flaky.jpg").write_bytes(jpeg_bytes())
     (lib / "zz-crash-always.jpg").write_bytes(jpeg_bytes())
     out = tmp_path / "out.parquet"
-    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "4",
-                        env=hook_dir(tmp_path, CRASH_ALWAYS), timeout=300)
+    result = run_siglip(
+        "embed",
+        lib,
+        "-o",
+        out,
+        "-m",
+        fixed_ckpt,
+        "-j",
+        "2",
+        "-b",
+        "4",
+        env=hook_dir(tmp_path, CRASH_ALWAYS),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     got = rows(out)
     assert got["flaky.jpg"]["status"] == "ok"  # its worker died once, but it decodes fine alone
@@ -356,8 +397,18 @@ def test_a_crash_while_the_consumer_is_busy(tmp_path, monkeypatch):
 
 def test_workers_that_cannot_start_are_one_line_not_a_hang(fixed_ckpt, tmp_path):
     code = "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os._exit(3)\n"
-    result = run_siglip("embed", library(tmp_path / "lib", 4), "-o", tmp_path / "out", "-m", fixed_ckpt, "-j", "2",
-                        env=hook_dir(tmp_path, code), timeout=180)
+    result = run_siglip(
+        "embed",
+        library(tmp_path / "lib", 4),
+        "-o",
+        tmp_path / "out",
+        "-m",
+        fixed_ckpt,
+        "-j",
+        "2",
+        env=hook_dir(tmp_path, code),
+        timeout=180,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "die before decoding anything" in result.stderr and "-j 0" in result.stderr
 
@@ -375,8 +426,12 @@ def test_files_from_before_1970_stay_unchanged(cli, fixed_ckpt, tmp_path):
 
 # -- 5. write errors are one line -------------------------------------------------------------------------
 def no_temporaries(folder) -> list[str]:
-    return [os.path.join(d, n) for d, dirs, names in os.walk(folder) for n in names + dirs
-            if n.endswith(".tmp") or n.startswith(".siglip-tmp-")]
+    return [
+        os.path.join(d, n)
+        for d, dirs, names in os.walk(folder)
+        for n in names + dirs
+        if n.endswith(".tmp") or n.startswith(".siglip-tmp-")
+    ]
 
 
 def one_line_error(result, *fragments):
@@ -396,8 +451,12 @@ def test_file_size_limit_is_one_line(cli, fixed_ckpt, tmp_path, layout):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 
-    result = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out), "-m", str(fixed_ckpt),
-                             "-j", "1"], capture_output=True, text=True, preexec_fn=limit)
+    result = subprocess.run(
+        [sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out), "-m", str(fixed_ckpt), "-j", "1"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
     one_line_error(result, "ulimit -f")
     assert no_temporaries(outdir) == []
     again = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1")  # the limit lifted: it completes
@@ -413,7 +472,9 @@ def test_full_or_read_only_disk_is_one_line(fixed_ckpt, tmp_path, mount, cause):
     disk.mkdir()
     fill = f"dd if=/dev/zero of={disk}/filler bs=1k 2>/dev/null;" if "size" in mount else ""
     cmd = f"{sys.executable} -m siglip_cli embed {lib} -o {disk}/index -m {fixed_ckpt} -j 1"
-    result = in_private_mount(f"mount -t tmpfs -o {mount} tmpfs {disk} && {fill} {{ {cmd}; rc=$?; find {disk} -name '*.tmp' -o -name '.siglip-tmp-*'; exit $rc; }}")
+    result = in_private_mount(
+        f"mount -t tmpfs -o {mount} tmpfs {disk} && {fill} {{ {cmd}; rc=$?; find {disk} -name '*.tmp' -o -name '.siglip-tmp-*'; exit $rc; }}"  # noqa: E501
+    )
     one_line_error(result, cause)
     assert ".tmp" not in result.stdout  # nothing half-written left on the disk
 
@@ -451,25 +512,32 @@ def test_every_write_removes_what_killed_writes_left_beside_it(cli, fixed_ckpt, 
     for index in (folder, single):
         assert cli("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0").exit_code == 0
     (lib / "new.jpg").write_bytes(jpeg_bytes((9, 9, 9)))
-    left = killed_writing(folder) + killed_writing(single.parent) + killed_writing(out) + \
-        killed_writing(cache / "text")
+    left = killed_writing(folder) + killed_writing(single.parent) + killed_writing(out) + killed_writing(cache / "text")
     # and the temporary files of earlier versions, which wrote beside the destination under `.NAME.PID.tmp`
     (single.parent / ".one.parquet.parts").mkdir()
-    left += [folder / ".part-00000001.parquet.99999.tmp", single.parent / ".one.parquet.99999.tmp",
-             single.parent / ".one.parquet.parts" / ".part-00000000.parquet.99999.tmp"]
+    left += [
+        folder / ".part-00000001.parquet.99999.tmp",
+        single.parent / ".one.parquet.99999.tmp",
+        single.parent / ".one.parquet.parts" / ".part-00000000.parquet.99999.tmp",
+    ]
     for path in left[-3:]:
         path.write_bytes(b"PAR1 half a file")
     for index in (folder, single):  # a new part, and a merge into the file
         result = cli("embed", lib, "-o", index, "-m", fixed_ckpt, "-j", "0")
         assert result.exit_code == 0, result.stderr
         assert len(rows(index)) == 4
-    found = cli("search", single, "--image", lib / "new.jpg", "-k", "2", "-o", out / "hits.parquet",
-                "--html", out / "hits.html")
+    found = cli(
+        "search", single, "--image", lib / "new.jpg", "-k", "2", "-o", out / "hits.parquet", "--html", out / "hits.html"
+    )
     assert found.exit_code == 0, found.stderr
     assert len(pq.read_table(out / "hits.parquet")) == 2 and (out / "hits.html").stat().st_size > 0
     (tmp_path / "vocab.txt").write_text("cat\ndog\n")
-    assert cli("tag", lib, "--vocab", tmp_path / "vocab.txt", "-o", tmp_path / "tags.parquet", "-m",
-               fixed_ckpt, "-j", "0").exit_code == 0
+    assert (
+        cli(
+            "tag", lib, "--vocab", tmp_path / "vocab.txt", "-o", tmp_path / "tags.parquet", "-m", fixed_ckpt, "-j", "0"
+        ).exit_code
+        == 0
+    )
     assert list(cache.glob("text/*.npy"))
     assert [str(p) for p in left if p.exists()] == []
     assert no_temporaries(tmp_path) == []
@@ -478,10 +546,18 @@ def test_every_write_removes_what_killed_writes_left_beside_it(cli, fixed_ckpt, 
 def test_a_live_writer_and_a_fresh_leftover_are_kept(tmp_path):
     from siglip_cli.scratch import sweep
 
-    live = subprocess.Popen([sys.executable, "-c", KILLED_WRITING.replace("os.kill(os.getpid(), 9)",
-                                                                          "print(folder, flush=True); time.sleep(60)")
-                             .replace("import os, sys", "import os, sys, time"), str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_WRITING.replace("os.kill(os.getpid(), 9)", "print(folder, flush=True); time.sleep(60)").replace(
+                "import os, sys", "import os, sys, time"
+            ),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         held = live.stdout.readline().strip()
         for p in (os.path.join(held, "half-written"), held):
@@ -503,8 +579,22 @@ def test_timeout_is_per_file_not_per_chunk(fixed_ckpt, tmp_path):
     (lib / "stall.jpg").write_bytes(jpeg_bytes())
     log = tmp_path / "workers.log"
     out = tmp_path / "out.parquet"
-    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "1", "-b", "8", "--timeout", "1.5",
-                        env={**hook_dir(tmp_path, IN_WORKERS), "SIGLIP_TEST_LOG": str(log)}, timeout=300)
+    result = run_siglip(
+        "embed",
+        lib,
+        "-o",
+        out,
+        "-m",
+        fixed_ckpt,
+        "-j",
+        "1",
+        "-b",
+        "8",
+        "--timeout",
+        "1.5",
+        env={**hook_dir(tmp_path, IN_WORKERS), "SIGLIP_TEST_LOG": str(log)},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     got = rows(out)
     assert "took over 1.5s" in got.pop("stall.jpg")["error"]
@@ -542,7 +632,9 @@ def test_nan_results_are_error_rows(cli, fixed_ckpt, tmp_path, poisoned, command
     vocab.write_text("cat\ndog\n")
     out = tmp_path / "out.parquet"
     args = [str(vocab) if a == "VOCAB" else a for a in command]
-    result = cli(*args, lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "-b", "2", "--no-cache" if command[0] != "embed" else "-q")
+    result = cli(
+        *args, lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "-b", "2", "--no-cache" if command[0] != "embed" else "-q"
+    )
     assert result.exit_code == 0, result.stderr
     got = rows(out)
     bad = got.pop("poison.jpg")
@@ -580,8 +672,18 @@ def test_cpu_affinity_decides_the_default_workers():
 
 
 def test_compile_without_a_compiler_is_one_line(fixed_ckpt, tmp_path):
-    result = run_siglip("embed", library(tmp_path / "lib", 1), "-o", tmp_path / "out", "-m", fixed_ckpt, "--compile",
-                        "--device", "cpu", env={"CXX": "/nonexistent/g++"})
+    result = run_siglip(
+        "embed",
+        library(tmp_path / "lib", 1),
+        "-o",
+        tmp_path / "out",
+        "-m",
+        fixed_ckpt,
+        "--compile",
+        "--device",
+        "cpu",
+        env={"CXX": "/nonexistent/g++"},
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("siglip: error: --compile needs a C++ compiler")
 
@@ -591,8 +693,13 @@ def test_refuses_to_print_vectors_to_a_terminal(fixed_ckpt, tmp_path):
     lib = library(tmp_path / "lib", 1)
     main, tty = pty.openpty()
     try:
-        result = subprocess.run([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-m", str(fixed_ckpt)],
-                                stdout=tty, stderr=subprocess.PIPE, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "siglip_cli", "embed", str(lib), "-m", str(fixed_ckpt)],
+            stdout=tty,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(tty)
         os.close(main)
@@ -604,7 +711,7 @@ def test_refuses_to_print_vectors_to_a_terminal(fixed_ckpt, tmp_path):
 
 def test_closed_pipe_ends_quietly(fixed_ckpt, tmp_path):
     lib = library(tmp_path / "lib", 30)
-    cmd = f"{sys.executable} -m siglip_cli embed {lib} -m {fixed_ckpt} -j 0 -b 1 | head -n 1 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    cmd = f"{sys.executable} -m siglip_cli embed {lib} -m {fixed_ckpt} -j 0 -b 1 | head -n 1 >/dev/null; echo ${{PIPESTATUS[0]}}"  # noqa: E501
     result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.stdout.strip() in ("0", "141")  # 0 when it finished before head closed the pipe
@@ -617,11 +724,18 @@ def test_stdout_on_a_full_disk_is_one_line(cli, fixed_ckpt, tmp_path):
     lib = library(tmp_path / "lib", 3)
     index = tmp_path / "idx.parquet"
     assert cli("embed", lib, "-m", fixed_ckpt, "-o", index).exit_code == 0
-    for args in (["embed", lib, "-m", fixed_ckpt, "-o", "-"],
-                 ["search", index, "--image", next(lib.glob("*.jpg")), "--json"]):
+    for args in (
+        ["embed", lib, "-m", fixed_ckpt, "-o", "-"],
+        ["search", index, "--image", next(lib.glob("*.jpg")), "--json"],
+    ):
         with open("/dev/full", "w") as full:
-            result = subprocess.run([sys.executable, "-m", "siglip_cli", *map(str, args)], stdout=full,
-                                    stderr=subprocess.PIPE, text=True, timeout=300)
+            result = subprocess.run(
+                [sys.executable, "-m", "siglip_cli", *map(str, args)],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=300,
+            )
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and "Traceback" not in result.stderr, (args[0], result.stderr)
         assert lines[-1] == "siglip: error: cannot write stdout: No space left on device", (args[0], lines)

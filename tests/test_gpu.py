@@ -59,8 +59,22 @@ def test_all_gpus_keep_the_input_order(cli, ckpt, photos, tmp_path):
 
 def test_cuda_compile(cli, fixed_ckpt, photos, tmp_path):
     out = tmp_path / "o.parquet"
-    result = cli("embed", photos, "-o", out, "-m", fixed_ckpt, "--device", "cuda", "--dtype", "float32", "--compile",
-                 "-b", "16", "-q")
+    result = cli(
+        "embed",
+        photos,
+        "-o",
+        out,
+        "-m",
+        fixed_ckpt,
+        "--device",
+        "cuda",
+        "--dtype",
+        "float32",
+        "--compile",
+        "-b",
+        "16",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     assert cosines(out, fixed_ckpt).min() >= 0.9999
 
@@ -70,8 +84,23 @@ def test_cuda_bfloat16_tag_scores_use_the_float32_formula(cli, fixed_ckpt, photo
     (tmp_path / "v.txt").write_text("\n".join(tags))
     out, texts = tmp_path / "t.parquet", tmp_path / "texts.parquet"
     common = ["-m", fixed_ckpt, "--device", "cuda", "--dtype", "bfloat16"]
-    assert cli("tag", photos, "--vocab", tmp_path / "v.txt", "--threshold", "0", "--with-embeddings", "--no-cache",
-               "-o", out, *common, "-q").exit_code == 0
+    assert (
+        cli(
+            "tag",
+            photos,
+            "--vocab",
+            tmp_path / "v.txt",
+            "--threshold",
+            "0",
+            "--with-embeddings",
+            "--no-cache",
+            "-o",
+            out,
+            *common,
+            "-q",
+        ).exit_code
+        == 0
+    )
     prompts = [a for t in tags for a in ("--text", f"This is a photo of {t}.")]
     assert cli("embed", *prompts, "-o", texts, *common).exit_code == 0
     meta = json.loads(pq.read_schema(out).metadata[b"siglip"])
@@ -85,7 +114,9 @@ def test_cuda_bfloat16_tag_scores_use_the_float32_formula(cli, fixed_ckpt, photo
 def test_cuda_out_of_memory_fallback(cli, fixed_ckpt, photos, tmp_path, monkeypatch):
     tight_memory(monkeypatch, fits=5)
     out = tmp_path / "o.parquet"
-    result = cli("embed", photos, "-o", out, "-m", fixed_ckpt, "--device", "cuda", "--dtype", "float32", "-b", "16", "-q")
+    result = cli(
+        "embed", photos, "-o", out, "-m", fixed_ckpt, "--device", "cuda", "--dtype", "float32", "-b", "16", "-q"
+    )
     assert result.exit_code == 0, result.stderr
     assert "ran out of memory at batch size 16; going on in batches of 4" in result.stderr
     assert cosines(out, fixed_ckpt).min() >= 0.9999

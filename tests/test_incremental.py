@@ -57,8 +57,22 @@ def test_kill_9_then_rerun_gives_every_file_once(cli, fixed_ckpt, tmp_path, layo
 
     out = tmp_path / layout
     parts = tmp_path / ("folder" if layout == "folder" else ".file.parquet.parts")
-    cmd = [sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out), "-m", str(fixed_ckpt),
-           "-j", "0", "-b", "8", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "siglip_cli",
+        "embed",
+        str(lib),
+        "-o",
+        str(out),
+        "-m",
+        str(fixed_ckpt),
+        "-j",
+        "0",
+        "-b",
+        "8",
+        "-q",
+    ]
     env = {**os.environ, "SIGLIP_FLUSH_ROWS": "32"}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -72,7 +86,9 @@ def test_kill_9_then_rerun_gives_every_file_once(cli, fixed_ckpt, tmp_path, layo
 
     done = pq.read_table(parts).num_rows  # what the killed run left is readable as it is
     assert 0 < done < 600
-    rerun = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "-b", "8")  # (only the killed run needs a process)
+    rerun = cli(
+        "embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", "-b", "8"
+    )  # (only the killed run needs a process)
     assert rerun.exit_code == 0, rerun.stderr
     assert f"{done:,} unchanged" in rerun.stderr
     got, ref = table(out), table(ref_out)
@@ -160,6 +176,7 @@ def test_other_model_needs_overwrite(cli, fixed_ckpt, naflex_ckpt, tmp_path):
         t = table(out)
         assert t.num_rows == 5
         from siglip_cli.sink import read_metadata
+
         assert read_metadata(str(out))["architecture"] == "Siglip2Model"
         assert cli("embed", lib, "-o", out, "-m", naflex_ckpt).exit_code == 0  # now it fits
 
@@ -192,8 +209,11 @@ def test_second_run_on_a_locked_output_exits_1_or_waits(fixed_ckpt, tmp_path):
         refused = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt)
         assert refused.returncode == 1
         assert "pid 4242" in refused.stderr and str(lock) in refused.stderr and "--wait" in refused.stderr
-        waiting = subprocess.Popen([sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out), "-m",
-                                    str(fixed_ckpt), "--wait"], stderr=subprocess.PIPE, text=True)
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out), "-m", str(fixed_ckpt), "--wait"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1.5)
         assert waiting.poll() is None  # still waiting for the lock
     finally:
@@ -231,15 +251,25 @@ def test_examples_nightly_and_query(fixed_ckpt, tmp_path):
     lib = make_library(tmp_path / "photos", 12)
     (tmp_path / "v.txt").write_text("red\nsky\n")
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, "SIGLIP_MODEL": str(fixed_ckpt), "SIGLIP_VOCAB": str(tmp_path / "v.txt"),
-           "PATH": bindir + os.pathsep + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "SIGLIP_MODEL": str(fixed_ckpt),
+        "SIGLIP_VOCAB": str(tmp_path / "v.txt"),
+        "PATH": bindir + os.pathsep + os.environ["PATH"],
+    }
     examples = os.path.join(os.path.dirname(__file__), "..", "examples")
     for _ in range(2):
-        nightly = subprocess.run(["bash", f"{examples}/nightly.sh", str(lib), str(tmp_path / "index")],
-                                 capture_output=True, text=True, env=env)
+        nightly = subprocess.run(
+            ["bash", f"{examples}/nightly.sh", str(lib), str(tmp_path / "index")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert nightly.returncode == 0, nightly.stderr
     assert pq.read_table(tmp_path / "index" / "embeddings").num_rows == 12
-    query = subprocess.run(["bash", f"{examples}/query.sh", str(tmp_path / "index")], capture_output=True, text=True, env=env)
+    query = subprocess.run(
+        ["bash", f"{examples}/query.sh", str(tmp_path / "index")], capture_output=True, text=True, env=env
+    )
     assert query.returncode == 0, query.stderr
     assert "most frequent tags" in query.stdout and "img00000.png" in query.stdout
 
@@ -263,7 +293,9 @@ def test_max_patches_is_recorded_as_the_setting_it_is(cli, fixed_ckpt, naflex_ck
     t = pq.read_table(out)
     meta = read_metadata(str(out))
     meta["signature"]["max_patches"] = 256
-    pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"siglip": __import__("json").dumps(meta).encode()}), out)
+    pq.write_table(
+        t.replace_schema_metadata({**t.schema.metadata, b"siglip": __import__("json").dumps(meta).encode()}), out
+    )
     assert read_metadata(str(out))["signature"]["max_patches"] == 256
     (lib / "new.png").write_bytes((lib / "d0" / "img00000.png").read_bytes())
     later = cli("embed", lib, "-o", out, "-m", naflex_ckpt)
@@ -288,6 +320,7 @@ def test_an_image_query_is_embedded_with_the_index_s_max_patches(cli, naflex_ckp
     result = cli("search", out, "--image", copy, "--json", "-k", "1")
     assert result.exit_code == 0, result.stderr
     import json
+
     (top,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert top["path"] == str(lib / "p1.png") and top["score"] > 0.9999
 

@@ -11,10 +11,11 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from test_incremental import make_library
+
+from siglip_cli.index import read_index
 
 from conftest import run_siglip
-from test_incremental import make_library
-from siglip_cli.index import read_index
 
 
 def paths(out) -> list[str]:
@@ -79,7 +80,9 @@ def test_a_path_given_that_is_not_there_gets_no_row_and_fails_the_run(cli, fixed
         for o, given in ((out, nas), ("-", nas), (out, link)):
             alone = cli("embed", given, "-o", o, "-m", fixed_ckpt)
             assert alone.exit_code == 1 and alone.stdout == ""
-            assert alone.stderr == f"siglip: error: {given}: no such file or folder (an unmounted share?); nothing done\n"
+            assert (
+                alone.stderr == f"siglip: error: {given}: no such file or folder (an unmounted share?); nothing done\n"
+            )
     anyway_alone = cli("embed", photos, nas, "-o", out, "-m", fixed_ckpt, "--prune-anyway")  # it needs --prune
     assert anyway_alone.exit_code == 1 and "no such file or folder" in anyway_alone.stderr
     gone = cli("embed", photos, nas, "-o", out, "-m", fixed_ckpt, "--prune", "--prune-anyway")
@@ -141,10 +144,17 @@ def test_prune_refuses_to_remove_most_rows_and_only_prunes_under_its_roots(cli, 
 def test_nightly_example_survives_a_missing_share(fixed_ckpt, tmp_path):
     lib = make_library(tmp_path / "photos", 6)
     (tmp_path / "v.txt").write_text("red\nsky\n")
-    env = {**os.environ, "SIGLIP_MODEL": str(fixed_ckpt), "SIGLIP_VOCAB": str(tmp_path / "v.txt"),
-           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env = {
+        **os.environ,
+        "SIGLIP_MODEL": str(fixed_ckpt),
+        "SIGLIP_VOCAB": str(tmp_path / "v.txt"),
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    }
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "nightly.sh")
-    assert subprocess.run(["bash", script, str(lib), str(tmp_path / "index")], env=env, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(["bash", script, str(lib), str(tmp_path / "index")], env=env, capture_output=True).returncode
+        == 0
+    )
     shutil.rmtree(lib)
     lib.mkdir()
     night = subprocess.run(["bash", script, str(lib), str(tmp_path / "index")], env=env, capture_output=True, text=True)
@@ -207,11 +217,18 @@ def test_an_output_that_is_not_a_file_is_refused_and_left_alone(cli, fixed_ckpt,
     link.symlink_to(pipe)
     query = ["--image", next(lib.rglob("*.png"))]
     for name in (pipe, link, ""):
-        for args in (["embed", lib, "-m", fixed_ckpt, "-o", name], ["tag", lib, "-m", fixed_ckpt, "--vocab", index, "-o", name],
-                     ["search", index, *query, "-o", name], ["search", index, *query, "--html", name],
-                     ["dedup", index, "-o", name], ["dedup", index, "--html", name]):
+        for args in (
+            ["embed", lib, "-m", fixed_ckpt, "-o", name],
+            ["tag", lib, "-m", fixed_ckpt, "--vocab", index, "-o", name],
+            ["search", index, *query, "-o", name],
+            ["search", index, *query, "--html", name],
+            ["dedup", index, "-o", name],
+            ["dedup", index, "--html", name],
+        ):
             result = cli(*args)
-            assert result.exit_code == 2 and ("not a file or a folder" in result.stderr or "an empty name" in result.stderr), (args, result.stderr)
+            assert result.exit_code == 2 and (
+                "not a file or a folder" in result.stderr or "an empty name" in result.stderr
+            ), (args, result.stderr)
     table = pa.table({"a": [1]})
     with pytest.raises(RunError, match="not a file or a folder"):
         write_atomic(str(link), [table], table.schema)
@@ -241,8 +258,12 @@ def test_same_folder_given_three_ways_is_one_row_per_file(cli, fixed_ckpt, tmp_p
     lib = make_library(tmp_path / "photos", 5)
     os.symlink(lib, tmp_path / "link")
     out = tmp_path / "lib"
-    for where, arg in ((tmp_path, "photos"), (tmp_path / "photos" / "d0", os.path.join("..", "..", "photos")),
-                       (tmp_path, str(lib) + "/"), (tmp_path, "link")):
+    for where, arg in (
+        (tmp_path, "photos"),
+        (tmp_path / "photos" / "d0", os.path.join("..", "..", "photos")),
+        (tmp_path, str(lib) + "/"),
+        (tmp_path, "link"),
+    ):
         monkeypatch.chdir(where)
         result = cli("embed", arg, "-o", out, "-m", fixed_ckpt, "-j", "0")
         assert result.exit_code == 0, result.stderr
@@ -350,7 +371,7 @@ def test_moved_folder_reuses_rows_without_the_model(cli, fixed_ckpt, tmp_path, m
 
 
 # -- 6. readers never see duplicates ----------------------------------------------------------------------
-KILL_AT = '''
+KILL_AT = """
 import os, signal
 _replace, _unlink, _count = os.replace, os.unlink, [0]
 def _step(path):
@@ -366,7 +387,7 @@ def unlink(path, *a, **k):
     _step(path)
     _unlink(path, *a, **k)
 os.replace, os.unlink = replace, unlink
-'''
+"""
 
 
 @pytest.mark.parametrize("layout", ["lib", "lib.parquet"])
@@ -378,7 +399,12 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(cli, fixed_ckpt, 
     base = tmp_path / "base"
     base.mkdir()
     env = {"SIGLIP_FLUSH_ROWS": "8"}  # several parts
-    assert run_siglip("embed", lib, "-o", base / layout, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", env=env).returncode == 0
+    assert (
+        run_siglip(
+            "embed", lib, "-o", base / layout, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", env=env
+        ).returncode
+        == 0
+    )
     old = by_path(read_index(str(base / layout)))
     files = sorted(lib.rglob("*.png"))
     for p in files[::5]:  # changed: their rows are superseded in old parts
@@ -394,8 +420,20 @@ def test_readers_see_one_row_per_file_at_every_step_of_the_end(cli, fixed_ckpt, 
         work = tmp_path / f"kill{step}"
         shutil.copytree(base, work)
         out = work / layout
-        run = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "--backend", "torch", "-j", "0", "--prune",
-                         env={**env, "PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": str(step)})
+        run = run_siglip(
+            "embed",
+            lib,
+            "-o",
+            out,
+            "-m",
+            fixed_ckpt,
+            "--backend",
+            "torch",
+            "-j",
+            "0",
+            "--prune",
+            env={**env, "PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": str(step)},
+        )
         seen = read_index(str(out))
         keys = seen.column("path").to_pylist()
         assert len(keys) == len(set(keys)), f"duplicates after a kill at step {step}"
@@ -430,8 +468,9 @@ def test_a_move_after_a_killed_run_copies_the_row_of_its_content(cli, fixed_ckpt
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(KILL_AT)
-    killed = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0",
-                        env={"PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": "1"})  # ...and the run dies at its end
+    killed = run_siglip(
+        "embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0", env={"PYTHONPATH": str(hooks), "SIGLIP_TEST_KILL_AT": "1"}
+    )  # ...and the run dies at its end
     assert killed.returncode != 0
     (lib / "restored.png").write_bytes(original)  # the old p00, back under another name
     result = cli("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "0")
@@ -479,7 +518,9 @@ def test_an_index_rewritten_by_another_tool_is_read_without_loss(cli, fixed_ckpt
     assert sorted(set(read_index(str(out)).column("path").to_pylist())) == files
 
     i = original.schema.get_field_index("mtime")
-    ns = original.set_column(i, pa.field("mtime", pa.timestamp("ns", tz="UTC")), original.column("mtime").cast(pa.timestamp("ns", tz="UTC")))
+    ns = original.set_column(
+        i, pa.field("mtime", pa.timestamp("ns", tz="UTC")), original.column("mtime").cast(pa.timestamp("ns", tz="UTC"))
+    )
     pq.write_table(ns.replace_schema_metadata(original.schema.metadata), out)
     again = cli("embed", lib, "-o", out, "-m", fixed_ckpt)
     assert again.exit_code == 0 and "0 done" in again.stderr, again.stderr

@@ -16,15 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_siglip
 from siglip_cli.decode import ImageSpec, decode
 from siglip_cli.sources import FileRecord
+
+from conftest import run_siglip
 
 
 def png_with_size(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (a decompression bomb needs no more to be refused)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
@@ -119,7 +122,9 @@ def test_corpus_every_file_gets_a_row(fixed_ckpt, tmp_path):
     out = tmp_path / "out.parquet"
     listed = tmp_path / "list.txt"
     listed.write_bytes(b"/dev/zero\n" + os.fsencode(os.path.join(root, "vanished.jpg")) + b"\n")
-    result = run_siglip("embed", root, "--files-from", listed, "-o", out, "-m", fixed_ckpt, "-j", "2", "--timeout", "20")
+    result = run_siglip(
+        "embed", root, "--files-from", listed, "-o", out, "-m", fixed_ckpt, "-j", "2", "--timeout", "20"
+    )
     assert result.returncode == 0, result.stderr
     rows = rows_by_name(out, root)
     assert rows.pop(os.path.relpath("/dev/zero", root))["error"] == "not a regular file"
@@ -192,8 +197,13 @@ def test_each_failure_is_tried_again_only_when_its_cause_may_be_gone(tmp_path, m
     def may(error, pixels=None, max_pixels=10**8, timeout=60.0, path=here):
         return d.may_work_now(error, str(path), pixels, max_pixels, timeout)
 
-    for lasting in ("not an image, or a format Pillow cannot read", "corrupt or truncated image: broken data stream",
-                    "empty file (0 bytes)", "the decoder crashed on this file", d.OUT_OF_MEMORY):
+    for lasting in (
+        "not an image, or a format Pillow cannot read",
+        "corrupt or truncated image: broken data stream",
+        "empty file (0 bytes)",
+        "the decoder crashed on this file",
+        d.OUT_OF_MEMORY,
+    ):
         assert not may(lasting), lasting
     assert may(d.UNREADABLE) and not may(d.UNREADABLE, path=gone)  # when it opens
     for read in (d.READ_ERROR + "Input/output error", "corrupt or truncated image: [Errno 5] Input/output error"):
@@ -249,7 +259,7 @@ def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
     assert may_work_now(eio, str(path), None, 10**8, 60)
 
 
-FAULTS = '''
+FAULTS = """
 import builtins, multiprocessing, os, signal, time
 _open = builtins.open
 def open(file, *args, **kwargs):
@@ -260,7 +270,7 @@ def open(file, *args, **kwargs):
             time.sleep(600)  # a read that never returns
     return _open(file, *args, **kwargs)
 builtins.open = open
-'''
+"""
 
 
 def test_crashed_and_stalled_workers_cost_one_row_each(cli, fixed_ckpt, tmp_path):
@@ -276,8 +286,22 @@ def test_crashed_and_stalled_workers_cost_one_row_each(cli, fixed_ckpt, tmp_path
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(FAULTS)
     out = tmp_path / "out.parquet"
-    result = run_siglip("embed", lib, "-o", out, "-m", fixed_ckpt, "-j", "2", "-b", "4", "--timeout", "3",
-                        env={"PYTHONPATH": str(hooks)}, timeout=300)
+    result = run_siglip(
+        "embed",
+        lib,
+        "-o",
+        out,
+        "-m",
+        fixed_ckpt,
+        "-j",
+        "2",
+        "-b",
+        "4",
+        "--timeout",
+        "3",
+        env={"PYTHONPATH": str(hooks)},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     rows = {os.path.basename(r["path"]): r for r in pq.read_table(out).to_pylist()}
     assert len(rows) == 14
@@ -309,8 +333,25 @@ def test_unreadable_file_and_folder_are_read_once_they_can_be(fixed_ckpt, tmp_pa
     out = tmp_path / "out.parquet"
 
     def embed(*more):
-        return subprocess.run([*prefix, sys.executable, "-m", "siglip_cli", "embed", str(lib), "-o", str(out),
-                               "-m", str(fixed_ckpt), "-j", "1", *more], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "siglip_cli",
+                "embed",
+                str(lib),
+                "-o",
+                str(out),
+                "-m",
+                str(fixed_ckpt),
+                "-j",
+                "1",
+                *more,
+            ],
+            capture_output=True,
+            text=True,
+        )
 
     try:
         result = embed()
@@ -333,8 +374,9 @@ def test_unreadable_file_and_folder_are_read_once_they_can_be(fixed_ckpt, tmp_pa
     assert all(r["status"] == "ok" for r in rows.values())
 
 
-def test_a_failure_of_passing_circumstances_is_tried_again_and_one_of_the_bytes_is_not(cli, fixed_ckpt, tmp_path,
-                                                                                        monkeypatch):
+def test_a_failure_of_passing_circumstances_is_tried_again_and_one_of_the_bytes_is_not(
+    cli, fixed_ckpt, tmp_path, monkeypatch
+):
     """The remedy an error names works on the next run, without --retry-errors; until then, and for a file whose
     bytes are at fault, a rerun neither decodes nor loads the model."""
     lib = tmp_path / "lib"

@@ -68,8 +68,18 @@ def test_quantized_runs_are_recorded_and_never_mixed(cli, fixed_ckpt, photos, tm
 
 
 def test_quantize_needs_openvino_on_a_cpu(cli, fixed_ckpt, photos, tmp_path):
-    result = cli("embed", sorted(photos.glob("*.JPEG"))[0], "-o", tmp_path / "o.parquet", "-m", fixed_ckpt,
-                 "--backend", "torch", "--quantize", "int8")
+    result = cli(
+        "embed",
+        sorted(photos.glob("*.JPEG"))[0],
+        "-o",
+        tmp_path / "o.parquet",
+        "-m",
+        fixed_ckpt,
+        "--backend",
+        "torch",
+        "--quantize",
+        "int8",
+    )
     assert result.exit_code == 1 and "--quantize int8 needs the OpenVINO backend" in result.stderr
 
 
@@ -106,8 +116,15 @@ def test_int8_calibrates_on_the_runs_first_photos(cli, fixed_ckpt, photos, tmp_p
     assert len(seen) == 1  # the cached tower: no second calibration
 
 
-WORDS = ["A photo of a DOG", "", "x" * 300, "naïve café 東京 🙂", "<pad> </s> <eos> <unk>", "  spaced   out ",
-         "tab\tnew\nline"]
+WORDS = [
+    "A photo of a DOG",
+    "",
+    "x" * 300,
+    "naïve café 東京 🙂",
+    "<pad> </s> <eos> <unk>",
+    "  spaced   out ",
+    "tab\tnew\nline",
+]
 
 
 def test_text_tower_matches_torch_and_is_cached(cli, any_ckpt, photos, tmp_path, cache):
@@ -122,8 +139,25 @@ def test_text_tower_matches_torch_and_is_cached(cli, any_ckpt, photos, tmp_path,
     runs = {}
     for backend in ("torch", "openvino"):
         runs[backend] = out = tmp_path / f"{backend}.parquet"
-        r = cli("tag", *paths, "--vocab", vocab, "--threshold", "0", "-o", out, "-m", any_ckpt, "--backend", backend,
-                "--dtype", "float32", "--device", "cpu", "--no-cache")
+        r = cli(
+            "tag",
+            *paths,
+            "--vocab",
+            vocab,
+            "--threshold",
+            "0",
+            "-o",
+            out,
+            "-m",
+            any_ckpt,
+            "--backend",
+            backend,
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--no-cache",
+        )
         assert r.exit_code == 0, r.stderr
     v1 = any_ckpt.name.startswith("siglip-v1")
     meta = json.loads(pq.read_schema(runs["openvino"]).metadata[b"siglip"])
@@ -131,12 +165,29 @@ def test_text_tower_matches_torch_and_is_cached(cli, any_ckpt, photos, tmp_path,
     assert ("converted the text tower for OpenVINO" in r.stderr) is not v1
 
     def scores(path):
-        return np.array([[t["score"] for t in sorted(tags, key=lambda t: t["tag"])]
-                         for tags in pq.read_table(path).column("tags").to_pylist()])
+        return np.array(
+            [
+                [t["score"] for t in sorted(tags, key=lambda t: t["tag"])]
+                for tags in pq.read_table(path).column("tags").to_pylist()
+            ]
+        )
 
     np.testing.assert_allclose(scores(runs["openvino"]), scores(runs["torch"]), atol=1e-5)
-    again = cli("tag", *paths, "--vocab", vocab, "-o", tmp_path / "again.parquet", "-m", any_ckpt, "--device", "cpu",
-                "--dtype", "float32", "--no-cache")
+    again = cli(
+        "tag",
+        *paths,
+        "--vocab",
+        vocab,
+        "-o",
+        tmp_path / "again.parquet",
+        "-m",
+        any_ckpt,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--no-cache",
+    )
     assert again.exit_code == 0 and "converted the text tower" not in again.stderr  # read from the cache
 
     ov = Encoder.load(ModelConfig(str(any_ckpt), device="cpu", dtype="float32"))

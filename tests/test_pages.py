@@ -24,8 +24,12 @@ def write(path, dtype, nulls, dim=24, rows=3000, **options):
     return x, mask
 
 
-NULLS = {"none": [], "first and last": [0, 2999], "runs": list(range(5, 40)) + [41, 43, 44] + list(range(1000, 1300)),
-         "scattered": list(range(0, 3000, 7))}
+NULLS = {
+    "none": [],
+    "first and last": [0, 2999],
+    "runs": list(range(5, 40)) + [41, 43, 44] + list(range(1000, 1300)),
+    "scattered": list(range(0, 3000, 7)),
+}
 WAYS = {
     "as siglip writes": dict(use_dictionary=["path"]),
     "small pages and groups": dict(use_dictionary=False, data_page_size=4096, row_group_size=700),
@@ -54,8 +58,10 @@ def test_pages_equal_pyarrow(tmp_path, dtype, nulls, way):
 
 
 def test_pages_decline_what_they_do_not_read(tmp_path):
-    cases = {"dictionary": dict(use_dictionary=True), "byte stream split": dict(use_dictionary=False,
-             use_byte_stream_split=["embedding.list.element"])}
+    cases = {
+        "dictionary": dict(use_dictionary=True),
+        "byte stream split": dict(use_dictionary=False, use_byte_stream_split=["embedding.list.element"]),
+    }
     for name, options in cases.items():
         path = str(tmp_path / f"{name}.parquet")
         write(path, np.float16, [3], **options)
@@ -69,8 +75,14 @@ def test_pages_decline_what_they_do_not_read(tmp_path):
     arr = pa.FixedSizeListArray.from_arrays(pa.array([1.0, None, 3.0, 4.0], pa.float32()), 2)
     pq.write_table(pa.table({"embedding": arr}), tmp_path / "n.parquet", use_dictionary=False)
     with pytest.raises(pages.Unsupported):
-        pages.read_vectors(str(tmp_path / "n.parquet"), pq.ParquetFile(tmp_path / "n.parquet").metadata, 0,
-                           "embedding", 2, np.dtype(np.float32))
+        pages.read_vectors(
+            str(tmp_path / "n.parquet"),
+            pq.ParquetFile(tmp_path / "n.parquet").metadata,
+            0,
+            "embedding",
+            2,
+            np.dtype(np.float32),
+        )
     # a plain list whose rows hold 7 and 9 values: read as vectors of 8 it would shift them
     ragged = pa.array([[1.0] * 7, [2.0] * 9], pa.list_(pa.float32()))
     pq.write_table(pa.table({"embedding": ragged}), tmp_path / "r.parquet", use_dictionary=False)
@@ -88,7 +100,7 @@ def test_damaged_pages_are_declined_not_crashed_on(tmp_path):
     chunk = meta.row_group(0).column(1)
     good = open(path, "rb").read()
     rng = np.random.default_rng(0)
-    for trial in range(40):
+    for _ in range(40):
         bad = bytearray(good)
         at = chunk.data_page_offset + int(rng.integers(0, 64))  # the first page's header and levels
         bad[at : at + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
@@ -105,4 +117,3 @@ def test_damaged_pages_are_declined_not_crashed_on(tmp_path):
         np.testing.assert_array_equal(present, column.is_valid().to_numpy(zero_copy_only=False))
         theirs = np.stack([np.array(v, np.float16) for v in column.to_pylist() if v is not None])
         np.testing.assert_array_equal(got.view(np.uint16), theirs.view(np.uint16))
-

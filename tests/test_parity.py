@@ -12,9 +12,21 @@ from PIL import Image, ImageOps
 
 pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
 
-TEXTS = ["a red car", "This is a photo of a Great Grey Owl.", "two dogs playing in the snow", "", "A Photo, of: my_dog!"]
+TEXTS = [
+    "a red car",
+    "This is a photo of a Great Grey Owl.",
+    "two dogs playing in the snow",
+    "",
+    "A Photo, of: my_dog!",
+]
 # as SigLIP was trained on them (open_clip's canonicalize), written out by hand
-CANONICAL = ["a red car", "this is a photo of a great grey owl", "two dogs playing in the snow", "", "a photo of my dog"]
+CANONICAL = [
+    "a red car",
+    "this is a photo of a great grey owl",
+    "two dogs playing in the snow",
+    "",
+    "a photo of my dog",
+]
 
 
 def reference_image_embeddings(ckpt, paths) -> np.ndarray:
@@ -38,8 +50,14 @@ def reference_text_embeddings(ckpt, texts) -> np.ndarray:
 
     processor = AutoProcessor.from_pretrained(ckpt)
     model = AutoModel.from_pretrained(ckpt).eval()
-    tokens = processor(text=list(texts), padding="max_length", max_length=64, truncation=True,
-                       padding_side="right", return_tensors="pt")
+    tokens = processor(
+        text=list(texts),
+        padding="max_length",
+        max_length=64,
+        truncation=True,
+        padding_side="right",
+        return_tensors="pt",
+    )
     with torch.no_grad():
         feats = model.get_text_features(input_ids=tokens["input_ids"]).pooler_output
     return torch.nn.functional.normalize(feats, dim=-1).numpy()

@@ -58,7 +58,11 @@ def local(tmp_path_factory, fixed_ckpt, photos, odd) -> Path:
 
 
 def rows(path):
-    return pads.dataset(str(path), format="parquet").to_table().sort_by([("path", "ascending"), ("path_bytes", "ascending")])
+    return (
+        pads.dataset(str(path), format="parquet")
+        .to_table()
+        .sort_by([("path", "ascending"), ("path_bytes", "ascending")])
+    )
 
 
 def meta(path) -> dict:
@@ -90,7 +94,9 @@ def parts(folder: Path) -> dict:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
 
 
-def test_a_ray_run_writes_the_rows_of_a_local_run_and_a_rerun_nothing(cluster, local, fixed_ckpt, photos, odd, tmp_path):
+def test_a_ray_run_writes_the_rows_of_a_local_run_and_a_rerun_nothing(
+    cluster, local, fixed_ckpt, photos, odd, tmp_path
+):
     out = tmp_path / "index"
     done = run_siglip("embed", photos, odd, "-m", fixed_ckpt, "-o", out, "--ray", cluster)
     assert done.returncode == 0, done.stderr
@@ -121,13 +127,18 @@ def test_tag_on_a_ray_of_its_own_scores_as_a_local_run(cli, cluster, naflex_ckpt
     same_rows(tmp_path / "local.parquet", tmp_path / "ray.parquet", vector="scores")
 
 
-def test_a_killed_driver_is_finished_by_the_next_run_with_every_file_once(cluster, local, fixed_ckpt, photos, odd, tmp_path):
+def test_a_killed_driver_is_finished_by_the_next_run_with_every_file_once(
+    cluster, local, fixed_ckpt, photos, odd, tmp_path
+):
     common = ["embed", photos, odd, "-m", fixed_ckpt]
     out = tmp_path / "index"
     # Batches of one image, a part file for each: the run is slow enough to be killed part-way.
-    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", *map(str, common), "-o", str(out), "--ray", cluster,
-                             "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "SIGLIP_FLUSH_ROWS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "siglip_cli", *map(str, common), "-o", str(out), "--ray", cluster, "--batch-size", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "SIGLIP_FLUSH_ROWS": "1"},
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
@@ -146,7 +157,9 @@ def test_a_killed_driver_is_finished_by_the_next_run_with_every_file_once(cluste
 
 
 def test_ray_refuses_a_device_list_and_a_text_run(cluster, fixed_ckpt, photos, tmp_path):
-    two = run_siglip("embed", photos, "-m", fixed_ckpt, "-o", tmp_path / "x.parquet", "--ray", cluster, "--device", "cpu,cpu")
+    two = run_siglip(
+        "embed", photos, "-m", fixed_ckpt, "-o", tmp_path / "x.parquet", "--ray", cluster, "--device", "cpu,cpu"
+    )
     assert two.returncode == 1 and "--ray places each encoder" in two.stderr
     text = run_siglip("embed", "--text", "a cat", "-m", fixed_ckpt, "-o", "-", "--ray", cluster)
     assert text.returncode == 2 and "--ray runs image embedding" in text.stderr
@@ -156,11 +169,11 @@ def test_a_decode_task_makes_error_rows_of_files_that_crash_or_stall_the_decoder
     """The class of fault a local run isolates in its worker processes: on Ray too, one row each, never a task
     that Ray retries for ever."""
     import pyarrow as pa
+    from test_faults import CRASH_ALWAYS, hook_dir  # CRASH_ALWAYS holds the stall hook too
 
     from siglip_cli.cluster import _KEPT, _tables, decode_block
     from siglip_cli.decode import ImageSpec
     from siglip_cli.sources import FileRecord
-    from test_faults import CRASH_ALWAYS, hook_dir  # CRASH_ALWAYS holds the stall hook too
 
     monkeypatch.setenv("PYTHONPATH", hook_dir(tmp_path, CRASH_ALWAYS)["PYTHONPATH"])
     shot = sorted(photos.glob("*.JPEG"))[0].read_bytes()
@@ -174,8 +187,9 @@ def test_a_decode_task_makes_error_rows_of_files_that_crash_or_stall_the_decoder
         from siglip_cli.loader import _close
 
         _close(_KEPT)
-    failure = dict(zip((os.path.basename(os.fsdecode(p)) for p in out.column("path").to_pylist()),
-                       out.column("error").to_pylist()))
+    failure = dict(
+        zip((os.path.basename(os.fsdecode(p)) for p in out.column("path").to_pylist()), out.column("error").to_pylist())
+    )
     assert failure["a.jpg"] is None and failure["d.jpg"] is None
     assert "took over 3s" in failure["b-stall.jpg"]
     assert "crashed" in failure["c-crash-always.jpg"]

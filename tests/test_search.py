@@ -44,14 +44,18 @@ def indexes(library, fixed_ckpt, tmp_path_factory):
     made = {}
     for kind, extra in (("float32", []), ("float16", ["--float16"])):
         made[kind] = out / kind
-        r = CliRunner().invoke(app, ["embed", str(library), "-o", str(made[kind]), "-m", str(fixed_ckpt), *TORCH, *extra])
+        r = CliRunner().invoke(
+            app, ["embed", str(library), "-o", str(made[kind]), "-m", str(fixed_ckpt), *TORCH, *extra]
+        )
         assert r.exit_code == 0, r.output
     return made
 
 
 def stored(index) -> tuple[list[str], np.ndarray]:
     t = read_index(str(index))
-    return t.column("path").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    return t.column("path").to_pylist(), np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(
+        np.float32
+    )
 
 
 @pytest.mark.parametrize("kind", ["float32", "float16"])
@@ -114,7 +118,9 @@ def test_quantized_error_bounds_hold():
         m = vectors(kind, 2_000, 1152, rng)
         m[:4] = [np.zeros(1152), m[4] * 1e-39, m[5] * 1e-20, m[6] * 1e30]
         f = quantize(m, column_scales(m))
-        true = np.linalg.norm(m.astype(np.float64) - (f.scale[:, None] * f.values * f.columns).astype(np.float64), axis=1)
+        true = np.linalg.norm(
+            m.astype(np.float64) - (f.scale[:, None] * f.values * f.columns).astype(np.float64), axis=1
+        )
         assert (true <= f.error).all() and f.values.dtype == np.int8 and np.abs(f.values).max() == 127
         medians[kind] = np.median(f.error[4:])
     assert medians["outlier"] < 2 * medians["random"]
@@ -133,8 +139,24 @@ def test_text_query_scores_equal_tag(cli, indexes, library, fixed_ckpt, tmp_path
     vocab = tmp_path / "v.txt"
     vocab.write_text("a photo of a dog\n")
     tags = tmp_path / "tags.parquet"
-    assert cli("tag", library, "--vocab", vocab, "--template", "{}", "--threshold", "0", "-o", tags, "-m", fixed_ckpt,
-               *TORCH).exit_code == 0
+    assert (
+        cli(
+            "tag",
+            library,
+            "--vocab",
+            vocab,
+            "--template",
+            "{}",
+            "--threshold",
+            "0",
+            "-o",
+            tags,
+            "-m",
+            fixed_ckpt,
+            *TORCH,
+        ).exit_code
+        == 0
+    )
     want = {p: t[0]["score"] for p, t in zip(table(tags)["path"], table(tags)["tags"])}
     r = cli("search", indexes["float32"], "a photo of a dog", "-k", "1000", "--json", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
@@ -146,8 +168,25 @@ def test_text_query_scores_equal_tag(cli, indexes, library, fixed_ckpt, tmp_path
 
 def test_filters_combinations_and_outputs(cli, indexes, library, tmp_path):
     idx = indexes["float32"]
-    r = cli("search", idx, "beach", "--image", library / "n01440764_tench.JPEG", "--minus", "people",
-            "--path", "*copy*", "-k", "5", "--min-score", "-1", "-o", tmp_path / "r.parquet", "--device", "cpu")
+    r = cli(
+        "search",
+        idx,
+        "beach",
+        "--image",
+        library / "n01440764_tench.JPEG",
+        "--minus",
+        "people",
+        "--path",
+        "*copy*",
+        "-k",
+        "5",
+        "--min-score",
+        "-1",
+        "-o",
+        tmp_path / "r.parquet",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.stderr
     t = pq.read_table(tmp_path / "r.parquet")
     assert t.num_rows == 5 and all("copy" in p for p in t.column("path").to_pylist())
@@ -155,7 +194,7 @@ def test_filters_combinations_and_outputs(cli, indexes, library, tmp_path):
     page = tmp_path / "r.html"
     r = cli("search", idx, "--image", library / "copy1_small.jpg", "-k", "4", "--html", page, "-o", "-")
     assert r.exit_code == 0 and len(r.stdout.splitlines()) == 4
-    assert page.read_text().count("<img src=\"data:image/jpeg;base64,") == 4
+    assert page.read_text().count('<img src="data:image/jpeg;base64,') == 4
 
 
 def test_image_search_in_a_pipeline_needs_no_torch(indexes, library):
@@ -164,15 +203,22 @@ def test_image_search_in_a_pipeline_needs_no_torch(indexes, library):
     import sys
 
     query = library / "n01440764_tench.JPEG"
-    cmd = (f"{sys.executable} -X importtime -m siglip_cli search {indexes['float16']} --image {query} -k 100 "
-           "| head -n 1; echo status ${PIPESTATUS[0]}")
+    cmd = (
+        f"{sys.executable} -X importtime -m siglip_cli search {indexes['float16']} --image {query} -k 100 "
+        "| head -n 1; echo status ${PIPESTATUS[0]}"
+    )
     for later in (False, True):  # the first may build the sidecar
         r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
         assert json.loads(r.stdout.splitlines()[0])["path"] == str(query)
         assert r.stdout.splitlines()[-1] in ("status 0", "status 141")  # 0: it wrote all before head closed
-        imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()
-                    if line.startswith("import time:")}
-        assert "numpy" in imported and not imported & ({"torch", "transformers"} | ({"pyarrow", "pandas"} if later else set()))
+        imported = {
+            line.split("|")[-1].strip().split(".")[0]
+            for line in r.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "numpy" in imported and not imported & (
+            {"torch", "transformers"} | ({"pyarrow", "pandas"} if later else set())
+        )
         assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
 
 
@@ -186,24 +232,75 @@ def test_text_search_reads_a_cached_text_tower_without_torch(cli, indexes, libra
     vocab = tmp_path / "v.txt"
     vocab.write_text("a red car on a road\n")
     tags = tmp_path / "tags.parquet"
-    assert cli("tag", library, "--vocab", vocab, "--template", "{}", "--threshold", "0", "-o", tags, "-m", fixed_ckpt,
-               *TORCH).exit_code == 0
+    assert (
+        cli(
+            "tag",
+            library,
+            "--vocab",
+            vocab,
+            "--template",
+            "{}",
+            "--threshold",
+            "0",
+            "-o",
+            tags,
+            "-m",
+            fixed_ckpt,
+            *TORCH,
+        ).exit_code
+        == 0
+    )
     want = {p: t[0]["score"] for p, t in zip(table(tags)["path"], table(tags)["tags"])}
     env = {**os.environ, "SIGLIP_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-X", "importtime", "-m", "siglip_cli", "search", str(indexes["float32"]),
-           "A red car on a road", "-k", "1000", "--json"]
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "siglip_cli",
+        "search",
+        str(indexes["float32"]),
+        "A red car on a road",
+        "-k",
+        "1000",
+        "--json",
+    ]
     for later in (False, True):
         if later:  # the text tower converted by a tag run on OpenVINO, into the search's cache
-            ov = subprocess.run([sys.executable, "-m", "siglip_cli", "tag", str(library / "copy1_small.jpg"), "--vocab",
-                                 str(vocab), "-m", str(fixed_ckpt), "--device", "cpu", "--backend", "openvino",
-                                 "--dtype", "float32", "-o", str(tmp_path / "ov.parquet")],
-                                capture_output=True, text=True, timeout=300, env=env)
+            ov = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "siglip_cli",
+                    "tag",
+                    str(library / "copy1_small.jpg"),
+                    "--vocab",
+                    str(vocab),
+                    "-m",
+                    str(fixed_ckpt),
+                    "--device",
+                    "cpu",
+                    "--backend",
+                    "openvino",
+                    "--dtype",
+                    "float32",
+                    "-o",
+                    str(tmp_path / "ov.parquet"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=env,
+            )
             assert ov.returncode == 0 and "converted the text tower for OpenVINO" in ov.stderr, ov.stderr[-2000:]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "converted the text tower" not in r.stderr
-        imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()
-                    if line.startswith("import time:")}
+        imported = {
+            line.split("|")[-1].strip().split(".")[0]
+            for line in r.stderr.splitlines()
+            if line.startswith("import time:")
+        }
         assert ("torch" in imported) is not later and ("transformers" in imported) is not later
         got = [json.loads(line) for line in r.stdout.splitlines()]
         assert len(got) == len(want)
@@ -229,9 +326,16 @@ def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype):
     emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d)
     emb = pa.array([v if k else None for v, k in zip(emb.to_pylist(), ok)], emb.type)
     meta = {"tool": "siglip", "model": "m", "dim": d, "task": "embed"}
-    table = pa.table({"path": [f"/p/{i:02d}.jpg" for i in range(n)], "status": ["ok" if k else "error" for k in ok],
-                      "width": pa.array(range(n), pa.int32()), "height": pa.array([5] * n, pa.int32()),
-                      "size": pa.array(range(100, 100 + n), pa.int64()), "embedding": emb})
+    table = pa.table(
+        {
+            "path": [f"/p/{i:02d}.jpg" for i in range(n)],
+            "status": ["ok" if k else "error" for k in ok],
+            "width": pa.array(range(n), pa.int32()),
+            "height": pa.array([5] * n, pa.int32()),
+            "size": pa.array(range(100, 100 + n), pa.int64()),
+            "embedding": emb,
+        }
+    )
     index = tmp_path / "i.parquet"
     pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), index, row_group_size=10)
     v = load(str(index))
@@ -252,13 +356,27 @@ def test_sidecar_rows_find_exact_paths(tmp_path):
     from siglip_cli.sidecar import _write_rows
     from siglip_cli.vectors import _open
 
-    paths = ["/a/b.jpg", "/a/b.jpg.jpg", "/x/a/b.jpg", "/p/caf\u00e9 \u5199\u771f.jpg", "/a/b", ".jpg/a/b.jpg", "/q",
-             os.fsdecode(b"/p/caf\xe9.jpg"), os.fsdecode(b"/p/caf\xe8.jpg")]  # two names that are not UTF-8
+    paths = [
+        "/a/b.jpg",
+        "/a/b.jpg.jpg",
+        "/x/a/b.jpg",
+        "/p/caf\u00e9 \u5199\u771f.jpg",
+        "/a/b",
+        ".jpg/a/b.jpg",
+        "/q",
+        os.fsdecode(b"/p/caf\xe9.jpg"),
+        os.fsdecode(b"/p/caf\xe8.jpg"),
+    ]  # two names that are not UTF-8
     exact = [None] * 7 + [b"/p/caf\xe9.jpg", b"/p/caf\xe8.jpg"]
-    light = pa.table({"path": [p.encode(errors="surrogateescape").decode(errors="replace") for p in paths],
-                      "width": pa.array([1, None, 3, 4, 5, 6, 7, 8, 9], pa.int32()),
-                      "height": pa.array([2] * 9, pa.int32()), "size": pa.array([10] * 9, pa.int64()),
-                      "path_bytes": pa.array(exact, pa.binary())})
+    light = pa.table(
+        {
+            "path": [p.encode(errors="surrogateescape").decode(errors="replace") for p in paths],
+            "width": pa.array([1, None, 3, 4, 5, 6, 7, 8, 9], pa.int32()),
+            "height": pa.array([2] * 9, pa.int32()),
+            "size": pa.array([10] * 9, pa.int64()),
+            "path_bytes": pa.array(exact, pa.binary()),
+        }
+    )
     for folder, rows in ((tmp_path / "all", light), (tmp_path / "none", light.slice(0, 0))):
         folder.mkdir()
         _write_rows(rows, str(folder))
@@ -269,7 +387,13 @@ def test_sidecar_rows_find_exact_paths(tmp_path):
         (folder / "meta.json").write_text("{}")
     rows = _open(str(tmp_path / "all")).rows
     assert rows.paths() == light.column("path").to_pylist() and [rows.find(p) for p in paths] == list(range(len(paths)))
-    assert rows.record(8) == {"path": "/p/caf\ufffd.jpg", "width": 9, "height": 2, "size": 10, "path_bytes": b"/p/caf\xe8.jpg"}
+    assert rows.record(8) == {
+        "path": "/p/caf\ufffd.jpg",
+        "width": 9,
+        "height": 2,
+        "size": 10,
+        "path_bytes": b"/p/caf\xe8.jpg",
+    }
     for absent in ("/a", "b.jpg", "/a/b.jpg.", "/a/b.jpg/a", "jpg/a", "/p/caf\u00e9", "", "/\udce9.jpg"):
         assert rows.find(absent) == -1, absent
     assert rows.record(1) == {"path": "/a/b.jpg.jpg", "width": None, "height": 2, "size": 10, "path_bytes": None}
@@ -296,6 +420,7 @@ def narrow_checkpoint(fixed_ckpt, folder):
 
 def test_search_errors(cli, tmp_path, indexes, library, fixed_ckpt):
     """Each a line on stderr: exit 2 for what the user gave wrong, 1 for what cannot be done."""
+
     def one_line(r, code: int, text: str) -> bool:
         return r.exit_code == code and text in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -327,7 +452,11 @@ def test_every_float_option_refuses_nan_and_inf(cli):
                 for value in ("nan", "inf", "-inf"):
                     r = cli(name, param.opts[0], value)
                     said = " ".join(r.stderr.replace("\u2502", " ").split())  # a range's own refusal for -inf, say
-                    assert r.exit_code == 2 and f"Invalid value for '{param.opts[0]}'" in said, (name, param.opts, value)
+                    assert r.exit_code == 2 and f"Invalid value for '{param.opts[0]}'" in said, (
+                        name,
+                        param.opts,
+                        value,
+                    )
                 seen += 1
     assert seen >= 12  # timeouts, thresholds, weights, scores, serve's limits
 
@@ -438,15 +567,28 @@ def test_sidecar_is_rebuilt_when_the_index_changes(cli, library, fixed_ckpt, tmp
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="no Chromium here")
 def test_html_renders_in_a_browser(cli, indexes, library, tmp_path):
     page = tmp_path / "r.html"
-    assert cli("search", indexes["float32"], "--image", library / "copy1_small.jpg", "-k", "6", "--html", page,
-               "-o", "-").exit_code == 0
+    assert (
+        cli(
+            "search", indexes["float32"], "--image", library / "copy1_small.jpg", "-k", "6", "--html", page, "-o", "-"
+        ).exit_code
+        == 0
+    )
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     # the DOM after rendering: every image decoded to its natural size (a broken one has naturalWidth 0)
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", "<script>window.onload=()=>{document.title="
-                     "[...document.images].map(i=>i.complete&&i.naturalWidth>0).join(',')}</script></body>"))
-    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"file://{probe}"],
-                         capture_output=True, text=True, timeout=120)
+    probe.write_text(
+        page.read_text().replace(
+            "</body>",
+            "<script>window.onload=()=>{document.title="
+            "[...document.images].map(i=>i.complete&&i.naturalWidth>0).join(',')}</script></body>",
+        )
+    )
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", f"file://{probe}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     title = out.stdout.split("<title>")[1].split("</title>")[0]
     assert title.split(",") == ["true"] * 6
 
@@ -466,7 +608,9 @@ def test_sidecar_keeps_each_paths_newest_ok_row(tmp_path, odd_names):
         paths = [f"/p/{i}.jpg" for i in rng.integers(0, 300, n)]
         raw = [None] * n
         if odd_names:  # three names that show the same (U+FFFD for the bad byte) with different bytes
-            raw = [bytes([0x2F, 0xFF - (i % 3)]) if p.endswith(("7.jpg", "3.jpg")) else None for i, p in enumerate(paths)]
+            raw = [
+                bytes([0x2F, 0xFF - (i % 3)]) if p.endswith(("7.jpg", "3.jpg")) else None for i, p in enumerate(paths)
+            ]
             paths = ["/\ufffd" if b else p for p, b in zip(paths, raw)]
         status = ["ok" if s else "error" for s in rng.random(n) > 0.1]
         columns = {"path": paths, "width": list(range(n)), "height": [1] * n, "size": [f] * n, "status": status}
@@ -493,9 +637,19 @@ def test_sidecar_tells_apart_many_names_that_show_the_same(tmp_path):
     from siglip_cli.sidecar import _current
 
     raw = [b"/caf\xe8.jpg", b"/caf\xe9.jpg", b"/caf\xea.jpg", None]
-    pq.write_table(pa.table({"path": ["/caf\ufffd.jpg"] * 3 + ["/dog.jpg"], "width": [1] * 4, "height": [1] * 4,
-                             "size": [1] * 4, "status": ["ok"] * 4, "path_bytes": pa.array(raw, pa.binary())}),
-                   tmp_path / "part.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "path": ["/caf\ufffd.jpg"] * 3 + ["/dog.jpg"],
+                "width": [1] * 4,
+                "height": [1] * 4,
+                "size": [1] * 4,
+                "status": ["ok"] * 4,
+                "path_bytes": pa.array(raw, pa.binary()),
+            }
+        ),
+        tmp_path / "part.parquet",
+    )
     assert _current([str(tmp_path / "part.parquet")])[0].tolist() == [0, 1, 2, 3]
 
 

@@ -52,9 +52,28 @@ class Served:
 
 def start(ckpt, *args) -> Served:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "siglip_cli", "serve", "-m", str(ckpt), "--port", str(port),
-                             "--device", "cpu", "--dtype", "float32", "-j", "1", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "siglip_cli",
+            "serve",
+            "-m",
+            str(ckpt),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "-j",
+            "1",
+            *map(str, args),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     served = Served(proc, port)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -101,8 +120,10 @@ def photo_files(photos, n: int):
 
 def png_header_bomb(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels and holds a few bytes: a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -119,8 +140,12 @@ def test_image_vectors_equal_embed_rows(cli, fixed_ckpt, naflex_ckpt, photos, tm
     ckpt = fixed_ckpt if layout == "fixed" else naflex_ckpt
     files = photo_files(photos, 6)
     out = tmp_path / "rows.parquet"
-    assert cli("embed", *files, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32", "--backend", "torch",
-               "-q").exit_code == 0
+    assert (
+        cli(
+            "embed", *files, "-o", out, "-m", ckpt, "--device", "cpu", "--dtype", "float32", "--backend", "torch", "-q"
+        ).exit_code
+        == 0
+    )
     rows = dict(zip(table(out)["path"], table(out)["embedding"]))
     served = server if layout == "fixed" else start(naflex_ckpt)
     try:
@@ -141,15 +166,33 @@ def test_search_with_a_server_embeds_its_queries_there(cli, fixed_ckpt, photos, 
 
     files = photo_files(photos, 12)
     idx = tmp_path / "idx"
-    assert cli("embed", *files, "-o", idx, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
-               "--backend", "torch", "-q").exit_code == 0
+    assert (
+        cli(
+            "embed",
+            *files,
+            "-o",
+            idx,
+            "-m",
+            fixed_ckpt,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--backend",
+            "torch",
+            "-q",
+        ).exit_code
+        == 0
+    )
     t = table(idx)
     vecs = np.array(t["embedding"], np.float32)
     meta = json.loads(pq.read_schema(next(idx.glob("*.parquet"))).metadata[b"siglip"])
     new = tmp_path / "new.jpg"
     new.write_bytes(jpeg((80, 60), (20, 120, 220)))
-    for query, route, body in ((["a red car"], "/txt/embed", "a red car"),
-                               (["--image", new], "/img/embed", b64(new.read_bytes()))):
+    for query, route, body in (
+        (["a red car"], "/txt/embed", "a red car"),
+        (["--image", new], "/img/embed", b64(new.read_bytes())),
+    ):
         r = cli("search", idx, *query, "-k", "5", "--json", "--server", server.url)
         assert r.exit_code == 0, r.stderr
         got = [json.loads(line) for line in r.stdout.splitlines()]
@@ -157,12 +200,18 @@ def test_search_with_a_server_embeds_its_queries_there(cli, fixed_ckpt, photos, 
         cos = vecs @ (q / np.linalg.norm(q))
         want = np.argsort(-cos, kind="stable")[:5]
         assert [g["path"] for g in got] == [t["path"][i] for i in want]
-        score = 1 / (1 + np.exp(-(cos[want] * meta["logit_scale"] + meta["logit_bias"]))) if route == "/txt/embed" else cos[want]
+        score = (
+            1 / (1 + np.exp(-(cos[want] * meta["logit_scale"] + meta["logit_bias"])))
+            if route == "/txt/embed"
+            else cos[want]
+        )
         np.testing.assert_allclose([g["score"] for g in got], score, atol=1e-5)
     # a text minus another: both sent before the index opens, combined as without a server
     r = cli("search", idx, "a red car", "--minus", "a blue boat", "-k", "3", "--json", "--server", server.url)
     assert r.exit_code == 0, r.stderr
-    plus, minus = (np.array(server.post("/txt/embed", {"input": x}).json()["embedding"]) for x in ("a red car", "a blue boat"))
+    plus, minus = (
+        np.array(server.post("/txt/embed", {"input": x}).json()["embedding"]) for x in ("a red car", "a blue boat")
+    )
     q = (plus - minus) / np.linalg.norm(plus - minus)
     want = np.argsort(-(vecs @ q), kind="stable")[:3]
     assert [json.loads(line)["path"] for line in r.stdout.splitlines()] == [t["path"][i] for i in want]
@@ -193,7 +242,11 @@ def test_a_server_that_never_answers_is_one_line_soon(cli, fixed_ckpt, tmp_path,
         r = cli("search", idx, "a red car", "--server", url)
         assert time.monotonic() - start < 30
     said = r.stderr.strip()
-    assert r.exit_code == 1 and said.startswith(f"siglip: error: --server {url}/") and said.endswith("no answer within 1 s"), said
+    assert (
+        r.exit_code == 1
+        and said.startswith(f"siglip: error: --server {url}/")
+        and said.endswith("no answer within 1 s")
+    ), said
 
 
 def test_a_text_alone_equals_it_in_a_batch(server):
@@ -232,8 +285,28 @@ def test_openai_embeddings(server, photos):
 def test_tag_and_classify_score_like_the_cli(cli, fixed_ckpt, photos, tmp_path, server):
     files = photo_files(photos, 3)
     out = tmp_path / "tags.parquet"
-    assert cli("tag", *files, "--vocab", fixed_ckpt / "vocab.txt", "--threshold", "0", "-o", out, "-m", fixed_ckpt,
-               "--device", "cpu", "--dtype", "float32", "--backend", "torch", "-q").exit_code == 0
+    assert (
+        cli(
+            "tag",
+            *files,
+            "--vocab",
+            fixed_ckpt / "vocab.txt",
+            "--threshold",
+            "0",
+            "-o",
+            out,
+            "-m",
+            fixed_ckpt,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--backend",
+            "torch",
+            "-q",
+        ).exit_code
+        == 0
+    )
     want = table(out)["tags"]
     got = server.post("/tag", {"input": [b64(f.read_bytes()) for f in files], "threshold": 0}).json()["results"]
     for w, g in zip(want, got):
@@ -277,8 +350,9 @@ def test_limits(server):
     assert server.post("/txt/embed", {"nothing": 1}).status_code == 422
     assert server.post("/txt/embed", {"input": [1, 2]}).json()["error"]["index"] == 0
     JSON = {"Content-Type": "application/json"}
-    big = httpx.post(server.url + "/img/embed", content=b'{"input": "' + b"A" * (2 << 20) + b'"}', timeout=30,
-                     headers=JSON)
+    big = httpx.post(
+        server.url + "/img/embed", content=b'{"input": "' + b"A" * (2 << 20) + b'"}', timeout=30, headers=JSON
+    )
     assert big.status_code == 413
     assert httpx.post(server.url + "/txt/embed", content=b"{not json", timeout=10, headers=JSON).status_code == 400
     assert server.post("/tag", {"input": b64(jpeg()), "threshold": 2}).status_code == 422
@@ -286,9 +360,11 @@ def test_limits(server):
     # a text that is not valid Unicode (a lone surrogate, as JSON allows): a 422 naming it, on every route that
     # takes texts, and it never reaches a batch (it failed every request in its batch with 500)
     lone = '"\\ud800"'.encode()
-    for route, body in (("/txt/embed", b'{"input": ["fine", %s]}' % lone),
-                        ("/v1/embeddings", b'{"input": ["fine", %s]}' % lone),
-                        ("/classify", b'{"input": "%s", "labels": ["a", %s]}' % (b64(jpeg()).encode(), lone))):
+    for route, body in (
+        ("/txt/embed", b'{"input": ["fine", %s]}' % lone),
+        ("/v1/embeddings", b'{"input": ["fine", %s]}' % lone),
+        ("/classify", b'{"input": "%s", "labels": ["a", %s]}' % (b64(jpeg()).encode(), lone)),
+    ):
         bad = httpx.post(server.url + route, content=body, timeout=30, headers=JSON)
         assert bad.status_code == 422 and "not valid Unicode" in bad.json()["error"]["message"], (route, bad.text)
     assert server.post("/txt/embed", {"input": ["fine"]}).status_code == 200
@@ -298,8 +374,19 @@ def test_limits(server):
 
 
 def test_queue_deadline_and_token(fixed_ckpt):
-    s = start(fixed_ckpt, "--max-queue", "2", "--max-wait-ms", "1500", "--batch-size", "64", "--timeout", "0.4",
-              "--api-key", "s3crét")  # a key beyond ASCII, sent as UTF-8 (it could never match)
+    s = start(
+        fixed_ckpt,
+        "--max-queue",
+        "2",
+        "--max-wait-ms",
+        "1500",
+        "--batch-size",
+        "64",
+        "--timeout",
+        "0.4",
+        "--api-key",
+        "s3crét",
+    )  # a key beyond ASCII, sent as UTF-8 (it could never match)
     try:
         auth = {"Authorization": "Bearer s3crét".encode()}
         assert s.post("/txt/embed", {"input": "x"}).status_code == 401
@@ -315,8 +402,10 @@ def test_queue_deadline_and_token(fixed_ckpt):
         # a client that goes away: its item leaves the queue before it runs
         body = b'{"input": "gone"}'
         with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock.sendall(
+                b"POST /txt/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             time.sleep(0.1)
         time.sleep(0.3)
         metrics = s.get("/metrics", headers=auth).text
@@ -325,8 +414,10 @@ def test_queue_deadline_and_token(fixed_ckpt):
         assert 'siglip_items_total{kind="text"} 1' in metrics  # the startup canary's only: neither ran
         # --timeout counts the body's arrival: a client that sends half and waits is answered 504 in time
         with socket.create_connection(("127.0.0.1", int(s.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(b"POST /txt/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+            sock.sendall(
+                b"POST /txt/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cr\xc3\xa9t\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body[:5])
+            )
             sock.settimeout(10)
             assert sock.recv(4096).startswith(b"HTTP/1.1 504")
         # /metrics labels the app's own routes, every other path as "other": a client cannot grow it or break it
@@ -392,10 +483,27 @@ def test_served_texts_are_those_of_a_cli_run(cli, fixed_ckpt, tmp_path, server):
     served = np.array(server.post("/txt/embed", {"input": texts}).json()["embeddings"])
     for backend, out in (("auto", tmp_path / "cpu.parquet"), ("torch", tmp_path / "torch.parquet")):
         args = [a for t in texts for a in ("-t", t)]
-        assert cli("embed", *args, "-o", out, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
-                   "--backend", backend).exit_code == 0
-    for out, close in ((tmp_path / "cpu.parquet", lambda a, b: np.abs(a - b).max() <= 1e-6),
-                       (tmp_path / "torch.parquet", lambda a, b: (a * b).sum(axis=1).min() >= 0.9999)):
+        assert (
+            cli(
+                "embed",
+                *args,
+                "-o",
+                out,
+                "-m",
+                fixed_ckpt,
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--backend",
+                backend,
+            ).exit_code
+            == 0
+        )
+    for out, close in (
+        (tmp_path / "cpu.parquet", lambda a, b: np.abs(a - b).max() <= 1e-6),
+        (tmp_path / "torch.parquet", lambda a, b: (a * b).sum(axis=1).min() >= 0.9999),
+    ):
         assert close(served, np.array(table(out)["embedding"])), out.name
 
 
@@ -407,9 +515,26 @@ def test_a_server_with_the_index_runs_the_search(cli, fixed_ckpt, photos, tmp_pa
 
     files = photo_files(photos, 12)
     idx, other = tmp_path / "idx", tmp_path / "other"
+
     def embed(out, some):
-        assert cli("embed", *some, "-o", out, "-m", fixed_ckpt, "--device", "cpu", "--dtype", "float32",
-                   "--backend", "torch", "-q").exit_code == 0
+        assert (
+            cli(
+                "embed",
+                *some,
+                "-o",
+                out,
+                "-m",
+                fixed_ckpt,
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--backend",
+                "torch",
+                "-q",
+            ).exit_code
+            == 0
+        )
 
     embed(idx, files[:8]), embed(other, files[:6])
     served = start(fixed_ckpt, "--index", idx)
@@ -423,7 +548,9 @@ def test_a_server_with_the_index_runs_the_search(cli, fixed_ckpt, photos, tmp_pa
             remote = cli("search", where, *args, "--server", served.url)
             assert remote.exit_code == 0, remote.stderr
             got, want = ([json.loads(x) for x in r.stdout.splitlines()] for r in (remote, local))
-            assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == min(10, len(table(where)["path"]))
+            assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == min(
+                10, len(table(where)["path"])
+            )
             np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-5)
         assert len(got) == 10
         metrics = served.get("/metrics").text
@@ -452,8 +579,24 @@ def test_a_checkpoint_saved_over_under_its_name_is_refused(cli, fixed_ckpt, nafl
     ck = tmp_path / "ck"
     shutil.copytree(fixed_ckpt, ck)
     idx = tmp_path / "idx"
-    assert cli("embed", *photo_files(photos, 4), "-o", idx, "-m", ck, "--device", "cpu", "--dtype", "float32",
-               "--backend", "torch", "-q").exit_code == 0
+    assert (
+        cli(
+            "embed",
+            *photo_files(photos, 4),
+            "-o",
+            idx,
+            "-m",
+            ck,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--backend",
+            "torch",
+            "-q",
+        ).exit_code
+        == 0
+    )
     shutil.rmtree(ck)
     shutil.copytree(naflex_ckpt, ck)  # the same name and size, other weights
     env = {"SIGLIP_CACHE_DIR": str(tmp_path / "cache")}  # no converted text tower of the index's own model
@@ -484,7 +627,10 @@ def test_image_queries_are_embedded_with_the_index_s_max_patches(cli, naflex_ckp
 
     lib = noise_photos(tmp_path / "lib", 3)
     idx = tmp_path / "idx.parquet"
-    assert cli("embed", lib, "-o", idx, "-m", naflex_ckpt, "--max-patches", "16", "--backend", "torch", "-q").exit_code == 0
+    assert (
+        cli("embed", lib, "-o", idx, "-m", naflex_ckpt, "--max-patches", "16", "--backend", "torch", "-q").exit_code
+        == 0
+    )
     copy = tmp_path / "copy.png"
     copy.write_bytes((lib / "p1.png").read_bytes())
     refused = run_siglip("serve", "-m", naflex_ckpt, "--index", idx, "--max-patches", "64", "--port", free_port())
@@ -536,8 +682,10 @@ def test_a_port_in_use_or_a_bad_host_is_one_line_before_the_model_loads(fixed_ck
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        for args, said in ((["--port", port], f"cannot listen on 127.0.0.1:{port}:"),
-                           (["--host", "256.1.1.1", "--port", free_port()], "cannot listen on 256.1.1.1:")):
+        for args, said in (
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}:"),
+            (["--host", "256.1.1.1", "--port", free_port()], "cannot listen on 256.1.1.1:"),
+        ):
             r = run_siglip("serve", "-m", fixed_ckpt, *args)
             assert r.returncode == 1 and r.stderr.strip().startswith(f"siglip: error: {said}"), r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "serving" not in r.stderr

@@ -12,6 +12,7 @@ from PIL import Image
 
 from siglip_cli.errors import UsageError
 from siglip_cli.vocab import parse_vocab
+
 from conftest import open_clip_tokenizer
 from test_embed_cli import make_image
 
@@ -38,16 +39,29 @@ def reference_probs(ckpt, paths, texts, templates=("This is a photo of {}.",), c
     pix = processor(images=images, return_tensors="pt")
     with torch.no_grad():
         if len(templates) == 1:
-            tok = processor(text=[clean(templates[0].format(t)) for t in texts], padding="max_length",
-                            max_length=64, truncation=True, padding_side="right", return_tensors="pt")
+            tok = processor(
+                text=[clean(templates[0].format(t)) for t in texts],
+                padding="max_length",
+                max_length=64,
+                truncation=True,
+                padding_side="right",
+                return_tensors="pt",
+            )
             return torch.sigmoid(model(input_ids=tok["input_ids"], **pix).logits_per_image).numpy()
         img = torch.nn.functional.normalize(model.get_image_features(**pix).pooler_output, dim=-1)
         per = []
         for tpl in templates:
-            tok = processor(text=[clean(tpl.format(t)) for t in texts], padding="max_length", max_length=64,
-                            truncation=True, padding_side="right", return_tensors="pt")
-            per.append(torch.nn.functional.normalize(
-                model.get_text_features(input_ids=tok["input_ids"]).pooler_output, dim=-1))
+            tok = processor(
+                text=[clean(tpl.format(t)) for t in texts],
+                padding="max_length",
+                max_length=64,
+                truncation=True,
+                padding_side="right",
+                return_tensors="pt",
+            )
+            per.append(
+                torch.nn.functional.normalize(model.get_text_features(input_ids=tok["input_ids"]).pooler_output, dim=-1)
+            )
         txt = torch.nn.functional.normalize(torch.stack(per).mean(0), dim=-1)
         return torch.sigmoid(img @ txt.T * model.logit_scale.exp() + model.logit_bias).numpy()
 
@@ -57,8 +71,30 @@ def test_top5_ram_tags_match_reference(cli, any_ckpt, photos, ram_tags, tmp_path
     """canonical: the reference on prompts cleaned as SigLIP was trained; lower: today's transformers parity."""
     ckpt = any_ckpt
     out = tmp_path / "tags.parquet"
-    result = cli("tag", photos, "--vocab", ram_tags, "--top-k", "5", "--threshold", "0", "-o", out,
-                 "-m", ckpt, "--device", "cpu", "--dtype", "float32", "-j", "2", "-b", "32", "--text-rules", rules)
+    result = cli(
+        "tag",
+        photos,
+        "--vocab",
+        ram_tags,
+        "--top-k",
+        "5",
+        "--threshold",
+        "0",
+        "-o",
+        out,
+        "-m",
+        ckpt,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "-j",
+        "2",
+        "-b",
+        "32",
+        "--text-rules",
+        rules,
+    )
     assert result.exit_code == 0, result.stderr
     table = pq.read_table(out)
     paths = table.column("path").to_pylist()
@@ -76,7 +112,9 @@ def test_top5_ram_tags_match_reference(cli, any_ckpt, photos, ram_tags, tmp_path
 def test_classify_picks_reference_argmax(cli, ckpt, photos, tmp_path):
     labels = ["fish", "bird", "snake", "dog", "Cat", "car", "musical instrument"]
     paths = sorted(photos.glob("*.JPEG"))[:40]
-    result = cli("classify", *paths, "--labels", ",".join(labels), "-o", "-", "-m", ckpt, "-q", "-k", "3", "--dtype", "float32")
+    result = cli(
+        "classify", *paths, "--labels", ",".join(labels), "-o", "-", "-m", ckpt, "-q", "-k", "3", "--dtype", "float32"
+    )
     assert result.exit_code == 0, result.stderr
     got = [json.loads(line) for line in result.stdout.splitlines()]
     ref = reference_probs(ckpt, paths, labels)
@@ -94,8 +132,23 @@ def test_template_ensemble_matches_reference(cli, fixed_ckpt, photos, tmp_path):
     paths = sorted(photos.glob("*.JPEG"))[:8]
     out = tmp_path / "t.parquet"
     args = [a for t in templates for a in ("--template", t)]
-    assert cli("tag", *paths, "--vocab", tmp_path / "v.txt", *args, "--all-scores", "-o", out,
-               "-m", fixed_ckpt, "--dtype", "float32").exit_code == 0
+    assert (
+        cli(
+            "tag",
+            *paths,
+            "--vocab",
+            tmp_path / "v.txt",
+            *args,
+            "--all-scores",
+            "-o",
+            out,
+            "-m",
+            fixed_ckpt,
+            "--dtype",
+            "float32",
+        ).exit_code
+        == 0
+    )
     table = pq.read_table(out)
     dense = np.stack(table.column("scores").to_numpy(zero_copy_only=False)).astype(np.float32)
     np.testing.assert_allclose(dense, reference_probs(fixed_ckpt, paths, tags, templates), atol=1e-3)  # float16
@@ -108,7 +161,10 @@ def test_threshold_top_k_and_per_tag_thresholds(cli, fixed_ckpt, tmp_path):
     vocab = tmp_path / "v.txt"
     vocab.write_text("red\ngreen\nblue\nsky\n")
     out = tmp_path / "all.parquet"
-    assert cli("tag", img, "--vocab", vocab, "--threshold", "0", "--all-scores", "-o", out, "-m", fixed_ckpt).exit_code == 0
+    assert (
+        cli("tag", img, "--vocab", vocab, "--threshold", "0", "--all-scores", "-o", out, "-m", fixed_ckpt).exit_code
+        == 0
+    )
     row = pq.read_table(out).to_pylist()[0]
     scores = dict(zip(["red", "green", "blue", "sky"], row["scores"]))
     assert [t["tag"] for t in row["tags"]] == sorted(scores, key=lambda t: -scores[t])
@@ -130,8 +186,21 @@ def test_error_rows_and_with_embeddings(cli, fixed_ckpt, tmp_path):
     (tmp_path / "bad.jpg").write_text("nope")
     vocab = tmp_path / "v.txt"
     vocab.write_text("Red Car\nsky\n")
-    got = cli("tag", img, tmp_path / "bad.jpg", "--vocab", vocab, "--threshold", "0", "--with-embeddings",
-              "-o", "-", "-m", fixed_ckpt, "-q")
+    got = cli(
+        "tag",
+        img,
+        tmp_path / "bad.jpg",
+        "--vocab",
+        vocab,
+        "--threshold",
+        "0",
+        "--with-embeddings",
+        "-o",
+        "-",
+        "-m",
+        fixed_ckpt,
+        "-q",
+    )
     ok, bad = [json.loads(line) for line in got.stdout.splitlines()]
     assert {t["tag"] for t in ok["tags"]} == {"Red Car", "sky"}  # the user's spelling is kept
     assert len(ok["embedding"]) == 32
@@ -144,8 +213,21 @@ def test_float_columns_are_written_without_a_dictionary(cli, fixed_ckpt, tmp_pat
     (tmp_path / "v.txt").write_text("red\nsky\n")
     for extra in ([], ["--float16"]):
         out = tmp_path / f"out{len(extra)}.parquet"
-        cli("tag", img, "--vocab", tmp_path / "v.txt", "--threshold", "0", "--with-embeddings", *extra,
-            "-o", out, "-m", fixed_ckpt, "-q")
+        cli(
+            "tag",
+            img,
+            "--vocab",
+            tmp_path / "v.txt",
+            "--threshold",
+            "0",
+            "--with-embeddings",
+            *extra,
+            "-o",
+            out,
+            "-m",
+            fixed_ckpt,
+            "-q",
+        )
         group = pq.ParquetFile(out).metadata.row_group(0)
         enc = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
         assert "RLE_DICTIONARY" not in enc["embedding.list.element"]
@@ -175,7 +257,9 @@ def test_cache_hit_and_misses(cli, fixed_ckpt, tmp_path, cache, monkeypatch):
 
 
 def test_vocab_parsing(capsys):
-    v = parse_vocab(["# a comment", "", "  dog  ", "Cat\t0.25", "dog", "DOG", "   # indented comment", "bird\t 1 "], "v")
+    v = parse_vocab(
+        ["# a comment", "", "  dog  ", "Cat\t0.25", "dog", "DOG", "   # indented comment", "bird\t 1 "], "v"
+    )
     assert v.tags == ("dog", "Cat", "bird") and v.thresholds == (None, 0.25, 1.0)
     assert "dropped 2 duplicate(s)" in capsys.readouterr().err
     for bad in (["cat\tmany"], ["cat\t1.5"], ["cat\t-0.1"], ["\t0.5"], ["# only comments", ""]):
@@ -191,16 +275,26 @@ def test_ram_vocabulary_parses_as_it_is(ram_tags):
     assert len(v.tags) == len({t.lower() for t in lines}) >= 4500
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--vocab", "MISSING"], "cannot read"),
-    (["--vocab", "EMPTY"], "holds no tags"),
-    (["--vocab", "BADTHR"], "is not a number from 0 to 1"),
-    (["--vocab", "OK", "--template", "no placeholder"], "must contain '{}'"),
-    (["--vocab", "OK", "--threshold", "2"], "less than or equal to 1|not in the range 0.0<=x<=1.0"),  # typer 0.29 | before
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--vocab", "MISSING"], "cannot read"),
+        (["--vocab", "EMPTY"], "holds no tags"),
+        (["--vocab", "BADTHR"], "is not a number from 0 to 1"),
+        (["--vocab", "OK", "--template", "no placeholder"], "must contain '{}'"),
+        (
+            ["--vocab", "OK", "--threshold", "2"],
+            "less than or equal to 1|not in the range 0.0<=x<=1.0",
+        ),  # typer 0.29 | before
+    ],
+)
 def test_tag_usage_errors_exit_2(cli, tmp_path, args, message):
-    files = {"MISSING": tmp_path / "missing.txt", "EMPTY": tmp_path / "empty.txt", "BADTHR": tmp_path / "bad.txt",
-             "OK": tmp_path / "ok.txt"}
+    files = {
+        "MISSING": tmp_path / "missing.txt",
+        "EMPTY": tmp_path / "empty.txt",
+        "BADTHR": tmp_path / "bad.txt",
+        "OK": tmp_path / "ok.txt",
+    }
     files["EMPTY"].write_text("# nothing\n\n")
     files["BADTHR"].write_text("cat\tmaybe\n")
     files["OK"].write_text("cat\n")
@@ -210,11 +304,14 @@ def test_tag_usage_errors_exit_2(cli, tmp_path, args, message):
     assert any(m in result.stderr for m in message.split("|"))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--labels", "cat"], "at least two labels"),
-    ([], "--labels a,b,c or --labels-file"),
-    (["--labels", "cat,dog", "--labels-file", "x"], "one of them"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--labels", "cat"], "at least two labels"),
+        ([], "--labels a,b,c or --labels-file"),
+        (["--labels", "cat,dog", "--labels-file", "x"], "one of them"),
+    ],
+)
 def test_classify_usage_errors_exit_2(cli, tmp_path, args, message):
     img = make_image(tmp_path / "a.png")
     result = cli("classify", img, *args)
@@ -227,8 +324,25 @@ def test_bfloat16_scores_use_the_float32_scale_and_bias(cli, fixed_ckpt, photos,
     (tmp_path / "v.txt").write_text("\n".join(tags))
     paths = sorted(photos.glob("*.JPEG"))[:6]
     out, texts = tmp_path / "t.parquet", tmp_path / "texts.parquet"
-    assert cli("tag", *paths, "--vocab", tmp_path / "v.txt", "--threshold", "0", "--with-embeddings", "--no-cache",
-               "-o", out, "-m", fixed_ckpt, "--dtype", "bfloat16").exit_code == 0
+    assert (
+        cli(
+            "tag",
+            *paths,
+            "--vocab",
+            tmp_path / "v.txt",
+            "--threshold",
+            "0",
+            "--with-embeddings",
+            "--no-cache",
+            "-o",
+            out,
+            "-m",
+            fixed_ckpt,
+            "--dtype",
+            "bfloat16",
+        ).exit_code
+        == 0
+    )
     prompts = [a for t in tags for a in ("--text", f"This is a photo of {t}.")]
     assert cli("embed", *prompts, "-o", texts, "-m", fixed_ckpt, "--dtype", "bfloat16").exit_code == 0
     meta = json.loads(pq.read_schema(out).metadata[b"siglip"])
@@ -239,7 +353,9 @@ def test_bfloat16_scores_use_the_float32_scale_and_bias(cli, fixed_ckpt, photos,
     img = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     txt = np.stack(pq.read_table(texts).column("embedding").to_numpy(zero_copy_only=False))
     want = 1 / (1 + np.exp(-(img @ txt.T * scale + bias)))  # the float32 formula on the bf16 embeddings
-    got = np.array([[{t["tag"]: t["score"] for t in row}[tag] for tag in tags] for row in table.column("tags").to_pylist()])
+    got = np.array(
+        [[{t["tag"]: t["score"] for t in row}[tag] for tag in tags] for row in table.column("tags").to_pylist()]
+    )
     np.testing.assert_allclose(got, want, atol=2e-6)
     rounded = 1 / (1 + np.exp(-(img @ txt.T * np.exp(2.296875) + bias)))
     assert np.abs(rounded - want).max() > 1e-4  # what scores with the rounded scale would be off by

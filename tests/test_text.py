@@ -9,16 +9,31 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import open_clip_tokenizer
 from siglip_cli.config import ModelConfig
 from siglip_cli.text import clean
+
+from conftest import open_clip_tokenizer
 
 pytestmark = pytest.mark.deps
 
 AWKWARD = [
-    "A Photo, of: my_dog!", "t-shirt", "This is a photo of a T-Shirt.", "rock & roll &amp;amp; jazz", "it&#39;s",
-    "cafÃ© au lait", "  spaces\tand\nnewlines  ", "snake_case_tag", "emoji 🐶🌊 beach", "東京の夜景", "C++ (programming)",
-    "¿qué?", "naïve café", "100% cotton", "", "...", "a " * 80 + "dog",
+    "A Photo, of: my_dog!",
+    "t-shirt",
+    "This is a photo of a T-Shirt.",
+    "rock & roll &amp;amp; jazz",
+    "it&#39;s",
+    "cafÃ© au lait",
+    "  spaces\tand\nnewlines  ",
+    "snake_case_tag",
+    "emoji 🐶🌊 beach",
+    "東京の夜景",
+    "C++ (programming)",
+    "¿qué?",
+    "naïve café",
+    "100% cotton",
+    "",
+    "...",
+    "a " * 80 + "dog",
 ]
 
 

@@ -31,8 +31,9 @@ def signals_held():
         held.append(signum)
         print("siglip: stopping once this conversion ends (again to stop at once)", file=sys.stderr)
 
-    before = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)
-              if signal.getsignal(s) is not signal.SIG_IGN}  # one the process ignores (started with &) stays so
+    before = {
+        s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN
+    }  # one the process ignores (started with &) stays so
     try:
         yield
     finally:

@@ -86,8 +86,10 @@ def cache_path(encoder, batch: int, quantize: str) -> str:
 
     spec = encoder.spec
     overflow = quantize == "int8" and not int8_native()
-    key = json.dumps([CACHE_VERSION, encoder.fingerprint, "image", [batch, spec.height, spec.width], quantize,
-                      _versions()] + (["overflow fix"] if overflow else []))
+    key = json.dumps(
+        [CACHE_VERSION, encoder.fingerprint, "image", [batch, spec.height, spec.width], quantize, _versions()]
+        + (["overflow fix"] if overflow else [])
+    )
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24], "image.xml")
 
 
@@ -100,7 +102,10 @@ def _memory_short(module: torch.nn.Module, copies: float, what: str) -> str | No
     need, free = copies * sum(p.numel() * p.element_size() for p in module.parameters()), available_memory()
     if free is None or free >= need:
         return None
-    return f"converting {what} for OpenVINO needs about {need / 2**30:.1f} GB more memory than the {free / 2**30:.1f} GB available"
+    return (
+        f"converting {what} for OpenVINO needs about {need / 2**30:.1f} GB more memory than the "
+        f"{free / 2**30:.1f} GB available"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -152,19 +157,33 @@ class OpenVINOTower:
                 from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
                 fix = AdvancedQuantizationParameters(
-                    overflow_fix=OverflowFix.FIRST_LAYER if int8_native() else OverflowFix.ENABLE)
-                model = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), ignored_scope=head,
-                                      model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=True,
-                                      advanced_parameters=fix)
+                    overflow_fix=OverflowFix.FIRST_LAYER if int8_native() else OverflowFix.ENABLE
+                )
+                model = nncf.quantize(
+                    model,
+                    nncf.Dataset(items),
+                    subset_size=len(items),
+                    ignored_scope=head,
+                    model_type=nncf.ModelType.TRANSFORMER,
+                    fast_bias_correction=True,
+                    advanced_parameters=fix,
+                )
             elif self.quantize == "int8-weights":
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
             else:  # int4 in groups of 128 where the layer's width allows, smaller groups where not
                 from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
 
-                adjust = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST,
-                                                       min_adjusted_group_size=16)
-                model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, ratio=1.0,
-                                              group_size=128, all_layers=True, advanced_parameters=adjust)
+                adjust = AdvancedCompressionParameters(
+                    group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16
+                )
+                model = nncf.compress_weights(
+                    model,
+                    mode=nncf.CompressWeightsMode.INT4_SYM,
+                    ratio=1.0,
+                    group_size=128,
+                    all_layers=True,
+                    advanced_parameters=adjust,
+                )
         done = f"converted the image tower for OpenVINO ({self.quantize}) in {time.perf_counter() - t:.0f}s"
         folder = os.path.dirname(self.path)
         try:
@@ -179,8 +198,10 @@ class OpenVINOTower:
         else:
             _say(f"{done}; cached in {folder}")
         if self.quantize == "int8" and not int8_native():  # said where it is paid for: at the conversion
-            _say("note: this CPU has no int8 dot-product instructions (AVX512-VNNI, AMX): --quantize int8 is no "
-                 "faster here than float32 (measured on an AVX2 EPYC); `siglip bench --backends` compares them")
+            _say(
+                "note: this CPU has no int8 dot-product instructions (AVX512-VNNI, AMX): --quantize int8 is no "
+                "faster here than float32 (measured on an AVX2 EPYC); `siglip bench --backends` compares them"
+            )
         return model
 
     def fits(self) -> None:
@@ -214,9 +235,14 @@ class OpenVINOTower:
             try:
                 model = self._convert(sample)
             except Exception as e:  # a converter or quantizer that fails: one line, and the way around it
-                raise RunError(f"cannot convert the model for OpenVINO: {_first_line(e)}; run with --backend torch") from None
-        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": self.threads}
+                raise RunError(
+                    f"cannot convert the model for OpenVINO: {_first_line(e)}; run with --backend torch"
+                ) from None
+        config = {
+            "INFERENCE_PRECISION_HINT": self.precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": self.threads,
+        }
         self.compiled = core.compile_model(model, "CPU", config)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

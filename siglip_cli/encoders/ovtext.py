@@ -40,8 +40,9 @@ def place(fingerprint: str, length: int) -> str:
     runs at is chosen when it is compiled)."""
     from ..vocab import cache_dir
 
-    key = json.dumps([VERSION, fingerprint, "text", length, _version("openvino"), _version("transformers"),
-                      _version("tokenizers")])
+    key = json.dumps(
+        [VERSION, fingerprint, "text", length, _version("openvino"), _version("transformers"), _version("tokenizers")]
+    )
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24])
 
 
@@ -62,14 +63,18 @@ class TextTower:
         self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         self.tokenizer.encode_special_tokens = info["encode_special_tokens"]
         self.length, self.batch_size = info["length"], batch_size
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": threads}
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+        }
         core, xml = ov.Core(), os.path.join(folder, "text.xml")
         if os.access(folder, os.W_OK):  # OpenVINO's own cache of the compiled graph (weights stay in text.bin):
             # so400m's text tower compiles in 1.5 s instead of 2.2 on a slow CPU
             try:
-                self.compiled = core.compile_model(xml, "CPU", {**config, "CACHE_DIR": os.path.join(folder, "compiled"),
-                                                                "CACHE_MODE": "OPTIMIZE_SIZE"})
+                self.compiled = core.compile_model(
+                    xml, "CPU", {**config, "CACHE_DIR": os.path.join(folder, "compiled"), "CACHE_MODE": "OPTIMIZE_SIZE"}
+                )
                 return
             except RuntimeError as e:  # OpenVINO before 2024.5 has no CACHE_MODE: compiled each time
                 if "CACHE_MODE" not in str(e):
@@ -81,6 +86,7 @@ class TextTower:
         return np.array(rows, np.int64).reshape(len(rows), self.length)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        out = [self.compiled(self.ids(texts[i : i + self.batch_size]))[0]
-               for i in range(0, len(texts), self.batch_size)]
+        out = [
+            self.compiled(self.ids(texts[i : i + self.batch_size]))[0] for i in range(0, len(texts), self.batch_size)
+        ]
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 0), np.float32)

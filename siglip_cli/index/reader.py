@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .files import METADATA_KEY
-from .layouts import is_file_output, _parts
+from .layouts import _parts, is_file_output
 
 
 def _signature(schema: pa.Schema):

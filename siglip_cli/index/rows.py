@@ -87,10 +87,18 @@ class Index:
         failures = {}  # row -> (message, width, height) of the error rows
         if table.column("error").null_count < len(table):
             rows = np.flatnonzero(pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False))
-            failures = dict(zip(rows.tolist(), zip(*(table.column(c).take(rows).to_pylist() for c in ("error", "width", "height")))))
-        for i, (path, status, size, mtime, sha) in enumerate(zip(
-                paths_of(table), table.column("status").to_pylist(), table.column("size").to_pylist(), mtimes,
-                table.column("sha256").to_pylist())):
+            failures = dict(
+                zip(rows.tolist(), zip(*(table.column(c).take(rows).to_pylist() for c in ("error", "width", "height"))))
+            )
+        for i, (path, status, size, mtime, sha) in enumerate(
+            zip(
+                paths_of(table),
+                table.column("status").to_pylist(),
+                table.column("size").to_pylist(),
+                mtimes,
+                table.column("sha256").to_pylist(),
+            )
+        ):
             old = self.entries.get(path)
             # a row a killed run replaced but did not get to remove; not one of the same segment (a file another
             # tool wrote a path twice into): removing "the old row" there removed both, and the path's row was lost
@@ -105,8 +113,13 @@ class Index:
                 self.sizes.add(size)
 
     # -- during the run -----------------------------------------------------------------------------
-    def pending(self, records: Iterable[FileRecord], roots: list[Root], rehash: bool = False,
-                retry: Callable[[str, Entry], bool] = lambda path, entry: False) -> Iterator[FileRecord]:
+    def pending(
+        self,
+        records: Iterable[FileRecord],
+        roots: list[Root],
+        rehash: bool = False,
+        retry: Callable[[str, Entry], bool] = lambda path, entry: False,
+    ) -> Iterator[FileRecord]:
         """The records that need work: new, changed, or failed before and `retry(path, entry)` says to try again
         (a record that fails now as its row did, say a folder still unreadable, is not). Each path once.
 
@@ -155,8 +168,10 @@ class Index:
             held = sum(1 for p in self.entries if under(p, root.key))
             if held:
                 state = "is missing" if not root.exists else "holds no images"
-                raise RunError(f"not pruning: {root.given} {state}, but the index has {held:,} rows under it "
-                               "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone")
+                raise RunError(
+                    f"not pruning: {root.given} {state}, but the index has {held:,} rows under it "
+                    "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone"
+                )
 
     def prune(self, roots: list[Root], anyway: bool = False) -> int:
         """Mark for removal the rows under this run's roots whose files are gone; returns how many.
@@ -176,9 +191,11 @@ class Index:
                 lost_here = [p for p in lost if p not in moved]
                 _check_empty_folders(lost_here, root)
                 if lost_here and len(lost_here) * 2 > len(held):
-                    raise RunError(f"not pruning: {len(lost_here):,} of the {len(held):,} rows under {root.given} "
-                                   "would go, more than half (a missing mount?); rows kept. Pass --prune-anyway "
-                                   "if those photos are gone")
+                    raise RunError(
+                        f"not pruning: {len(lost_here):,} of the {len(held):,} rows under {root.given} "
+                        "would go, more than half (a missing mount?); rows kept. Pass --prune-anyway "
+                        "if those photos are gone"
+                    )
             gone += lost
         for p in set(gone):
             self.stale.setdefault(self.entries[p].segment, set()).add(p)
@@ -214,7 +231,11 @@ EMPTY_FOLDER_ROWS = 100
 def _fstab_mountpoints(fstab: str = "/etc/fstab") -> set[str]:
     try:
         with open(fstab) as f:
-            return {fields[1] for line in f if (fields := line.split()) and not fields[0].startswith("#") and len(fields) > 1}
+            return {
+                fields[1]
+                for line in f
+                if (fields := line.split()) and not fields[0].startswith("#") and len(fields) > 1
+            }
     except OSError:
         return set()
 
@@ -241,8 +262,10 @@ def _check_empty_folders(lost: list[str], root: Root) -> None:
         if mountpoints is None:
             mountpoints = _fstab_mountpoints()
         if held >= EMPTY_FOLDER_ROWS or (folder in mountpoints and not os.path.ismount(folder)):
-            raise RunError(f"not pruning: {folder} is empty, but the index has {held:,} rows under it "
-                           "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone")
+            raise RunError(
+                f"not pruning: {folder} is empty, but the index has {held:,} rows under it "
+                "(an unmounted share?); rows kept. Pass --prune-anyway if those photos are gone"
+            )
 
 
 def _unchanged(old: Entry, rec: FileRecord, rehash: bool) -> bool:

@@ -36,8 +36,9 @@ class Store:
         self._lock: Lock | None = None
 
     @classmethod
-    def open(cls, path: str, signature: dict, overwrite: bool = False, wait: bool = False, images: bool = True,
-             same=None) -> "Store":
+    def open(
+        cls, path: str, signature: dict, overwrite: bool = False, wait: bool = False, images: bool = True, same=None
+    ) -> "Store":
         """Create the output folder if needed, take the lock, read what is there and check it fits this run
         (`same`: an older output's signature as this version would record the same settings)."""
         store = cls(path, signature, images, same)
@@ -75,15 +76,19 @@ class Store:
         if not overwrite and not all(fits):
             theirs = signatures[fits.index(False)]
             if any(fits):  # an --overwrite stopped before its end: the rows of both are there
-                raise RunError(f"{self.path} holds rows made with these settings and rows made with others "
-                               f"({differences(theirs, self.signature)}): an --overwrite that was stopped? Rerun with "
-                               f"--overwrite to finish it (the rows it made are kept), or choose another output")
+                raise RunError(
+                    f"{self.path} holds rows made with these settings and rows made with others "
+                    f"({differences(theirs, self.signature)}): an --overwrite that was stopped? Rerun with "
+                    f"--overwrite to finish it (the rows it made are kept), or choose another output"
+                )
             pin = ""
             old = (theirs or {}).get("weights", "")
             if re.fullmatch(r"[0-9a-f]{40}", old or "") and old != self.signature.get("weights"):
                 pin = f" (--revision {old} keeps the weights it was made with)"
-            raise RunError(f"{self.path} was made with different settings ({differences(theirs, self.signature)}); "
-                           f"rerun with those settings{pin}, choose another output, or pass --overwrite to start afresh")
+            raise RunError(
+                f"{self.path} was made with different settings ({differences(theirs, self.signature)}); "
+                f"rerun with those settings{pin}, choose another output, or pass --overwrite to start afresh"
+            )
         for i, (seg, fit) in enumerate(zip(self.segments, fits)):
             if not fit:
                 self.foreign.add(i)
@@ -93,8 +98,10 @@ class Store:
                 except (OSError, pa.ArrowException) as e:  # a column gone (another tool rewrote it), a cut file
                     if not overwrite:
                         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                        raise RunError(f"{seg} cannot be read as a siglip output ({first}): edited by another "
-                                       "tool? Pass --overwrite to rebuild it, or move it away") from None
+                        raise RunError(
+                            f"{seg} cannot be read as a siglip output ({first}): edited by another "
+                            "tool? Pass --overwrite to rebuild it, or move it away"
+                        ) from None
                     self.foreign.add(i)
                     continue
                 self.index.add(i, rows)

@@ -37,8 +37,12 @@ def server(fixed_ckpt, tmp_path_factory, photos):
 def test_an_8_mb_text_on_every_text_route_is_cut_not_swallowed(server):
     before = peak_rss(server.proc.pid)
     image = b64(jpeg())
-    routes = [("/txt/embed", {"input": LONG}), ("/v1/embeddings", {"input": [LONG]}),
-              ("/classify", {"input": image, "labels": [LONG, "a dog"]}), ("/search", {"query": LONG})]
+    routes = [
+        ("/txt/embed", {"input": LONG}),
+        ("/v1/embeddings", {"input": [LONG]}),
+        ("/classify", {"input": image, "labels": [LONG, "a dog"]}),
+        ("/search", {"query": LONG}),
+    ]
     for route, body in routes:
         with ThreadPoolExecutor(1) as pool:
             t = time.monotonic()
@@ -60,11 +64,20 @@ def test_globs_hosts_bodies_and_tokens_are_checked_before_work(server):
     assert server.post("/search", {"query": "dog", "path": ["*.JPEG"]}).status_code == 200
     rebind = server.post("/txt/embed", {"input": "dog"}, headers={"Host": "rebind.attacker.example"})
     assert rebind.status_code == 421
-    assert server.post("/txt/embed", {"input": "dog"}, headers={"Host": f"localhost:{server.url.rsplit(':', 1)[1]}"}).status_code == 200
+    assert (
+        server.post(
+            "/txt/embed", {"input": "dog"}, headers={"Host": f"localhost:{server.url.rsplit(':', 1)[1]}"}
+        ).status_code
+        == 200
+    )
     plain = httpx.post(server.url + "/txt/embed", content=b'{"input": "dog"}', headers={"Content-Type": "text/plain"})
     assert plain.status_code == 415  # a page's simple POST (no preflight) is not read
-    deep = httpx.post(server.url + "/txt/embed", content=b"[" * 5000 + b"]" * 5000,
-                      headers={"Content-Type": "application/json"}, timeout=10)
+    deep = httpx.post(
+        server.url + "/txt/embed",
+        content=b"[" * 5000 + b"]" * 5000,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     assert deep.status_code == 422 and "nests" in deep.text
 
 
@@ -106,13 +119,16 @@ def test_32_clients_with_hostile_ones_among_them(server):
     """5% of requests hostile (a long text, a bad glob, a foreign Host, deep JSON, a text/plain body): no 5xx,
     no dropped connection, memory flat."""
     good = [("/txt/embed", {"input": ["a dog", "a beach"]}, {}), ("/search", {"query": "a dog"}, {})]
-    bad = [("/txt/embed", {"input": LONG[:2_000_000]}, {}), ("/search", {"query": "x", "path": ["[" * 5000]}, {}),
-           ("/txt/embed", {"input": "x"}, {"Host": "rebind.attacker.example"})]
+    bad = [
+        ("/txt/embed", {"input": LONG[:2_000_000]}, {}),
+        ("/search", {"query": "x", "path": ["[" * 5000]}, {}),
+        ("/txt/embed", {"input": "x"}, {"Host": "rebind.attacker.example"}),
+    ]
     statuses: list[int] = []
 
     async def client(http: httpx.AsyncClient, n: int) -> None:
         for i in range(12):
-            route, body, headers = (bad[(n + i) % len(bad)] if (n * 12 + i) % 20 == 0 else good[(n + i) % 2])
+            route, body, headers = bad[(n + i) % len(bad)] if (n * 12 + i) % 20 == 0 else good[(n + i) % 2]
             r = await http.post(route, json=body, headers=headers)
             statuses.append(r.status_code)
 
@@ -137,10 +153,26 @@ def test_a_sparse_4_gb_photo_is_an_error_row_read_by_its_header(tmp_path, fixed_
         f.truncate(4 << 30)  # sparse: no disk space used
     out = tmp_path / "o.parquet"
     # the run in a process of its own that reports the largest peak of its descendants (the run, its workers)
-    script = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-              "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    run = [sys.executable, "-m", "siglip_cli", "embed", str(tmp_path), "-o", str(out), "-m", str(fixed_ckpt), "-q",
-           "--backend", "torch", "-j", "1"]
+    script = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    run = [
+        sys.executable,
+        "-m",
+        "siglip_cli",
+        "embed",
+        str(tmp_path),
+        "-o",
+        str(out),
+        "-m",
+        str(fixed_ckpt),
+        "-q",
+        "--backend",
+        "torch",
+        "-j",
+        "1",
+    ]
     said = subprocess.run([sys.executable, "-c", script, *run], capture_output=True, text=True, timeout=300)
     code, peak_kb = map(int, said.stdout.split())
     import pyarrow.parquet as pq
@@ -152,8 +184,11 @@ def test_a_sparse_4_gb_photo_is_an_error_row_read_by_its_header(tmp_path, fixed_
 
 
 def test_endless_lists_are_one_line_and_exit_2(tmp_path, fixed_ckpt):
-    for args in (["embed", "--files-from", "/dev/zero"], ["embed", "--texts-file", "/dev/zero"],
-                 ["tag", tmp_path, "--vocab", "/dev/zero"]):
+    for args in (
+        ["embed", "--files-from", "/dev/zero"],
+        ["embed", "--texts-file", "/dev/zero"],
+        ["tag", tmp_path, "--vocab", "/dev/zero"],
+    ):
         r = run_siglip(*args, "-o", "-", "-m", fixed_ckpt, timeout=60)
         assert r.returncode == 2 and "longer than 65,536 bytes" in r.stderr and "Traceback" not in r.stderr, args
 
@@ -173,8 +208,12 @@ def test_thumbnails_open_only_what_decode_would(tmp_path):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     # a 20000x20000 PNG header over a few bytes of data: refused by its size, never decoded
-    big.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
-                    + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    big.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     assert thumbnail(str(big), timeout=5) is None
 
 
@@ -183,8 +222,12 @@ def test_an_embedding_column_another_tool_rewrote_is_one_line(fixed_ckpt, tmp_pa
     import pyarrow.parquet as pq
 
     index = tmp_path / "index.parquet"
-    assert run_siglip("embed", *sorted(photos.glob("*.JPEG"))[:3], "-o", index, "-m", fixed_ckpt, "-q",
-                      "--backend", "torch").returncode == 0
+    assert (
+        run_siglip(
+            "embed", *sorted(photos.glob("*.JPEG"))[:3], "-o", index, "-m", fixed_ckpt, "-q", "--backend", "torch"
+        ).returncode
+        == 0
+    )
     t = pq.read_table(index)
     i = t.schema.get_field_index("embedding")
     column = t.column("embedding").cast(pa.list_(pa.float32()))
