@@ -31,7 +31,7 @@ class BenchConfig:
     seconds: float = 3.0  # at least this long for the ceiling
 
 
-def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
+def random_encoder(arch: str, cfg: ModelConfig, batch_size: int) -> Encoder:
     """The named architecture with random weights, built on the device: no download."""
     from types import SimpleNamespace
 
@@ -86,13 +86,11 @@ def random_encoder(arch: str, cfg: ModelConfig) -> Encoder:
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
     vocab.update({f"<0x{i:02X}>": 6 + i for i in range(256)})
     tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True)
-    encoder = Encoder(model, processor, tokenizer, dataclasses.replace(cfg, name=f"random:{arch}"), device, load)
-    if backend == "openvino":
-        from .config import usable_cpus
-        from .encoders import openvino
+    from .config import usable_cpus
 
-        openvino.attach(encoder, dtype, cfg.quantize, usable_cpus())
-    return encoder
+    ov = dict(dtype=dtype, quantize=cfg.quantize, threads=usable_cpus(), batch=batch_size)
+    name = dataclasses.replace(cfg, name=f"random:{arch}")
+    return Encoder(model, processor, tokenizer, name, device, load, openvino=ov if backend == "openvino" else None)
 
 
 def synthetic_photos(folder: str, n: int = 64) -> list[str]:
@@ -177,15 +175,15 @@ def ceiling(encoder: Encoder, batch_size: int, seconds: float, sample: np.ndarra
 
 def _timed(encoder: Encoder, args: list, batch_size: int, seconds: float) -> tuple[float, float]:
     t = time.perf_counter()
-    encoder._features(*args)
+    encoder.tower(*args)
     _sync(encoder.device)
     first = time.perf_counter() - t
     for _ in range(2):
-        encoder._features(*args)
+        encoder.tower(*args)
     _sync(encoder.device)
     n, t = 0, time.perf_counter()
     while n < 5 or time.perf_counter() - t < seconds:
-        encoder._features(*args)
+        encoder.tower(*args)
         n += 1
         if n % 5 == 0:
             _sync(encoder.device)
@@ -218,15 +216,17 @@ def end_to_end(cfg: RunConfig, encoder: Encoder, records, folder: str) -> float:
 
 def run(bench: BenchConfig, tag_spec=None) -> dict:
     """Measure everything on the same device and settings; returns the numbers (images/s) and the setting."""
-    from .pipeline import default_batch_size
+    from .model import default_batch_size
     from .sources import FileRecord
     from .tasks import EmbedSpec
 
     cfg = bench.run
+    batch_size = cfg.batch_size or default_batch_size(resolve_device(cfg.model.device))
     t = time.perf_counter()
-    encoder = random_encoder(bench.arch, cfg.model) if bench.arch else Encoder.load(cfg.model)
+    encoder = (
+        random_encoder(bench.arch, cfg.model, batch_size) if bench.arch else Encoder.load(cfg.model, False, batch_size)
+    )
     load_s = time.perf_counter() - t
-    batch_size = cfg.batch_size or default_batch_size(encoder.device)
     encoder.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
     with tempfile.TemporaryDirectory(prefix="siglip-bench-") as folder:
@@ -237,7 +237,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
         if encoder.backend == "openvino":  # its batch, and int8 calibrated on the photos a run would use
             from .encoders import openvino
 
-            openvino.prepare([encoder], (FileRecord(p) for p in paths), spec, batch_size)
+            openvino.prepare([encoder], (FileRecord(p) for p in paths), spec)
         top, first_call_s = ceiling(
             encoder, batch_size, bench.seconds, decode_photos([FileRecord(p) for p in paths[:batch_size]], spec)
         )
@@ -285,7 +285,7 @@ def variants(device: torch.device) -> list[tuple[str, str, str]]:
 @torch.inference_mode()
 def _embed(encoder: Encoder, sample: np.ndarray, batch_size: int) -> np.ndarray:
     out = [
-        encoder._features(torch.from_numpy(sample[i : i + batch_size]).to(encoder.device)).float().cpu()
+        encoder.tower(torch.from_numpy(sample[i : i + batch_size]).to(encoder.device)).float().cpu()
         for i in range(0, len(sample), batch_size)
     ]
     return torch.cat(out).numpy()
@@ -300,7 +300,7 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
     """Every backend, dtype and quantization this machine can run, on the same photos and weights: images/s of
     the tower alone and end to end, and each one's cosine to torch float32 on the same pixels; with a
     vocabulary, the share of photos whose top 5 tags are torch float32's."""
-    from .pipeline import default_batch_size
+    from .model import default_batch_size
     from .sources import FileRecord
     from .tasks import EmbedSpec
 
@@ -311,17 +311,19 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
         paths, generated = bench_images(cfg, folder)
         for backend, dtype, quantize in variants(device):
             model = dataclasses.replace(cfg.model, backend=backend, dtype=dtype, quantize=quantize, compile=False)
-            encoder = random_encoder(bench.arch, model) if bench.arch else Encoder.load(model)
+            batch_size = cfg.batch_size or default_batch_size(device)
+            encoder = (
+                random_encoder(bench.arch, model, batch_size) if bench.arch else Encoder.load(model, False, batch_size)
+            )
             if encoder.naflex:
                 raise RunError("bench --backends compares fixed-resolution checkpoints (NaFlex runs on torch only)")
-            batch_size = cfg.batch_size or default_batch_size(encoder.device)
             spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
             if sample is None or spec != sample_spec:  # cosines over up to 256 photos: the first 64 calibrate int8
                 sample, sample_spec = decode_photos([FileRecord(p) for p in paths[: max(256, batch_size)]], spec), spec
             if encoder.backend == "openvino":
                 from .encoders import openvino
 
-                openvino.prepare([encoder], (FileRecord(p) for p in paths), spec, batch_size)
+                openvino.prepare([encoder], (FileRecord(p) for p in paths), spec)
             t = time.perf_counter()
             emb = _embed(encoder, sample, batch_size)
             prepare_s = time.perf_counter() - t

@@ -198,7 +198,7 @@ class EncodeActor:
         from .sink import IMAGE_FIELDS, make_schema
         from .tasks import make_task
 
-        self.encoder = Encoder.load(cfg.model)
+        self.encoder = Encoder.load(cfg.model, batch_size=batch_size)
         if self.encoder.device.type == "cpu" and self.encoder.backend == "torch":
             from .config import usable_cpus
 
@@ -256,8 +256,7 @@ def process(cfg: RunConfig, store, records, progress) -> None:
     import torch
 
     from .index import METADATA_KEY
-    from .model import load_spec, resolve_backend
-    from .pipeline import default_batch_size
+    from .model import default_batch_size, load_spec, resolve_backend
     from .sink import JsonLinesSink, PartSink
 
     tables = list(_tables(records))

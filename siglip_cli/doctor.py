@@ -92,8 +92,7 @@ def report(model: str) -> dict:
     from .config import ModelConfig, cgroup_cpu_limit, default_workers, usable_cpus
     from .encoders import openvino
     from .loader import SHM_DIR
-    from .model import cpu_bf16_native, resolve_backend, resolve_devices, resolve_dtype
-    from .pipeline import default_batch_size
+    from .model import cpu_bf16_native, default_batch_size, resolve_backend, resolve_devices, resolve_dtype
     from .vocab import cache_dir
 
     devices = resolve_devices("auto")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import compat
-from .config import TEXT_LENGTH, ModelConfig
+from .config import TEXT_LENGTH, ModelConfig, usable_cpus
 from .decode import ImageSpec
 from .errors import RunError
 from .loader import Batch
@@ -69,6 +69,11 @@ def resolve_devices(name: str) -> list[torch.device]:
     if len({d.type for d in devices}) > 1:
         raise RunError(f"--device {name}: give devices of one kind (several GPUs, or the CPU)")
     return devices
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Large enough to keep a GPU busy and within 16 GB for so400m/384; small on a CPU for smooth progress."""
+    return {"cuda": 256, "mps": 64}.get(device.type, 16)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -316,6 +321,7 @@ class Encoder:
         dtype: torch.dtype,
         scalars: dict[str, float] | None = None,
         config=None,
+        openvino: dict | None = None,
     ):
         """model: a whole SiglipModel / Siglip2Model, or only its vision tower (then `config` is the checkpoint's
         whole config, `scalars` hold the logit scale and bias, and the text tower and the tokenizer are loaded
@@ -338,7 +344,7 @@ class Encoder:
         mean = torch.tensor(processor.image_mean, dtype=torch.float32, device=device)
         std = torch.tensor(processor.image_std, dtype=torch.float32, device=device)
         # (x * scale - mean) / std == x * a + b, folded once
-        self._a, self._b = scale / std, -mean / std
+        self.pixel_scale, self.pixel_shift = scale / std, -mean / std
         # float32 as stored (see stored_scalars); logit_scale is stored as a log
         scalars = dict(scalars or {})
         if whole:
@@ -362,26 +368,40 @@ class Encoder:
             + f" resample={self.spec.resample.name.lower()} mean={processor.image_mean} std={processor.image_std}",
         )
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
-        self._features = self._naflex if self.naflex else self._fixed
         self.chunk = 0  # after running out of memory: images per forward pass (0: the whole batch)
         self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
-        self.backend, self.quantize = "torch", "none"  # what runs the image tower (encoders/ may change it)
         self.text_backend, self.text_runner = "torch", None  # what runs the text tower (encoders/ may change it)
         self.text_kind = str(self.text_dtype)  # what decides the text embeddings' numbers (the vocab cache's key)
-        if cfg.compile:
-            self._compile()
+        self.tower, self.backend, self.quantize = self._image_tower(cfg.compile, openvino)
+
+    def _image_tower(self, compile: bool, openvino: dict | None):
+        """What runs the image tower, chosen once: (callable, backend, quantize). OpenVINO where it was asked for
+        (dict(dtype, quantize, threads, batch)) and can be had here, else torch (eager, or compiled)."""
+        if openvino is not None:
+            from .encoders.openvino import image_tower
+
+            self.dtype = openvino["dtype"]
+            tower = image_tower(self, **openvino)  # None: it cannot be converted here (said why)
+            if tower is not None:
+                return tower, "openvino", openvino["quantize"]
+            self.vision.to(self.dtype)  # loaded in float32 for the converter
+        tower = self._naflex if self.naflex else self._fixed
+        return (self._compiled(tower) if compile else tower), "torch", "none"
 
     @classmethod
-    def load(cls, cfg: ModelConfig, show_downloads: bool = False) -> "Encoder":
+    def load(cls, cfg: ModelConfig, show_downloads: bool = False, batch_size: int | None = None) -> "Encoder":
         """The model on the first of cfg's devices (see load_all)."""
-        return cls.load_all(cfg, show_downloads, first_only=True)[0]
+        return cls.load_all(cfg, show_downloads, first_only=True, batch_size=batch_size)[0]
 
     @classmethod
-    def load_all(cls, cfg: ModelConfig, show_downloads: bool = False, first_only: bool = False) -> list["Encoder"]:
+    def load_all(
+        cls, cfg: ModelConfig, show_downloads: bool = False, first_only: bool = False, batch_size: int | None = None
+    ) -> list["Encoder"]:
         """Load a Hub id or a local folder, once, onto each of cfg's devices; a model that cannot be had is a
-        RunError with one readable line.
+        RunError with one readable line. What runs each tower is chosen here, once.
 
         show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
+        batch_size: the run's (default: the device's); an OpenVINO image graph is built for it.
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -392,8 +412,6 @@ class Encoder:
         if cfg.compile:
             check_compiler(devices[0])
         if devices[0].type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            from .config import usable_cpus
-
             torch.set_num_threads(usable_cpus())  # torch counts the machine's cores, not the container's
         if show_downloads and (note := download_note(cfg.name, cfg.commit or cfg.revision)):
             print(note, file=sys.stderr)
@@ -414,21 +432,31 @@ class Encoder:
             raise RunError(_cannot_load(cfg.name, e)) from None
         if not towers and (not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias")):
             raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
+        on_cpu = devices[0].type == "cpu" and cfg.backend != "torch" and not cfg.compile
+        threads = max(1, usable_cpus() // len(devices))  # several CPU encoders share the cores
+        batch = batch_size or default_batch_size(devices[0])
+        ov = dict(dtype=dtype, quantize=cfg.quantize, threads=threads, batch=batch)
         encoders = []
         for i, device in enumerate(devices):
             # Each GPU gets its own copy, made on the host before the first one moves; CPU encoders share one.
             own = model if device.type == "cpu" or i == len(devices) - 1 else copy.deepcopy(model)
-            encoders.append(cls(own, processor, None, cfg, device, load, scalars, config))
-        if devices[0].type == "cpu" and cfg.backend != "torch" and not cfg.compile:
-            from .config import usable_cpus
-            from .encoders import openvino, ovtext
+            encoder = cls(
+                own,
+                processor,
+                None,
+                cfg,
+                device,
+                load,
+                scalars,
+                config,
+                openvino=ov if on_cpu and backend == "openvino" else None,
+            )
+            if on_cpu:
+                from .encoders import openvino, ovtext
 
-            threads = max(1, usable_cpus() // len(encoders))  # several CPU encoders share the cores
-            for encoder in encoders:
-                if backend == "openvino":
-                    openvino.attach(encoder, dtype, cfg.quantize, threads)
                 if ovtext.available():  # NaFlex checkpoints' text tower too: it has one fixed shape
                     openvino.attach_text(encoder, dtype, threads)
+            encoders.append(encoder)
         return encoders
 
     @property
@@ -475,7 +503,7 @@ class Encoder:
         )
         return tokens["input_ids"]
 
-    def _compile(self) -> None:
+    def _compiled(self, tower):
         from .vocab import cache_dir
 
         # Keep inductor's artefacts where a nightly run finds them again (its default, in /tmp, is wiped on
@@ -484,16 +512,16 @@ class Encoder:
         default = compat.inductor_default_cache_dir()
         if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir(), "inductor")
-        self._features = torch.compile(self._features, dynamic=False)
+        return torch.compile(tower, dynamic=False)
 
     def _fixed(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float()
-        x = (x * self._a[:, None, None] + self._b[:, None, None]).to(self.dtype)
+        x = (x * self.pixel_scale[:, None, None] + self.pixel_shift[:, None, None]).to(self.dtype)
         return F.normalize(self.vision(pixel_values=x).pooler_output.float(), dim=-1)
 
     def _naflex(self, x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor, full: bool) -> torch.Tensor:
         n, patches, width = x.shape
-        x = x.view(n, patches, width // 3, 3).float() * self._a + self._b
+        x = x.view(n, patches, width // 3, 3).float() * self.pixel_scale + self.pixel_shift
         x = (x.view(n, patches, width) * mask[..., None]).to(self.dtype)  # padding patches are zeros, as in HF
         # The documented inputs only: a 2-D (n, patches) mask, True = a real patch. The host knows whether any image
         # has padding; without padding no mask is passed, so transformers has nothing to ask the device about.
@@ -537,7 +565,7 @@ class Encoder:
         else:
             args = (x,)
         try:
-            return self._features(*args)[:n]
+            return self.tower(*args)[:n]
         except compat.compile_failures() as e:  # --compile only: the first call compiles
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise RunError(f"--compile failed: {first}; run without --compile") from None

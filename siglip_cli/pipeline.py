@@ -24,18 +24,13 @@ from .errors import RunError
 from .index import Root, Store
 from .index.store import check_parent
 from .loader import Batch, batches
-from .model import Encoder, resolve_devices, resolve_dtype
+from .model import Encoder, default_batch_size, resolve_devices, resolve_dtype
 from .progress import Progress, Summary, progress_enabled
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
 from .sources import is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
 from .weights import patches_setting, resolve_weights
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Large enough to keep a GPU busy and within 16 GB for so400m/384; small on a CPU for smooth progress."""
-    return {"cuda": 256, "mps": 64}.get(device.type, 16)
 
 
 def made_with(openvino: bool) -> dict[str, str]:
@@ -250,7 +245,7 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
 
                 cluster.process(cfg, store, itertools.chain([first], records), progress)
             else:
-                encoders = Encoder.load_all(cfg.model, progress_enabled(cfg.quiet))
+                encoders = Encoder.load_all(cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size)
                 process(cfg, store, itertools.chain([first], records), progress, encoders)
         except BaseException:
             progress.close()
@@ -336,7 +331,7 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
     if encoder.backend == "openvino":
         from .encoders import openvino
 
-        records = openvino.prepare(encoders, records, spec, batch_size)
+        records = openvino.prepare(encoders, records, spec)
     meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)

@@ -126,7 +126,7 @@ class OpenVINOTower:
 
     def __init__(self, encoder, quantize: str, precision: str, threads: int):
         self.encoder, self.quantize, self.precision, self.threads = encoder, quantize, precision, threads
-        self.compiled, self.batch, self.path, self.checked = None, 0, "", False
+        self.compiled, self.batch, self.path = None, 0, ""
         self.calibration = None  # () -> photos (n, h, w, 3) uint8 that calibrate int8, or None: the first batch
 
     def _convert(self, sample: np.ndarray):
@@ -139,7 +139,9 @@ class OpenVINOTower:
         import openvino as ov
 
         t = time.perf_counter()
-        tower = _Tower(self.encoder.vision, self.encoder._a, self.encoder._b).eval()  # loaded in float32
+        tower = _Tower(
+            self.encoder.vision, self.encoder.pixel_scale, self.encoder.pixel_shift
+        ).eval()  # loaded in float32
         h, w = sample.shape[1:3]
         with torch.no_grad():  # traced on one image (fast), then fixed to the run's batch
             model = ov.convert_model(tower, example_input=torch.from_numpy(sample[:1]), input=[(-1, h, w, 3)])
@@ -204,23 +206,20 @@ class OpenVINOTower:
             )
         return model
 
-    def fits(self) -> None:
-        """Where this tower has to be converted and the memory for that is not there: torch runs it instead, with
-        a note (unquantized: the same numbers, and the run's settings allow it), or, quantized, the run stops
-        before any work with a one-line error. About 2.5 more copies of the weights at the peak: so400m's image
-        tower, 1.7 GB, peaked at 6.0 GB resident in all."""
-        if self.checked or os.path.exists(cache_path(self.encoder, self.batch, self.quantize)):
-            return
-        self.checked = True  # once: a run whose metadata says openvino keeps it (prepare decides before)
-        e = self.encoder
-        short = _memory_short(e.vision, 2.5, "the image tower")
+    def fits(self) -> bool:
+        """Whether this tower is cached, or can be converted here: where the memory for converting is not there,
+        False with a note (torch then runs it: unquantized, the same numbers, and the run's settings allow it),
+        or, quantized, a one-line error before any work. About 2.5 more copies of the weights at the peak:
+        so400m's image tower, 1.7 GB, peaked at 6.0 GB resident in all."""
+        if os.path.exists(cache_path(self.encoder, self.batch, self.quantize)):
+            return True
+        short = _memory_short(self.encoder.vision, 2.5, "the image tower")
         if short is None:
-            return
+            return True
         if self.quantize != "none":
             raise RunError(f"{short}; run with --quantize none (torch), or where there is more memory")
         _say(f"note: the image tower runs on torch: {short}")
-        e._features, e.backend = e._fixed, "torch"
-        e.vision.to(e.dtype)  # loaded in float32 for the converter
+        return False
 
     def _build(self, sample: np.ndarray) -> None:
         import openvino as ov
@@ -248,10 +247,6 @@ class OpenVINOTower:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         pixels = x.numpy()
         if self.compiled is None:
-            self.batch = max(self.batch, len(pixels))
-            self.fits()  # where prepare did not check it (Ray's actors)
-            if self.encoder._features is not self:
-                return self.encoder._fixed(x)
             self._build(pixels)
         out = []
         for i in range(0, len(pixels), self.batch):
@@ -262,16 +257,10 @@ class OpenVINOTower:
         return torch.from_numpy(np.concatenate(out))
 
 
-def prepare(encoders, records, spec, batch_size: int):
-    """The records, unchanged, after giving the encoders' OpenVINO towers the run's batch size (their graphs'
-    static batch; then each checks that it can be converted here, see fits) and, for int8, the run's first
-    CALIBRATION photos to calibrate on: decoded only if a tower has to be quantized (one read from the cache
-    needs none). Before the output's metadata is made: it records what runs the image tower."""
-    towers = [e._features for e in encoders if isinstance(e._features, OpenVINOTower)]
-    for tower in towers:
-        tower.batch = batch_size
-        tower.fits()
-    towers = [t for t in towers if t.quantize == "int8" and t.encoder._features is t]
+def prepare(encoders, records, spec):
+    """The records, unchanged, after giving the encoders' int8 OpenVINO towers the run's first CALIBRATION
+    photos to calibrate on: decoded only if a tower has to be quantized (one read from the cache needs none)."""
+    towers = [e.tower for e in encoders if isinstance(e.tower, OpenVINOTower) and e.tower.quantize == "int8"]
     if not towers:
         return records
     from ..decode import decode_photos
@@ -284,13 +273,14 @@ def prepare(encoders, records, spec, batch_size: int):
     return itertools.chain(head, records)
 
 
-def attach(encoder, dtype: torch.dtype, quantize: str, threads: int) -> None:
-    """Run the encoder's image tower (loaded in float32) on OpenVINO at the precision of dtype."""
+def image_tower(encoder, dtype: torch.dtype, quantize: str, threads: int, batch: int) -> OpenVINOTower | None:
+    """The encoder's image tower (loaded in float32) on OpenVINO at the precision of dtype, for graphs of this
+    batch; None where it cannot be converted here (see OpenVINOTower.fits): torch runs it."""
     from .ovtext import precision as _precision
 
-    precision = _precision(dtype)
-    encoder._features = OpenVINOTower(encoder, quantize, precision, threads)
-    encoder.dtype, encoder.backend, encoder.quantize = dtype, "openvino", quantize
+    tower = OpenVINOTower(encoder, quantize, _precision(dtype), threads)
+    tower.batch = batch
+    return tower if tower.fits() else None
 
 
 class _TextTower(torch.nn.Module):
