@@ -100,50 +100,36 @@ class ApiError(Exception):
 
 
 class Metrics:
-    """Prometheus text exposition, by hand: a few counters, gauges and histograms."""
+    """The server's Prometheus metrics (prometheus_client), in a registry of its own: requests, items, batch
+    sizes, latency, the queue's depth, and the process's memory, CPU and open files."""
 
-    def __init__(self):
-        self.requests: collections.Counter = collections.Counter()
-        self.items: collections.Counter = collections.Counter()
-        self.latency: dict[str, list] = {}
-        self.batches: dict[str, list] = {}
+    def __init__(self, depth):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-    @staticmethod
-    def _observe(table: dict, key: str, value: float, buckets) -> None:
-        row = table.setdefault(key, [[0] * len(buckets), 0.0, 0])
-        for i, b in enumerate(buckets):
-            if value <= b:
-                row[0][i] += 1
-        row[1] += value
-        row[2] += 1
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.requests = Counter("siglip_requests", "Requests answered", ["route", "status"], registry=self.registry)
+        self.items = Counter("siglip_items", "Items embedded", ["kind"], registry=self.registry)
+        self.latency = Histogram(
+            "siglip_request_seconds", "Request latency", ["route"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.batches = Histogram(
+            "siglip_batch_size", "Items per forward pass", ["kind"], buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        Gauge("siglip_queue_depth", "Items waiting", registry=self.registry).set_function(depth)
 
     def request(self, route: str, status: int, seconds: float) -> None:
-        self.requests[(route, status)] += 1
-        self._observe(self.latency, route, seconds, LATENCY_BUCKETS)
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
 
     def batch(self, kind: str, size: int) -> None:
-        self.items[kind] += size
-        self._observe(self.batches, kind, size, BATCH_BUCKETS)
+        self.items.labels(kind).inc(size)
+        self.batches.labels(kind).observe(size)
 
-    def render(self, depth: int) -> str:
-        out = ["# TYPE siglip_requests_total counter"]
-        out += [f'siglip_requests_total{{route="{r}",status="{s}"}} {n}' for (r, s), n in sorted(self.requests.items())]
-        out.append("# TYPE siglip_items_total counter")
-        out += [f'siglip_items_total{{kind="{k}"}} {n}' for k, n in sorted(self.items.items())]
-        out += ["# TYPE siglip_queue_depth gauge", f"siglip_queue_depth {depth}"]
-        for name, table, buckets, label in (
-            ("siglip_request_seconds", self.latency, LATENCY_BUCKETS, "route"),
-            ("siglip_batch_size", self.batches, BATCH_BUCKETS, "kind"),
-        ):
-            out.append(f"# TYPE {name} histogram")
-            for key, (counts, total, n) in sorted(table.items()):
-                out += [f'{name}_bucket{{{label}="{key}",le="{b}"}} {c}' for b, c in zip(buckets, counts)]
-                out += [
-                    f'{name}_bucket{{{label}="{key}",le="+Inf"}} {n}',
-                    f'{name}_sum{{{label}="{key}"}} {total:.6f}',
-                    f'{name}_count{{{label}="{key}"}} {n}',
-                ]
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.ASCII)
@@ -200,7 +186,7 @@ class Server:
         else:
             weights = info.commit
         self.model = (info.name, info.dim, info.commit, weights)
-        self.metrics = Metrics()
+        self.metrics = Metrics(depth=lambda: self.batcher.depth())
         self.batcher = Batcher(encoder, cfg.batch_size, cfg.max_wait, cfg.max_queue, self.metrics)
         self.spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
         self.pool = self._pool()
@@ -387,7 +373,7 @@ async def _disconnected(request) -> None:
 
 def create_app(encoder: Encoder, cfg: ServeConfig):
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import JSONResponse, Response
 
     server = Server(encoder, cfg)
     name, dim, commit, weights = server.model
@@ -669,7 +655,9 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.metrics.render(server.batcher.depth()), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes.update(r.path for r in app.routes)
     return app
