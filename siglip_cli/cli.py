@@ -132,6 +132,24 @@ Ext = Annotated[
         "--ext", help="Extensions to pick up in folders (repeatable; default: common image types).", show_default=False
     ),
 ]
+Exclude = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--exclude",
+        help="Leave out of folders' walks what matches this glob: a path relative to the folder given "
+        "('2019/drafts/*'), or a file or folder name ('Screenshots'). Repeatable; a .siglipignore file "
+        "(gitignore syntax) in any folder does the same for what is under it.",
+        show_default=False,
+    ),
+]
+IncludeHidden = Annotated[
+    bool,
+    typer.Option(
+        "--include-hidden",
+        help="Also walk hidden entries (names starting with '.') and the system folders of NAS and desktop "
+        "systems (@eaDir, #recycle, $RECYCLE.BIN, lost+found, ...), which are skipped by default.",
+    ),
+]
 Model = Annotated[
     str,
     typer.Option(
@@ -396,7 +414,13 @@ def _output(value: Optional[str], opts: Optional[dict] = None) -> str:
     return "-"
 
 
-def _sources(paths: Optional[List[str]], files_from: Optional[str], ext: Optional[List[str]]) -> SourceConfig:
+def _sources(
+    paths: Optional[List[str]],
+    files_from: Optional[str],
+    ext: Optional[List[str]],
+    exclude: Optional[List[str]] = None,
+    include_hidden: bool = False,
+) -> SourceConfig:
     exts = tuple(e.strip() for item in ext for e in item.split(",") if e.strip()) if ext else DEFAULT_EXTENSIONS
     if files_from not in (None, "-"):  # before anything is loaded (it is read as the run goes)
         try:
@@ -404,7 +428,8 @@ def _sources(paths: Optional[List[str]], files_from: Optional[str], ext: Optiona
                 f.read(1)
         except OSError as e:
             raise typer.BadParameter(f"cannot read --files-from {files_from}: {e.strerror or e}") from None
-    return SourceConfig(paths=tuple(paths or ()), files_from=files_from, extensions=exts)
+    exclude = tuple(exclude or ())
+    return SourceConfig(tuple(paths or ()), files_from, exts, exclude, include_hidden)
 
 
 def _text(values: list[str], option: str) -> list[str]:
@@ -448,7 +473,7 @@ def _run_images(head, opts: dict) -> None:
             quantize=opts["quantize"],
             text_rules=opts["text_rules"],
         ),
-        sources=_sources(opts["paths"], opts["files_from"], opts["ext"]),
+        sources=_sources(opts["paths"], opts["files_from"], opts["ext"], opts["exclude"], opts["include_hidden"]),
         output=OutputConfig(
             _output(opts["output"], opts),
             opts.get("float16", False),
@@ -487,6 +512,8 @@ def embed(
     output: Output = None,
     files_from: FilesFrom = None,
     ext: Ext = None,
+    exclude: Exclude = None,
+    include_hidden: IncludeHidden = False,
     text: Annotated[
         Optional[List[str]],
         typer.Option("--text", "-t", help="Embed this text instead of images (repeatable).", show_default=False),
@@ -602,6 +629,8 @@ def tag(
     no_cache: NoCache = False,
     files_from: FilesFrom = None,
     ext: Ext = None,
+    exclude: Exclude = None,
+    include_hidden: IncludeHidden = False,
     model: Model = ...,
     revision: Revision = None,
     device: Device = "auto",
@@ -663,6 +692,8 @@ def classify(
     no_cache: NoCache = False,
     files_from: FilesFrom = None,
     ext: Ext = None,
+    exclude: Exclude = None,
+    include_hidden: IncludeHidden = False,
     model: Model = ...,
     revision: Revision = None,
     device: Device = "auto",

@@ -143,6 +143,8 @@ class SourceConfig:
     paths: tuple[str, ...] = ()
     files_from: str | None = None
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    exclude: tuple[str, ...] = ()  # globs left out of folders' walks (sources.Skip)
+    include_hidden: bool = False  # walk hidden entries and NAS system folders too
 
 
 @dataclass(frozen=True)

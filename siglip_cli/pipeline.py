@@ -27,7 +27,7 @@ from .loader import Batch, batches
 from .model import Encoder, default_batch_size, resolve_devices, resolve_dtype
 from .progress import Progress, Summary, progress_enabled
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
-from .sources import is_dir, iter_files, missing
+from .sources import Skip, is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
 from .weights import patches_setting, resolve_weights
@@ -224,7 +224,8 @@ def _start(cfg: RunConfig) -> Summary:
 
 def _run(cfg: RunConfig, store: Store | None) -> Summary:
     src, out = cfg.sources, cfg.output
-    records = iter_files(src.paths, src.files_from, src.extensions)
+    skip = Skip(src.exclude, src.include_hidden)
+    records = iter_files(src.paths, src.files_from, src.extensions, skip)
     if store is None:
         records = _once(records)
     else:
@@ -234,7 +235,9 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
 
         records = store.pending(records, roots(src.paths), out.rehash, retry)
     recount = (
-        None if src.files_from == "-" else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions))
+        None
+        if src.files_from == "-"
+        else lambda: sum(1 for _ in iter_files(src.paths, src.files_from, src.extensions, skip))
     )
     progress = Progress(progress_enabled(cfg.quiet), recount)
     first = next(records, None)

@@ -44,8 +44,73 @@ def _record(path: str) -> FileRecord:
     return FileRecord(path, st.st_size, st.st_mtime_ns)
 
 
-def _walk(folder: str, extensions: tuple[str, ...], seen: set[tuple[int, int]]) -> Iterator[FileRecord]:
-    """Depth-first, entries sorted by name, hidden entries skipped, each real folder visited once."""
+# The system, thumbnail and recycle folders of NAS and desktop systems: never photos of the library.
+SYSTEM_FOLDERS = frozenset(
+    {
+        "@eaDir",
+        "#recycle",
+        "#snapshot",
+        "@tmp",
+        "@sharebin",
+        "@SynoResource",  # Synology
+        "@Recycle",
+        "@Recently-Snapshot",
+        "@__thumb",
+        ".@__thumb",
+        ".streams",  # QNAP
+        "$RECYCLE.BIN",
+        "System Volume Information",  # Windows
+        "lost+found",
+        ".Trashes",
+        ".Spotlight-V100",
+        ".fseventsd",  # Linux, macOS
+    }
+)
+IGNORE_FILE = ".siglipignore"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """What a folder's walk leaves out: hidden entries (a name starting with `.`) and SYSTEM_FOLDERS unless
+    `include_hidden`; `exclude` globs, matched against a path relative to the folder given and against each
+    name; and what a `.siglipignore` (gitignore syntax) in any folder walked says, relative to its folder."""
+
+    exclude: tuple[str, ...] = ()
+    include_hidden: bool = False
+
+    def hidden(self, name: str) -> bool:
+        return not self.include_hidden and (name.startswith(".") or name in SYSTEM_FOLDERS)
+
+    def excluded(self, relative: str, name: str) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(relative, g) or fnmatch.fnmatchcase(name, g) for g in self.exclude)
+
+
+def _ignore_file(folder: str):
+    """The gitignore patterns of a folder's .siglipignore, or None where it has none (or it cannot be read)."""
+    try:
+        with open(os.path.join(folder, IGNORE_FILE), "rb") as f:
+            lines = [line.decode("utf-8", "replace") for line in bounded_lines(f, IGNORE_FILE)]
+    except (OSError, ValueError):
+        return None
+    import pathspec
+
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def _walk(
+    folder: str,
+    extensions: tuple[str, ...],
+    seen: set[tuple[int, int]],
+    skip: Skip = Skip(),
+    root: str | None = None,
+    ignores: tuple = (),
+) -> Iterator[FileRecord]:
+    """Depth-first, entries sorted by name, each real folder visited once; what `skip` says is left out.
+    `root`: the folder given (exclusions are relative to it); `ignores`: (folder, patterns) of the .siglipignore
+    files above."""
+    root = folder if root is None else root
     try:
         st = os.stat(folder)
         key = (st.st_dev, st.st_ino)
@@ -57,16 +122,22 @@ def _walk(folder: str, extensions: tuple[str, ...], seen: set[tuple[int, int]]) 
     except OSError as e:
         yield FileRecord(folder, error=f"cannot read folder: {e.strerror or e}")
         return
+    if (spec := _ignore_file(folder)) is not None:
+        ignores = (*ignores, (folder, spec))
     for entry in entries:
-        if entry.name.startswith("."):
+        if skip.hidden(entry.name):
             continue
         path = os.path.join(folder, entry.name)
         try:
             is_dir = entry.is_dir()
         except OSError:
             is_dir = False
+        if skip.excluded(os.path.relpath(path, root), entry.name) or any(
+            spec.match_file(os.path.relpath(path, base) + ("/" if is_dir else "")) for base, spec in ignores
+        ):
+            continue
         if is_dir:  # a symlinked folder is walked under its real path: one key per file, whichever way it is reached
-            yield from _walk(os.path.realpath(path), extensions, seen)
+            yield from _walk(os.path.realpath(path), extensions, seen, skip, root, ignores)
         elif entry.name.lower().endswith(extensions):
             yield _record(path)
 
@@ -167,18 +238,21 @@ def missing(path: str) -> bool:
         return False
 
 
-def iter_files(paths: Iterable[str], files_from: str | None, extensions: tuple[str, ...]) -> Iterator[FileRecord]:
+def iter_files(
+    paths: Iterable[str], files_from: str | None, extensions: tuple[str, ...], skip: Skip = Skip()
+) -> Iterator[FileRecord]:
     """Every input, in a deterministic order: each argument in turn (folders walked), then the listed files.
 
     Paths are canonical (absolute, folders resolved). A file named directly or listed in --files-from is
-    attempted whatever its extension. A listed path that does not exist still yields a record, with an error,
-    so that it gets a row; an argument that does not exist yields nothing.
+    attempted whatever its extension and whatever `skip` leaves out of a folder's walk. A listed path that does
+    not exist still yields a record, with an error, so that it gets a row; an argument that does not exist
+    yields nothing.
     """
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     seen: set[tuple[int, int]] = set()
     for path in paths:
         if is_dir(path):
-            yield from _walk(os.path.realpath(path), exts, seen)
+            yield from _walk(os.path.realpath(path), exts, seen, skip)
         elif not missing(path):  # an argument that is not there is the caller's to tell (pipeline.run)
             yield _record(canonical(path))
     if files_from is not None:
