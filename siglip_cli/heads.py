@@ -1,27 +1,36 @@
 """Pure functions for the math: normalization, sigmoid scores, ensembles, selection. No I/O.
 
-The scoring functions take torch tensors and run on their device; selection runs on host numpy arrays.
+The scoring functions take torch tensors (and run on their device) or numpy arrays; selection runs on host numpy
+arrays. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalize the last dimension."""
+    import torch.nn.functional as F
+
     return F.normalize(x.float(), dim=-1)
 
 
-def sigmoid_scores(images: torch.Tensor, texts: torch.Tensor, logit_scale: float, logit_bias: float) -> torch.Tensor:
-    """The model's own probability that each text matches each image: (n_images, n_texts).
+def probability(cos, logit_scale: float, logit_bias: float):
+    """SigLIP's probability of a cosine: sigmoid(exp(logit_scale) * cos + logit_bias), `logit_scale` already
+    exponentiated. Never a softmax: each pair is scored on its own. Torch tensors or numpy arrays."""
+    logits = cos * logit_scale + logit_bias
+    return logits.sigmoid() if hasattr(logits, "sigmoid") else 1 / (1 + np.exp(-logits))
 
-    sigmoid(exp(logit_scale) * cos + logit_bias), with `logit_scale` already exponentiated. Both inputs must be
-    L2-normalized. Never a softmax: SigLIP scores each pair independently.
-    """
-    return torch.sigmoid(images @ texts.T * logit_scale + logit_bias)
+
+def sigmoid_scores(images, texts, logit_scale: float, logit_bias: float):
+    """The model's own probability that each text matches each image: (n_images, n_texts); both L2-normalized."""
+    return probability(images @ texts.T, logit_scale, logit_bias)
 
 
 def ensemble(per_template: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from PIL import Image
 from . import compat
 from .config import TEXT_LENGTH, ModelConfig, usable_cpus
 from .decode import ImageSpec
-from .errors import RunError
+from .errors import RunError, first_line
 from .loader import Batch
 from .text import prepare
 from .weights import cached_commit, fingerprint
@@ -277,7 +277,7 @@ def _cannot_load(name: str, error: BaseException, what: str = "") -> str:
 
     if (folder := missing_folder(name)) is not None:
         return folder
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = first_line(error)
     text = str(error)
     missing = [
         p
@@ -567,7 +567,7 @@ class Encoder:
         try:
             return self.tower(*args)[:n]
         except compat.compile_failures() as e:  # --compile only: the first call compiles
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            first = first_line(e)
             raise RunError(f"--compile failed: {first}; run without --compile") from None
 
     def shrink(self, error: BaseException, batch_size: int) -> None:
@@ -575,7 +575,7 @@ class Encoder:
         later batches go in chunks of that size); at one image, a RunError."""
         chunk = (self.chunk or batch_size) // 2
         if chunk < 1:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            first = first_line(error)
             raise RunError(
                 f"one image does not fit in the memory of {self.device}: {first}; try --dtype "
                 "bfloat16 or float16, a smaller --max-patches, or another --device"

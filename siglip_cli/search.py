@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import RunError, UsageError
+from .heads import probability
 from .remote import Remote
 from .report import Results
 from .vectors import Vectors, as_tensor, top_k
@@ -184,14 +185,14 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
 
 def search(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = None) -> Results:
     """The k best rows: rank, score, path, width, height, size."""
-    vec, probability = query_vector(v, q, encoder_factory, remote)
+    vec, as_probability = query_vector(v, q, encoder_factory, remote)
     keep = None
     if q.paths:
         paths = v.rows.paths()
         keep = np.array([any(fnmatch.fnmatchcase(p, g) for g in q.paths) for p in paths], bool)
     idx, cos = top_k(v.matrix, vec, q.k, keep, fast=v.fast)
-    if probability:
-        scores = 1 / (1 + np.exp(-(cos * np.float32(v.meta["logit_scale"]) + np.float32(v.meta["logit_bias"]))))
+    if as_probability:
+        scores = probability(cos, np.float32(v.meta["logit_scale"]), np.float32(v.meta["logit_bias"]))
     else:
         scores = cos
     if q.min_score is not None:
@@ -204,7 +205,7 @@ def search(v: Vectors, q: Query, encoder_factory=None, remote: Remote | None = N
     return Results(
         ["rank", "score", "path", "width", "height", "size", "path_bytes"],
         rows,
-        "sigmoid probability" if probability else "cosine",
+        "sigmoid probability" if as_probability else "cosine",
     )
 
 

@@ -28,6 +28,7 @@ from .batcher import Batcher, QueueFull
 from .compat import pool_processes
 from .config import DEFAULT_TEMPLATE, DEFAULT_THRESHOLD
 from .errors import SiglipError
+from .heads import sigmoid_scores
 from .model import Encoder
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -311,7 +312,7 @@ class Server:
 
     def scores(self, images: np.ndarray, texts: np.ndarray) -> np.ndarray:
         e = self.encoder
-        return 1 / (1 + np.exp(-(images @ texts.T * np.float32(e.logit_scale) + np.float32(e.logit_bias))))
+        return sigmoid_scores(images, texts, np.float32(e.logit_scale), np.float32(e.logit_bias))
 
     async def canary(self) -> None:
         """Embed a short text now and then (the first at startup): /ready says whether the model still answers."""

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import RunError
+from .errors import RunError, first_line
 from .index import pages
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, index_files, is_file_output
@@ -174,7 +174,7 @@ def build(index: str, place: str, key: dict) -> None:
     try:
         _build(index, place, key)
     except pa.ArrowException as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise RunError(f"cannot read the index {index}: {first}") from None
 
 

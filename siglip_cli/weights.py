@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-from .errors import RunError
+from .errors import RunError, first_line
 
 
 def missing_folder(name: str) -> str | None:
@@ -47,7 +47,7 @@ def resolve_weights(name: str, revision: str | None) -> str:
     try:
         config = hf_hub_download(name, "config.json", revision=revision)
     except Exception as e:  # offline and not cached, no such repo or revision, no network, a bad id
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise RunError(
             f"cannot load model {name!r}: {first} "
             "(give a Hub id such as google/siglip2-so400m-patch14-384, or a folder saved with save_pretrained)"

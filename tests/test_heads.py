@@ -3,9 +3,10 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from siglip_cli.heads import ensemble, normalize, select, sigmoid_scores
+from siglip_cli.heads import ensemble, normalize, probability, select, sigmoid_scores
 
 
 def test_sigmoid_scores_is_the_models_formula_not_softmax():
@@ -16,6 +17,17 @@ def test_sigmoid_scores_is_the_models_formula_not_softmax():
     want = [[1 / (1 + math.exp(-(10 * c - 5))) for c in row] for row in cos]
     torch.testing.assert_close(got, torch.tensor(want))
     assert not torch.allclose(got.sum(dim=1), torch.ones(2))  # independent per pair
+
+
+def test_numpy_and_torch_give_the_same_probability():
+    """search and serve score in numpy (no torch in a search process); tag in torch: one formula."""
+    cos = np.array([[-1.0, -0.1, 0.0, 0.12, 1.0]], np.float32)
+    np.testing.assert_allclose(
+        probability(cos, 112.0, -16.5), probability(torch.from_numpy(cos), 112.0, -16.5).numpy(), rtol=1e-6
+    )
+    assert probability(np.float32(0.12), 112.0, -16.5) == pytest.approx(
+        1 / (1 + math.exp(-(112 * 0.12 - 16.5))), rel=1e-5
+    )
 
 
 def test_ensemble_averages_then_renormalizes():

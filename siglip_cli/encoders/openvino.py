@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RunError
+from ..errors import RunError, first_line
 from ..scratch import scratch
 from . import signals_held
 
@@ -106,10 +106,6 @@ def _memory_short(module: torch.nn.Module, copies: float, what: str) -> str | No
         f"converting {what} for OpenVINO needs about {need / 2**30:.1f} GB more memory than the "
         f"{free / 2**30:.1f} GB available"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _say(message: str) -> None:
@@ -196,7 +192,7 @@ class OpenVINOTower:
                 os.replace(tmp[:-4] + ".bin", self.path[:-4] + ".bin")
                 os.replace(tmp, self.path)  # the .xml last: its presence means the pair is whole
         except (OSError, RuntimeError) as e:  # a full disk, ulimit -f: this run uses it as it is, the next converts
-            _say(f"warning: {done}, but cannot cache it in {folder} ({_first_line(e)}); the next run converts again")
+            _say(f"warning: {done}, but cannot cache it in {folder} ({first_line(e)}); the next run converts again")
         else:
             _say(f"{done}; cached in {folder}")
         if self.quantize == "int8" and not int8_native():  # said where it is paid for: at the conversion
@@ -235,7 +231,7 @@ class OpenVINOTower:
                 model = self._convert(sample)
             except Exception as e:  # a converter or quantizer that fails: one line, and the way around it
                 raise RunError(
-                    f"cannot convert the model for OpenVINO: {_first_line(e)}; run with --backend torch"
+                    f"cannot convert the model for OpenVINO: {first_line(e)}; run with --backend torch"
                 ) from None
         config = {
             "INFERENCE_PRECISION_HINT": self.precision,
@@ -355,14 +351,14 @@ class TextRunner:
                 except RunError:
                     raise
                 except Exception as error:  # a converter that fails: the text tower stays on torch
-                    _say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {_first_line(error)})")
+                    _say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {first_line(error)})")
                     converted = False
                 if not converted:
                     return self._torch(texts)
             try:
                 self.tower = ovtext.TextTower(folder, self.precision, self.threads)
             except Exception as error:  # a cached tower OpenVINO cannot compile here: torch, for this run
-                _say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {_first_line(error)})")
+                _say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {first_line(error)})")
                 return self._torch(texts)
         return self.tower(texts)
 

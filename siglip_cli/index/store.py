@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..errors import RunError
+from ..errors import RunError, first_line
 from ..sources import display_path
 from .files import METADATA_KEY, write_atomic, write_error
 from .layouts import layout_for
@@ -97,7 +97,7 @@ class Store:
                     rows = pq.read_table(seg, columns=COLUMNS)
                 except (OSError, pa.ArrowException) as e:  # a column gone (another tool rewrote it), a cut file
                     if not overwrite:
-                        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                        first = first_line(e)
                         raise RunError(
                             f"{seg} cannot be read as a siglip output ({first}): edited by another "
                             "tool? Pass --overwrite to rebuild it, or move it away"
