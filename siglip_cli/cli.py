@@ -142,6 +142,14 @@ Exclude = Annotated[
         show_default=False,
     ),
 ]
+RawPairs = Annotated[
+    bool,
+    typer.Option(
+        "--raw-pairs",
+        help="Index a RAW file even where the camera's JPEG (or HEIC) of the same name is beside it (by default "
+        "the pair is indexed once, through the JPEG).",
+    ),
+]
 IncludeHidden = Annotated[
     bool,
     typer.Option(
@@ -420,6 +428,7 @@ def _sources(
     ext: Optional[List[str]],
     exclude: Optional[List[str]] = None,
     include_hidden: bool = False,
+    raw_pairs: bool = False,
 ) -> SourceConfig:
     exts = tuple(e.strip() for item in ext for e in item.split(",") if e.strip()) if ext else DEFAULT_EXTENSIONS
     if files_from not in (None, "-"):  # before anything is loaded (it is read as the run goes)
@@ -429,7 +438,7 @@ def _sources(
         except OSError as e:
             raise typer.BadParameter(f"cannot read --files-from {files_from}: {e.strerror or e}") from None
     exclude = tuple(exclude or ())
-    return SourceConfig(tuple(paths or ()), files_from, exts, exclude, include_hidden)
+    return SourceConfig(tuple(paths or ()), files_from, exts, exclude, include_hidden, raw_pairs)
 
 
 def _text(values: list[str], option: str) -> list[str]:
@@ -473,7 +482,9 @@ def _run_images(head, opts: dict) -> None:
             quantize=opts["quantize"],
             text_rules=opts["text_rules"],
         ),
-        sources=_sources(opts["paths"], opts["files_from"], opts["ext"], opts["exclude"], opts["include_hidden"]),
+        sources=_sources(
+            opts["paths"], opts["files_from"], opts["ext"], opts["exclude"], opts["include_hidden"], opts["raw_pairs"]
+        ),
         output=OutputConfig(
             _output(opts["output"], opts),
             opts.get("float16", False),
@@ -514,6 +525,7 @@ def embed(
     ext: Ext = None,
     exclude: Exclude = None,
     include_hidden: IncludeHidden = False,
+    raw_pairs: RawPairs = False,
     text: Annotated[
         Optional[List[str]],
         typer.Option("--text", "-t", help="Embed this text instead of images (repeatable).", show_default=False),
@@ -631,6 +643,7 @@ def tag(
     ext: Ext = None,
     exclude: Exclude = None,
     include_hidden: IncludeHidden = False,
+    raw_pairs: RawPairs = False,
     model: Model = ...,
     revision: Revision = None,
     device: Device = "auto",
@@ -694,6 +707,7 @@ def classify(
     ext: Ext = None,
     exclude: Exclude = None,
     include_hidden: IncludeHidden = False,
+    raw_pairs: RawPairs = False,
     model: Model = ...,
     revision: Revision = None,
     device: Device = "auto",

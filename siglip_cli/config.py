@@ -7,7 +7,29 @@ import os
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif")
+DEFAULT_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".dng",
+    ".cr2",
+    ".cr3",
+    ".nef",
+    ".arw",
+    ".orf",
+    ".rw2",
+    ".raf",
+    ".pef",
+    ".srw",
+)  # RAW: raw.py
 DEFAULT_TEMPLATE = "This is a photo of {}."
 # SigLIP's sigmoid scores are low in absolute terms: see the README on choosing a threshold.
 DEFAULT_THRESHOLD = 0.05
@@ -145,6 +167,7 @@ class SourceConfig:
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     exclude: tuple[str, ...] = ()  # globs left out of folders' walks (sources.Skip)
     include_hidden: bool = False  # walk hidden entries and NAS system folders too
+    raw_pairs: bool = False  # a RAW file with a JPEG/HEIC of the same name beside it: index both (else the JPEG)
 
 
 @dataclass(frozen=True)

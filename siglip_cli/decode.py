@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from . import raw
 from .sources import FileRecord
 
 # We enforce our own, clearer pixel limit (ImageSpec.max_pixels) before decoding.
@@ -184,6 +185,8 @@ def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
         return Decoded(record, error="not a regular file")
     if st.st_size == 0:
         return Decoded(record, error="empty file (0 bytes)")
+    if raw.is_raw(record.path):
+        return _raw(record, spec, st.st_size)
     with open(record.path, "rb") as f:
         try:
             open_image(f, st.st_size, spec.max_pixels)  # the header alone, before anything is read whole
@@ -193,6 +196,66 @@ def _load(record: FileRecord, spec: ImageSpec) -> Decoded:
         f.seek(0)
         data = f.read()
     return _pixels(record, data, spec)
+
+
+def _raw(record: FileRecord, spec: ImageSpec, size: int) -> Decoded:
+    """A camera RAW file through raw.py: its size checked from its header, then read once, hashed, developed."""
+    if not raw.available():
+        return Decoded(record, error=raw.NEEDS_RAW)
+    import rawpy
+
+    try:
+        width, height = raw.size(record.path)
+    except (rawpy.LibRawError, ValueError) as e:
+        return Decoded(record, error=f"not an image, or a RAW format LibRaw cannot read: {e}")
+    if width * height > spec.max_pixels:
+        return Decoded(
+            record,
+            None,
+            width,
+            height,
+            error=f"image is {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {spec.max_pixels:,}; {RAISE_LIMIT}",
+        )
+    if size > most_bytes(width, height):
+        return Decoded(
+            record,
+            None,
+            width,
+            height,
+            error=f"not an image, or a format Pillow cannot read: the file "
+            f"is {size:,} bytes, more than a {width}x{height} image can take",
+        )
+    data = _read(record.path)
+    th, tw = _target(height, width, spec)
+    try:
+        rgb = to_rgb(raw.image(data, (tw, th)))
+    except rawpy.LibRawError as e:
+        return Decoded(
+            record, hashlib.sha256(data).hexdigest(), width, height, error=f"corrupt or truncated image: LibRaw: {e}"
+        )
+    return _fit(record, hashlib.sha256(data).hexdigest(), width, height, rgb, th, tw, spec)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _target(height: int, width: int, spec: ImageSpec) -> tuple[int, int]:
+    """The (height, width) the model takes an image of this size at."""
+    if spec.naflex:
+        return naflex_size(height, width, spec.patch_size, spec.max_patches)
+    return spec.height, spec.width
+
+
+def _fit(record, sha, width, height, rgb: Image.Image, th: int, tw: int, spec: ImageSpec) -> Decoded:
+    """An upright RGB image resized to the model's input: pixels, or NaFlex patches."""
+    pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
+    if spec.naflex:
+        p = spec.patch_size
+        return Decoded(record, sha, width, height, _patchify(pixels, p), grid=(th // p, tw // p))
+    return Decoded(record, sha, width, height, pixels)
 
 
 def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
@@ -205,22 +268,14 @@ def _pixels(record: FileRecord, data: bytes, spec: ImageSpec) -> Decoded:
         width, height = im.size
         if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by a quarter
             width, height = height, width
-        if spec.naflex:
-            th, tw = naflex_size(height, width, spec.patch_size, spec.max_patches)
-        else:
-            th, tw = spec.height, spec.width
+        th, tw = _target(height, width, spec)
         if not spec.exact and width * height >= DRAFT_MIN_PIXELS:
             # JPEG only: decode straight to 1/2, 1/4 or 1/8 scale in the DCT, never below the target size.
             # Within 0.3/255 mean absolute difference of the full decode, and 2-3x faster on camera photos.
             im.draft(None, (max(th, tw), max(th, tw)))
         im.load()
         rgb = to_rgb(ImageOps.exif_transpose(im))
-    if spec.naflex:
-        pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
-        p = spec.patch_size
-        return Decoded(record, sha, width, height, _patchify(pixels, p), grid=(th // p, tw // p))
-    pixels = np.asarray(rgb.resize((tw, th), resample=spec.resample))
-    return Decoded(record, sha, width, height, pixels)
+    return _fit(record, sha, width, height, rgb, th, tw, spec)
 
 
 def may_work_now(error: str, path: str, pixels: int | None, max_pixels: int, timeout: float) -> bool:
@@ -240,6 +295,8 @@ def may_work_now(error: str, path: str, pixels: int | None, max_pixels: int, tim
         return _reads(path, timeout)
     if error == NEEDS_HEIF:
         return HEIF
+    if error == raw.NEEDS_RAW:
+        return raw.available()
     if error.endswith(RAISE_LIMIT):
         return pixels is not None and pixels <= max_pixels  # (a size past the column's range is past any limit)
     if stalled := re.match(re.escape(STALLED.split("{")[0]) + r"([0-9.e+-]+)s", error):

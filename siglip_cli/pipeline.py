@@ -224,7 +224,7 @@ def _start(cfg: RunConfig) -> Summary:
 
 def _run(cfg: RunConfig, store: Store | None) -> Summary:
     src, out = cfg.sources, cfg.output
-    skip = Skip(src.exclude, src.include_hidden)
+    skip = Skip(src.exclude, src.include_hidden, src.raw_pairs)
     records = iter_files(src.paths, src.files_from, src.extensions, skip)
     if store is None:
         records = _once(records)

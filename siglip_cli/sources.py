@@ -77,6 +77,7 @@ class Skip:
 
     exclude: tuple[str, ...] = ()
     include_hidden: bool = False
+    raw_pairs: bool = False  # a RAW file whose camera JPEG (or HEIC) is beside it: both (else the JPEG alone)
 
     def hidden(self, name: str) -> bool:
         return not self.include_hidden and (name.startswith(".") or name in SYSTEM_FOLDERS)
@@ -85,6 +86,14 @@ class Skip:
         import fnmatch
 
         return any(fnmatch.fnmatchcase(relative, g) or fnmatch.fnmatchcase(name, g) for g in self.exclude)
+
+
+def _has_sibling(name: str, names: set[str]) -> bool:
+    """Whether a RAW file's camera JPEG (or HEIC) of the same shot is in the same folder: indexed through it."""
+    from .raw import SIBLINGS, is_raw
+
+    stem = os.path.splitext(name)[0].lower()
+    return is_raw(name) and any(stem + ext in names for ext in SIBLINGS)
 
 
 def _ignore_file(folder: str):
@@ -124,8 +133,9 @@ def _walk(
         return
     if (spec := _ignore_file(folder)) is not None:
         ignores = (*ignores, (folder, spec))
+    names = {e.name.lower() for e in entries}
     for entry in entries:
-        if skip.hidden(entry.name):
+        if skip.hidden(entry.name) or (not skip.raw_pairs and _has_sibling(entry.name, names)):
             continue
         path = os.path.join(folder, entry.name)
         try:
