@@ -1121,7 +1121,51 @@ def search(
 
 @app.command(epilog=EXIT_CODES)
 def dedup(
-    index: Index,
+    index: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="An index made by `siglip embed`, `tag` or `classify` (folder or file).", show_default=False
+        ),
+    ] = None,
+    exact: Annotated[
+        bool,
+        typer.Option("--exact", help="Group files with identical bytes (by the index's content hashes; no model)."),
+    ] = False,
+    keep: Annotated[
+        str,
+        typer.Option(
+            "--keep",
+            help="Which file of a group is kept: largest (most pixels, then bytes), oldest (modification time), "
+            "or path-prefix:FOLDER (the one under FOLDER).",
+        ),
+    ] = "largest",
+    plan: Annotated[
+        Optional[str],
+        typer.Option(
+            "--plan",
+            callback=_written_name,
+            help="Also write a plan to this file: one JSON line per file to move into a quarantine folder (every "
+            "member but its group's keeper). Review it, then run `siglip dedup --apply FILE`.",
+            show_default=False,
+        ),
+    ] = None,
+    quarantine: Annotated[
+        Optional[str],
+        typer.Option(
+            "--quarantine",
+            help="Where --plan moves files (default: beside the library, LIBRARY.siglip-quarantine).",
+            show_default=False,
+        ),
+    ] = None,
+    apply: Annotated[
+        Optional[str],
+        typer.Option(
+            "--apply",
+            help="Carry out a plan --plan wrote: refused whole if a file changed since, or its keeper is gone. "
+            "Files are moved, never deleted.",
+            show_default=False,
+        ),
+    ] = None,
     similar: Annotated[
         bool,
         typer.Option(
@@ -1147,12 +1191,34 @@ def dedup(
 
     By default near-identical copies (resized, recompressed: cosine >= 0.99); --similar groups shots of one scene."""
 
+    from . import plan as plans
+
+    if (index is None) == (apply is None):
+        raise typer.BadParameter("give an index to look in, or --apply PLAN (one of them)")
+    _usage(lambda: plans.check_rule(keep))
+    if apply is not None:
+        with _one_line():
+            moved, where = plans.apply_plan(apply)
+        typer.echo(f"siglip: moved {moved:,} files" + (f" into {where.pop()}" if where else ""), err=True)
+        return
+
     def work():
         from . import search as s
-        from .vectors import load
 
-        limit = threshold if threshold is not None else (s.SIMILAR if similar else s.NEAR_IDENTICAL)
-        return s.dedup(load(index), limit)
+        if exact:
+            found = plans.as_results(plans.exact_groups(index), keep)
+        else:
+            from .vectors import load
+
+            limit = threshold if threshold is not None else (s.SIMILAR if similar else s.NEAR_IDENTICAL)
+            found = s.dedup(load(index), limit)
+        if plan is not None:
+            tier = "exact" if exact else "similar" if similar else "near-identical"
+            n = plans.write_plan(plans.groups_of(found), tier, keep, plan, quarantine)
+            print(
+                f"siglip: {n:,} moves planned in {plan}; review it, then: siglip dedup --apply {plan}", file=sys.stderr
+            )
+        return found
 
     _results(work, output, json_out, html, "siglip dedup")
 
