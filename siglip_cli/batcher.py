@@ -142,7 +142,7 @@ class Batcher:
 
 def embed_decoded(encoder: Encoder, items: list[Decoded], batch_size: int) -> np.ndarray:
     """Embeddings of decoded images (float32, L2-normalized), given to the encoder as the CLI's loader does."""
-    from .pipeline import launch
+    from .encode import launch
     from .tasks import EmbedSpec, EmbedTask
 
     spec = encoder.spec

@@ -193,8 +193,8 @@ class EncodeActor:
     def __init__(self, cfg: RunConfig, signature: dict | None, batch_size: int):
         import torch
 
+        from .encode import metadata
         from .model import Encoder
-        from .pipeline import metadata
         from .sink import IMAGE_FIELDS, make_schema
         from .tasks import make_task
 
@@ -214,8 +214,8 @@ class EncodeActor:
     def __call__(self, table: pa.Table) -> pa.Table:
         import torch
 
+        from .encode import finite, launch
         from .loader import _batch
-        from .pipeline import finite, launch
         from .sink import image_rows
 
         items = [

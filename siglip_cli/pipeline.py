@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
 import hashlib
 import itertools
 import json
@@ -12,14 +11,13 @@ import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from . import __version__
 from .config import RunConfig
 from .decode import may_work_now
+from .encode import finite, launch, made_with, metadata
 from .errors import RunError
 from .index import Root, Store
 from .index.store import check_parent
@@ -31,20 +29,6 @@ from .sources import Skip, is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
 from .weights import patches_setting, resolve_weights
-
-
-def made_with(openvino: bool) -> dict[str, str]:
-    """The versions of the packages that compute the numbers (OpenVINO's and NNCF's when they ran)."""
-    import importlib.metadata
-
-    names = ("torch", "transformers") + (("openvino", "nncf") if openvino else ())
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def version_note(before: dict, now: dict) -> str | None:
@@ -60,33 +44,6 @@ def version_note(before: dict, now: dict) -> str | None:
         "siglip: note: this index was made under other major versions (" + ", ".join(changed) + "); new rows "
         "are added to it as usual (--overwrite rebuilds it under these)"
     )
-
-
-def metadata(encoder: Encoder, extra: dict) -> dict:
-    """The file metadata: enough to know, years later, what made the numbers."""
-    info = encoder.info
-    return {
-        "versions": made_with("openvino" in (encoder.backend, encoder.text_backend)),
-        "tool": "siglip",
-        "tool_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "model": info.name,
-        "revision": info.revision,
-        "commit": info.commit,
-        "architecture": info.architecture,
-        "dim": info.dim,
-        "normalization": "l2",
-        "preprocessing": info.preprocessing,
-        "text_length": info.text_length,
-        "dtype": str(encoder.dtype).removeprefix("torch."),
-        "backend": encoder.backend,
-        "quantize": encoder.quantize,
-        "text_backend": encoder.text_backend,
-        "text_rules": encoder.text_rules,
-        "logit_scale": encoder.logit_scale,
-        "logit_bias": encoder.logit_bias,
-        **extra,
-    }
 
 
 # Rows are keyed by canonical absolute paths (version 2); indexes of version 1 (paths as typed) are refused.
@@ -155,23 +112,6 @@ def roots(paths) -> list[Root]:
     """The folders given (and paths given that are missing, a dangling link's target too): the rows under them
     are this run's to prune."""
     return [Root(p, os.path.realpath(p), not gone) for p in paths if (gone := missing(p)) or is_dir(p)]
-
-
-def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
-    """The arrays and indices of the batch's images whose results are all finite numbers; every other image
-    becomes an error row (float16 overflows to inf and NaN: a wrong row must never pass for a right one)."""
-    good = np.ones(len(batch.ok), bool)
-    for values in arrays.values():
-        good &= np.isfinite(values.reshape(len(good), -1)).all(axis=1)
-    if good.all():
-        return arrays, batch.ok
-    for j in np.flatnonzero(~good):
-        d = batch.items[batch.ok[j]]
-        d.error = (
-            "the model gave NaN or infinite values for this image (a float16/bfloat16 overflow?); "
-            "--dtype float32 avoids it (into a new output, or with --overwrite)"
-        )
-    return {k: v[good] for k, v in arrays.items()}, [i for i, g in zip(batch.ok, good) if g]
 
 
 def run(cfg: RunConfig) -> Summary:
@@ -283,35 +223,6 @@ def _once(records):
         if rec.path not in seen:
             seen.add(rec.path)
             yield rec
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or MPS's RuntimeError saying the same."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "MPS backend out of memory" in str(error)
-    )
-
-
-def launch(encoder: Encoder, task, batch: Batch, batch_size: int):
-    """Start a batch on the encoder's device; returns the function that waits for its arrays. Out of memory,
-    the batch is redone in smaller chunks (Encoder.shrink), and so are the batches after it; said once."""
-    before = encoder.chunk
-    while True:
-        try:
-            with encoder.on_device():  # the task's work too: every allocation of this batch on its own GPU
-                wait = encoder.to_host(task.device(encoder.encode_images(batch)))
-            break
-        except Exception as e:
-            if not out_of_memory(e):
-                raise
-            encoder.shrink(e, batch_size)  # a RunError at one image
-    if encoder.chunk != before:
-        print(
-            f"siglip: {encoder.device} ran out of memory at batch size {before or batch_size}; going on in "
-            f"batches of {encoder.chunk} (--batch-size sets it)",
-            file=sys.stderr,
-        )
-    return wait
 
 
 def process(cfg: RunConfig, store: Store | None, records, progress: Progress, encoders: list[Encoder]) -> None:

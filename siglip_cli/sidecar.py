@@ -16,8 +16,8 @@ from .errors import RunError, first_line
 from .index import pages
 from .index.files import METADATA_KEY
 from .index.layouts import _parts, index_files, is_file_output
+from .quantized import column_scales, quantize
 from .scratch import scratch
-from .vectors import column_scales, quantize
 
 ROW_COLUMNS = ["path", "width", "height", "size"]
 

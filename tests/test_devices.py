@@ -162,7 +162,7 @@ def test_one_image_that_does_not_fit_is_one_line(cli, fixed_ckpt, photos, tmp_pa
 
 
 def test_mps_out_of_memory_is_recognized():
-    from siglip_cli.pipeline import out_of_memory
+    from siglip_cli.encode import out_of_memory
 
     assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)"))

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from siglip_cli.index import read_index
-from siglip_cli.vectors import column_scales, quantize, top_k
+from siglip_cli.quantized import column_scales, quantize
+from siglip_cli.vectors import top_k
 
 from test_devices import table
 
