@@ -88,7 +88,7 @@ def random_encoder(arch: str, cfg: ModelConfig, batch_size: int) -> Encoder:
     tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False, add_eos_token=True)
     from .config import usable_cpus
 
-    ov = dict(dtype=dtype, quantize=cfg.quantize, threads=usable_cpus(), batch=batch_size)
+    ov = dict(dtype=dtype, quantize=cfg.quantize, threads=usable_cpus(), batch=batch_size, bound=cfg.int8_bound)
     name = dataclasses.replace(cfg, name=f"random:{arch}")
     return Encoder(model, processor, tokenizer, name, device, load, openvino=ov if backend == "openvino" else None)
 
@@ -352,6 +352,8 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
                     "vs_float32": round(e2e / rows[0]["end_to_end"], 2) if rows else 1.0,
                     "min_cos": round(float(cos.min()), 6),
                     "mean_cos": round(float(cos.mean()), 6),
+                    "bound": bool(cos.mean() >= cfg.model.int8_bound[0] and cos.min() >= cfg.model.int8_bound[1]),
+                    "int8_check": getattr(encoder.tower, "check", None),
                     "first_batch_s": round(prepare_s, 1),
                 }
             )
@@ -376,20 +378,21 @@ def matrix_table(result: dict) -> str:
     tags = "top5_same" in result["variants"][0]
     lines = [
         "| hardware | model | backend | dtype | quantize | tower img/s | end to end img/s | vs torch float32 "
-        "| end to end / tower | min cos | mean cos |" + (" same top 5 tags |" if tags else ""),
-        "| --- " * (11 + tags) + "|",
+        "| end to end / tower | min cos | mean cos | within the bound |" + (" same top 5 tags |" if tags else ""),
+        "| --- " * (12 + tags) + "|",
     ]
     for v in result["variants"]:
         lines.append(
             f"| {result['device']} | {result['model']} | {v['backend']} | {v['dtype']} | {v['quantize']} "
             f"| {v['tower']:.3g} | {v['end_to_end']:.3g} | {v['vs_float32']:.2f}x | {v['ratio']:.2f} "
-            f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} |" + (f" {v['top5_same']:.0%} |" if tags else "")
+            f"| {v['min_cos']:.5f} | {v['mean_cos']:.5f} | {'yes' if v['bound'] else 'no'} |"
+            + (f" {v['top5_same']:.0%} |" if tags else "")
         )
     lines.append(
         f"\n{result['images']:,} images end to end ({result['distinct_files']} distinct files"
         f"{', generated' if result['generated_images'] else ''}), cosines on {result['photos_compared']} "
         f"photos against torch float32 on the same pixels; batch {result['batch_size']}, "
-        f"{result['workers']} workers"
+        f"{result['workers']} workers; the bound: mean and least cosine at least --int8-bound's"
     )
     return "\n".join(lines)
 

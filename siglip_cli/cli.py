@@ -207,9 +207,30 @@ Quantize = Annotated[
         "--quantize",
         help=(
             "none|int8|int8-weights|int4 (OpenVINO on a CPU): int8 quantizes weights and activations, calibrated on "
-            "the run's first photos; int8-weights and int4 compress the weights only."
+            "the run's first photos and checked against float32 on the next (see --int8-bound); int8-weights and "
+            "int4 compress the weights only."
         ),
         callback=_quantize,
+    ),
+]
+
+
+def _bound(value: str) -> tuple[float, float]:
+    try:
+        mean, least = (float(x) for x in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give MEAN,LEAST, two cosines such as 0.995,0.98") from None
+    if not (0 <= least <= mean <= 1):
+        raise typer.BadParameter(f"{value!r}: cosines from 0 to 1, the least no more than the mean")
+    return mean, least
+
+
+Int8Bound = Annotated[
+    str,
+    typer.Option(
+        "--int8-bound",
+        help="MEAN,LEAST: --quantize int8 is kept only where its embeddings' mean and least cosine to float32, on "
+        "photos of the run, reach these; else int8 weights only, else float (said on stderr and in the metadata).",
     ),
 ]
 BatchSize = Annotated[
@@ -480,6 +501,7 @@ def _run_images(head, opts: dict) -> None:
             opts["compile"],
             backend=opts["backend"],
             quantize=opts["quantize"],
+            int8_bound=_bound(opts["int8_bound"]),
             text_rules=opts["text_rules"],
         ),
         sources=_sources(
@@ -540,6 +562,7 @@ def embed(
     dtype: Dtype = "auto",
     backend: Backend = "auto",
     quantize: Quantize = "none",
+    int8_bound: Int8Bound = "0.995,0.98",
     text_rules: TextRules = "canonical",
     batch_size: BatchSize = None,
     workers: Workers = ...,
@@ -650,6 +673,7 @@ def tag(
     dtype: Dtype = "auto",
     backend: Backend = "auto",
     quantize: Quantize = "none",
+    int8_bound: Int8Bound = "0.995,0.98",
     text_rules: TextRules = "canonical",
     batch_size: BatchSize = None,
     workers: Workers = ...,
@@ -714,6 +738,7 @@ def classify(
     dtype: Dtype = "auto",
     backend: Backend = "auto",
     quantize: Quantize = "none",
+    int8_bound: Int8Bound = "0.995,0.98",
     text_rules: TextRules = "canonical",
     batch_size: BatchSize = None,
     workers: Workers = ...,
@@ -799,6 +824,7 @@ def bench(
     dtype: Dtype = "auto",
     backend: Backend = "auto",
     quantize: Quantize = "none",
+    int8_bound: Int8Bound = "0.995,0.98",
     batch_size: BatchSize = None,
     workers: Workers = ...,
     max_patches: MaxPatches = None,
@@ -815,7 +841,17 @@ def bench(
 
         tag_spec = _usage(lambda: TagSpec(read_vocab(vocab), cache=False))
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches, compile, backend=backend, quantize=quantize),
+        model=ModelConfig(
+            model,
+            revision,
+            device,
+            dtype,
+            max_patches,
+            compile,
+            backend=backend,
+            quantize=quantize,
+            int8_bound=_bound(int8_bound),
+        ),
         sources=_sources(paths, None, ext),
         output=OutputConfig(),
         batch_size=batch_size,

@@ -155,6 +155,7 @@ class ModelConfig:
     commit: str | None = None  # the Hub commit `revision` resolved to (set by the pipeline; loading uses it)
     backend: str = "auto"  # auto | torch | openvino (the image tower on a CPU)
     quantize: str = "none"  # none | int8 | int8-weights | int4 (OpenVINO)
+    int8_bound: tuple[float, float] = (0.995, 0.98)  # int8 kept where mean and least cosine to float32 reach these
     text_rules: str = "canonical"  # what a text becomes before the tokenizer: canonical | lower (text.py)
 
 

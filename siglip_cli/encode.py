@@ -47,6 +47,7 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
         "dtype": str(encoder.dtype).removeprefix("torch."),
         "backend": encoder.backend,
         "quantize": encoder.quantize,
+        "quantize_check": getattr(encoder.tower, "check", None),
         "text_backend": encoder.text_backend,
         "text_rules": encoder.text_rules,
         "logit_scale": encoder.logit_scale,

@@ -435,7 +435,7 @@ class Encoder:
         on_cpu = devices[0].type == "cpu" and cfg.backend != "torch" and not cfg.compile
         threads = max(1, usable_cpus() // len(devices))  # several CPU encoders share the cores
         batch = batch_size or default_batch_size(devices[0])
-        ov = dict(dtype=dtype, quantize=cfg.quantize, threads=threads, batch=batch)
+        ov = dict(dtype=dtype, quantize=cfg.quantize, threads=threads, batch=batch, bound=cfg.int8_bound)
         encoders = []
         for i, device in enumerate(devices):
             # Each GPU gets its own copy, made on the host before the first one moves; CPU encoders share one.

@@ -71,6 +71,7 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
         "dtype": dtype,
         "max_patches": cfg.model.max_patches,
         "quantize": cfg.model.quantize,
+        **({"int8_bound": list(cfg.model.int8_bound)} if cfg.model.quantize == "int8" else {}),
     }
     if uses_text(cfg):  # an image embedding does not depend on how texts are cleaned
         sig["text_rules"] = cfg.model.text_rules

@@ -67,6 +67,37 @@ def test_quantized_runs_are_recorded_and_never_mixed(cli, fixed_ckpt, photos, tm
     assert back.exit_code == 1 and f"quantize: '{mode}' there, 'none' now" in back.stderr
 
 
+def test_int8_is_held_to_its_bound_on_other_photos_of_the_run(cli, fixed_ckpt, photos, tmp_path, cache):
+    """Calibrated on the first 64 photos, checked against float32 on the next: kept, or int8 weights only, or
+    float, said on stderr and in the metadata; never vectors under the bound silently. A later run reuses the
+    decision (no second calibration) and records it the same."""
+    paths = sorted(photos.glob("*.JPEG"))[:100]
+    plain = tmp_path / "plain.parquet"
+    assert (
+        cli("embed", *paths, "-o", plain, "-m", fixed_ckpt, "--dtype", "float32", "--backend", "torch").exit_code == 0
+    )
+    for bound, used in (("0.9,0.5", {"int8"}), ("1,1", {"none"})):
+        out = tmp_path / f"q{bound}.parquet"
+        args = ["-m", fixed_ckpt, "--dtype", "float32", "--quantize", "int8", "--int8-bound", bound]
+        r = cli("embed", *paths, "-o", out, *args)
+        assert r.exit_code == 0 and "int8 checked against float32 on 32 photos (other photos of the run)" in r.stderr
+        check = json.loads(pq.read_schema(out).metadata[b"siglip"])["quantize_check"]
+        assert (
+            check["used"] in used and check["photos"] == 32 and check["bound"] == [float(x) for x in bound.split(",")]
+        )
+        cos = (vectors(plain) * vectors(out)).sum(axis=1)
+        if check["used"] == "none":  # every rung below the bound: float, as float32 computes it
+            assert "runs in float" in r.stderr and cos.min() >= 0.9999
+        again = cli("embed", *paths, "-o", tmp_path / f"again{bound}.parquet", *args)
+        assert again.exit_code == 0 and "int8 checked" not in again.stderr
+        assert (
+            json.loads(pq.read_schema(tmp_path / f"again{bound}.parquet").metadata[b"siglip"])["quantize_check"]
+            == check
+        )
+    bad = cli("embed", *paths[:1], "-o", "-", "-m", fixed_ckpt, "--quantize", "int8", "--int8-bound", "0.9")
+    assert bad.exit_code == 2 and "MEAN,LEAST" in bad.stderr
+
+
 def test_quantize_needs_openvino_on_a_cpu(cli, fixed_ckpt, photos, tmp_path):
     result = cli(
         "embed",

@@ -29,11 +29,13 @@ from ..errors import RunError, first_line
 from ..scratch import scratch
 from . import signals_held
 
-CACHE_VERSION = 3  # 3: int8 calibrated on CALIBRATION photos, not the first batch alone, its head in float
+CACHE_VERSION = 4  # 4: int8 checked against float32 on other photos of the run, the bound in the key
 QUANTIZE = ("none", "int8", "int8-weights", "int4")
 # photos that calibrate int8 activations: the run's first. On random base-224 and the 125 shared photos, the first
 # batch of 16 alone left the worst photo at cosine 0.937 to float32 (mean 0.987); 64: 0.983 (mean 0.994)
 CALIBRATION = 64
+VALIDATION = 32  # photos of the run after the calibration's that int8 is checked on (at least 8, else those)
+BOUND = (0.995, 0.98)  # int8 is kept where its embeddings' mean and least cosine to float32 are at least these
 
 
 def available() -> bool:
@@ -80,8 +82,8 @@ def int8_native() -> bool:
     return cpu_int8_native()
 
 
-def cache_path(encoder, batch: int, quantize: str) -> str:
-    """Where the converted tower of this model, batch and input size, and quantization lives."""
+def cache_path(encoder, batch: int, quantize: str, bound=BOUND) -> str:
+    """Where the converted tower of this model, batch and input size, and quantization (int8: and bound) lives."""
     from ..vocab import cache_dir
 
     spec = encoder.spec
@@ -89,6 +91,7 @@ def cache_path(encoder, batch: int, quantize: str) -> str:
     key = json.dumps(
         [CACHE_VERSION, encoder.fingerprint, "image", [batch, spec.height, spec.width], quantize, _versions()]
         + (["overflow fix"] if overflow else [])
+        + ([list(bound)] if quantize == "int8" else [])
     )
     return os.path.join(cache_dir(), "openvino", hashlib.sha256(key.encode()).hexdigest()[:24], "image.xml")
 
@@ -120,10 +123,12 @@ class OpenVINOTower:
     run gave it (see prepare), else the first call's; smaller batches are padded, larger ones split.
     """
 
-    def __init__(self, encoder, quantize: str, precision: str, threads: int):
+    def __init__(self, encoder, quantize: str, precision: str, threads: int, bound=BOUND):
         self.encoder, self.quantize, self.precision, self.threads = encoder, quantize, precision, threads
-        self.compiled, self.batch, self.path = None, 0, ""
+        self.compiled, self.batch, self.path, self.bound = None, 0, "", tuple(bound)
         self.calibration = None  # () -> photos (n, h, w, 3) uint8 that calibrate int8, or None: the first batch
+        self.validation = None  # () -> other photos of the run that int8 is checked on (None: the calibration's)
+        self.check: dict | None = None  # int8: what the check against float32 found, and what runs (see _int8)
 
     def _convert(self, sample: np.ndarray):
         # stdout may be the run's data (-o -): the converters' chatter and progress go to stderr, or nowhere
@@ -144,28 +149,8 @@ class OpenVINOTower:
         model.reshape([len(sample), h, w, 3])
         if self.quantize != "none":
             nncf = import_nncf()
-            if self.quantize == "int8":  # real photos, in batches of the graph's static shape
-                photos = self.calibration() if self.calibration else None
-                photos = sample if photos is None or photos.shape[1:] != sample.shape[1:] else photos
-                step = len(sample)
-                items = [np.resize(photos[i : i + step], sample.shape) for i in range(0, len(photos), step)]
-                # the attention-pooling head stays in float: it makes the embedding (on random base-224, 64
-                # photos: worst cosine 0.983 -> 0.987, mean 0.9940 -> 0.9946; 5 of 78 quantizers)
-                head = nncf.IgnoredScope(patterns=[".*head.*"], validate=False)
-                from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
-                fix = AdvancedQuantizationParameters(
-                    overflow_fix=OverflowFix.FIRST_LAYER if int8_native() else OverflowFix.ENABLE
-                )
-                model = nncf.quantize(
-                    model,
-                    nncf.Dataset(items),
-                    subset_size=len(items),
-                    ignored_scope=head,
-                    model_type=nncf.ModelType.TRANSFORMER,
-                    fast_bias_correction=True,
-                    advanced_parameters=fix,
-                )
+            if self.quantize == "int8":
+                model = self._int8(nncf, model, sample)
             elif self.quantize == "int8-weights":
                 model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
             else:  # int4 in groups of 128 where the layer's width allows, smaller groups where not
@@ -189,6 +174,9 @@ class OpenVINOTower:
             with scratch(folder) as work:
                 tmp = os.path.join(work, "model.xml")
                 ov.save_model(model, tmp, compress_to_fp16=False)
+                if self.check is not None:
+                    with open(os.path.join(folder, "check.json"), "w") as f:
+                        json.dump(self.check, f)
                 os.replace(tmp[:-4] + ".bin", self.path[:-4] + ".bin")
                 os.replace(tmp, self.path)  # the .xml last: its presence means the pair is whole
         except (OSError, RuntimeError) as e:  # a full disk, ulimit -f: this run uses it as it is, the next converts
@@ -202,12 +190,92 @@ class OpenVINOTower:
             )
         return model
 
+    def _int8(self, nncf, model, sample: np.ndarray):
+        """int8 weights and activations, calibrated on the run's photos, then checked against the float32 tower on
+        other photos of the run: kept where the embeddings' mean and least cosine meet the bound; else int8 weights
+        only; else float. What was found is `check` (the output's metadata, and one line on stderr)."""
+        photos = self.calibration() if self.calibration else None
+        photos = sample if photos is None or photos.shape[1:] != sample.shape[1:] else photos
+        others = self.validation() if self.validation else None
+        others = photos if others is None or others.shape[1:] != photos.shape[1:] else others
+        step = len(sample)
+        items = [np.resize(photos[i : i + step], sample.shape) for i in range(0, len(photos), step)]
+        # the attention-pooling head stays in float: it makes the embedding (on random base-224, 64 photos: worst
+        # cosine 0.983 -> 0.987, mean 0.9940 -> 0.9946; 5 of 78 quantizers)
+        head = nncf.IgnoredScope(patterns=[".*head.*"], validate=False)
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        fix = AdvancedQuantizationParameters(
+            overflow_fix=OverflowFix.FIRST_LAYER if int8_native() else OverflowFix.ENABLE
+        )
+        ladder = (
+            (
+                "int8",
+                lambda m: nncf.quantize(
+                    m,
+                    nncf.Dataset(items),
+                    subset_size=len(items),
+                    ignored_scope=head,
+                    model_type=nncf.ModelType.TRANSFORMER,
+                    fast_bias_correction=True,
+                    advanced_parameters=fix,
+                ),
+            ),
+            ("int8-weights", lambda m: nncf.compress_weights(m, mode=nncf.CompressWeightsMode.INT8_ASYM)),
+        )
+        with torch.no_grad():
+            reference = _Tower(self.encoder.vision, self.encoder.pixel_scale, self.encoder.pixel_shift).eval()
+            want = np.concatenate(
+                [reference(torch.from_numpy(others[i : i + step])).numpy() for i in range(0, len(others), step)]
+            )
+        found = []
+        for used, make in ladder:
+            candidate = make(model.clone())
+            cos = (self._embed(candidate, others, step) * want).sum(axis=1)
+            found.append(f"{used}: mean cos {cos.mean():.5f}, least {cos.min():.5f}")
+            if cos.mean() >= self.bound[0] and cos.min() >= self.bound[1]:
+                break
+        else:
+            used, candidate = "none", model
+        self.check = {
+            "used": used,
+            "photos": len(others),
+            "mean": round(float(cos.mean()), 6),
+            "least": round(float(cos.min()), 6),
+            "bound": list(self.bound),
+            "tried": found,
+            "on": "other photos of the run" if others is not photos else "the calibration photos",
+        }
+        verdict = {
+            "int8": "int8 kept",
+            "int8-weights": "below the bound: int8 weights only",
+            "none": "below the bound: runs in float",
+        }[used]
+        _say(
+            f"int8 checked against float32 on {len(others)} photos ({self.check['on']}): {'; '.join(found)} "
+            f"(bound: mean >= {self.bound[0]:g}, least >= {self.bound[1]:g}): {verdict}"
+        )
+        return candidate
+
+    def _embed(self, model, photos: np.ndarray, step: int) -> np.ndarray:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(
+            model, "CPU", {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": self.threads}
+        )
+        out = []
+        for i in range(0, len(photos), step):
+            part = photos[i : i + step]
+            padded = np.resize(part, (step, *part.shape[1:])) if len(part) < step else part
+            out.append(compiled(padded)[0][: len(part)])
+        return np.concatenate(out)
+
     def fits(self) -> bool:
         """Whether this tower is cached, or can be converted here: where the memory for converting is not there,
         False with a note (torch then runs it: unquantized, the same numbers, and the run's settings allow it),
         or, quantized, a one-line error before any work. About 2.5 more copies of the weights at the peak:
         so400m's image tower, 1.7 GB, peaked at 6.0 GB resident in all."""
-        if os.path.exists(cache_path(self.encoder, self.batch, self.quantize)):
+        if os.path.exists(cache_path(self.encoder, self.batch, self.quantize, self.bound)):
             return True
         short = _memory_short(self.encoder.vision, 2.5, "the image tower")
         if short is None:
@@ -222,10 +290,16 @@ class OpenVINOTower:
 
         self.batch = max(self.batch, len(sample))  # a first batch short of photos that failed: padded
         sample = np.resize(sample, (self.batch, *sample.shape[1:]))
-        self.path = cache_path(self.encoder, self.batch, self.quantize)
+        self.path = cache_path(self.encoder, self.batch, self.quantize, self.bound)
         core = ov.Core()
         if os.path.exists(self.path):
             model = core.read_model(self.path)
+            if self.quantize == "int8":  # what the conversion's check found, as it found it
+                try:
+                    with open(os.path.join(os.path.dirname(self.path), "check.json")) as f:
+                        self.check = json.load(f)
+                except (OSError, ValueError):
+                    self.check = None
         else:
             try:
                 model = self._convert(sample)
@@ -255,26 +329,38 @@ class OpenVINOTower:
 
 def prepare(encoders, records, spec):
     """The records, unchanged, after giving the encoders' int8 OpenVINO towers the run's first CALIBRATION
-    photos to calibrate on: decoded only if a tower has to be quantized (one read from the cache needs none)."""
+    photos to calibrate on and the VALIDATION after them to check on, and building them: the photos are decoded
+    only if a tower has to be quantized (one read from the cache needs none)."""
     towers = [e.tower for e in encoders if isinstance(e.tower, OpenVINOTower) and e.tower.quantize == "int8"]
     if not towers:
         return records
     from ..decode import decode_photos
 
     records = iter(records)
-    head = list(itertools.islice(records, CALIBRATION))
+    head = list(itertools.islice(records, CALIBRATION + VALIDATION))
     photos = functools.cache(lambda: decode_photos(head, spec))
+
+    def others():
+        rest = None if photos() is None else photos()[CALIBRATION:]
+        return rest if rest is not None and len(rest) >= 8 else None
+
     for tower in towers:
-        tower.calibration = photos
+        tower.calibration, tower.validation = (lambda: None if photos() is None else photos()[:CALIBRATION]), others
+        # built now, before the output's metadata is made: it records what int8's check found
+        cached = os.path.exists(cache_path(tower.encoder, tower.batch, tower.quantize, tower.bound))
+        if cached or photos() is not None:
+            tower._build(np.zeros((tower.batch, spec.height, spec.width, 3), np.uint8))
     return itertools.chain(head, records)
 
 
-def image_tower(encoder, dtype: torch.dtype, quantize: str, threads: int, batch: int) -> OpenVINOTower | None:
+def image_tower(
+    encoder, dtype: torch.dtype, quantize: str, threads: int, batch: int, bound=BOUND
+) -> OpenVINOTower | None:
     """The encoder's image tower (loaded in float32) on OpenVINO at the precision of dtype, for graphs of this
-    batch; None where it cannot be converted here (see OpenVINOTower.fits): torch runs it."""
+    batch (int8: held to `bound`); None where it cannot be converted here (see OpenVINOTower.fits): torch runs it."""
     from .ovtext import precision as _precision
 
-    tower = OpenVINOTower(encoder, quantize, _precision(dtype), threads)
+    tower = OpenVINOTower(encoder, quantize, _precision(dtype), threads, bound)
     tower.batch = batch
     return tower if tower.fits() else None
 
