@@ -1235,7 +1235,7 @@ def dedup(
     if apply is not None:
         with _one_line():
             moved, where = plans.apply_plan(apply)
-        typer.echo(f"siglip: moved {moved:,} files" + (f" into {where.pop()}" if where else ""), err=True)
+        typer.echo(f"siglip: moved {moved:,} files" + (f" into {where}" if where else ""), err=True)
         return
 
     def work():

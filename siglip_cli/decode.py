@@ -149,24 +149,25 @@ class Refused(Exception):
         self.width, self.height = width, height
 
 
-def open_image(f, size: int, max_pixels: int) -> Image.Image:
-    """The image of an open file, its header read and nothing more; Refused when it is over `max_pixels` or
-    larger on disk than such an image can be (most_bytes): a sparse or padded file is never read whole."""
-    im = Image.open(f)
-    width, height = im.size
+def refusal(width: int, height: int, size: int, max_pixels: int) -> str | None:
+    """Why an image of this size, in a file of `size` bytes, is refused unread: over `max_pixels`, or a file
+    larger than such an image can be (most_bytes); None when it is not."""
     if width * height > max_pixels:
-        raise Refused(
-            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; {RAISE_LIMIT}",
-            width,
-            height,
-        )
+        return f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; {RAISE_LIMIT}"
     if size > most_bytes(width, height):
-        raise Refused(
+        return (
             f"not an image, or a format Pillow cannot read: the file is {size:,} bytes, more than a "
-            f"{width}x{height} image can take",
-            width,
-            height,
+            f"{width}x{height} image can take"
         )
+    return None
+
+
+def open_image(f, size: int, max_pixels: int) -> Image.Image:
+    """The image of an open file, its header read and nothing more; Refused (see refusal) before anything more
+    is read: a sparse or padded file is never read whole."""
+    im = Image.open(f)
+    if (why := refusal(*im.size, size, max_pixels)) is not None:
+        raise Refused(why, *im.size)
     return im
 
 
@@ -208,33 +209,16 @@ def _raw(record: FileRecord, spec: ImageSpec, size: int) -> Decoded:
         width, height = raw.size(record.path)
     except (rawpy.LibRawError, ValueError) as e:
         return Decoded(record, error=f"not an image, or a RAW format LibRaw cannot read: {e}")
-    if width * height > spec.max_pixels:
-        return Decoded(
-            record,
-            None,
-            width,
-            height,
-            error=f"image is {width}x{height} = {width * height:,} pixels, "
-            f"over the limit of {spec.max_pixels:,}; {RAISE_LIMIT}",
-        )
-    if size > most_bytes(width, height):
-        return Decoded(
-            record,
-            None,
-            width,
-            height,
-            error=f"not an image, or a format Pillow cannot read: the file "
-            f"is {size:,} bytes, more than a {width}x{height} image can take",
-        )
+    if (why := refusal(width, height, size, spec.max_pixels)) is not None:
+        return Decoded(record, None, width, height, error=why)
     data = _read(record.path)
+    sha = hashlib.sha256(data).hexdigest()
     th, tw = _target(height, width, spec)
     try:
         rgb = to_rgb(raw.image(data, (tw, th)))
     except rawpy.LibRawError as e:
-        return Decoded(
-            record, hashlib.sha256(data).hexdigest(), width, height, error=f"corrupt or truncated image: LibRaw: {e}"
-        )
-    return _fit(record, hashlib.sha256(data).hexdigest(), width, height, rgb, th, tw, spec)
+        return Decoded(record, sha, width, height, error=f"corrupt or truncated image: LibRaw: {e}")
+    return _fit(record, sha, width, height, rgb, th, tw, spec)
 
 
 def _read(path: str) -> bytes:

@@ -108,10 +108,10 @@ def _stat(member: dict) -> dict | None:
     return {**member, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def apply_plan(place: str) -> tuple[int, set[str]]:
+def apply_plan(place: str) -> tuple[int, str | None]:
     """Carry out a plan: first check every line (the file to move and its keeper still there, unchanged since
     the plan was made, nothing at the destination), then move them all. Refused whole, nothing moved, when one
-    is not as planned. Returns the moves made and the quarantine folders they went to."""
+    is not as planned. Returns the moves made and the folder they went into (None for an empty plan)."""
     try:
         with open(place, encoding="utf-8") as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -133,7 +133,7 @@ def apply_plan(place: str) -> tuple[int, set[str]]:
     for line in lines:
         os.makedirs(os.path.dirname(line["to"]), exist_ok=True)
         shutil.move(line["move"], line["to"])
-    return len(lines), {os.path.commonpath([line["to"] for line in lines])} if lines else set()
+    return len(lines), os.path.commonpath([line["to"] for line in lines]) if lines else None
 
 
 def as_results(groups: list[list[dict]], rule: str):
