@@ -333,6 +333,66 @@ RayActors = Annotated[
 ]
 
 
+Server = Annotated[
+    Optional[str],
+    typer.Option(
+        "--server",
+        envvar="SIGLIP_SERVER",
+        help=(
+            "Run the model on this `siglip serve` (http://HOST:PORT; its token from SIGLIP_API_KEY): files, decoding "
+            "and the index stay here, only the model's input is sent. The model and its settings are the "
+            "server's. \\[env: SIGLIP_SERVER]"
+        ),
+        show_default=False,
+    ),
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="Allow --server over plain http:// to a host that is not on this machine or a private network.",
+    ),
+]
+ServerRetry = Annotated[
+    float,
+    typer.Option(
+        "--server-retry",
+        callback=_finite,
+        min=0,
+        help="Seconds to keep retrying a --server that stopped answering before the run stops (rows kept).",
+    ),
+]
+Wire = Annotated[
+    str,
+    typer.Option(
+        "--wire",
+        callback=_one_of("raw", "webp"),
+        help="raw|webp: how --server receives pixels: raw uint8, or lossless WebP (45% of the bytes, more CPU here).",
+    ),
+]
+# The options that choose or run the model: with --server they are the server's (the defaults they must keep).
+SERVER_OWNS = {
+    "revision": None,
+    "device": "auto",
+    "dtype": "auto",
+    "backend": "auto",
+    "quantize": "none",
+    "int8_bound": "0.995,0.98",
+    "max_patches": None,
+    "compile": False,
+    "ray": None,
+}
+
+
+def _remote(opts: dict) -> None:
+    """With --server: the model's options are the server's (refused here), and --model must name its model."""
+    if not opts.get("server"):
+        return
+    if given := [k for k, v in SERVER_OWNS.items() if k in opts and opts[k] != v]:
+        flag = "--" + given[0].replace("_", "-")
+        raise typer.BadParameter(f"{flag} is the server's setting with --server: start `siglip serve` with it")
+
+
 def _text_rules(value: str) -> str:
     if value not in ("canonical", "lower"):
         raise typer.BadParameter(f"{value!r}: canonical (as SigLIP was trained) or lower (as transformers' tokenizers)")
@@ -491,6 +551,7 @@ def _run_images(head, opts: dict) -> None:
     """Build the run's config from a command's options (its locals) and execute it."""
     if not (opts["paths"] or opts["files_from"]):
         raise typer.BadParameter("no images: give image files or folders, or --files-from")
+    _remote(opts)
     cfg = RunConfig(
         model=ModelConfig(
             opts["model"],
@@ -527,6 +588,10 @@ def _run_images(head, opts: dict) -> None:
         exact=opts["exact"],
         ray=opts["ray"],
         ray_actors=opts["ray_actors"],
+        server=opts["server"],
+        insecure=opts["insecure"],
+        server_retry=opts["server_retry"],
+        wire=opts["wire"],
     )
     _execute(cfg)
 
@@ -582,6 +647,10 @@ def embed(
     compile: Compile = False,
     ray: Ray = None,
     ray_actors: RayActors = None,
+    server: Server = None,
+    insecure: Insecure = False,
+    server_retry: ServerRetry = 120.0,
+    wire: Wire = "raw",
 ) -> None:
     """Write the L2-normalized embedding of every image (or of the given texts), one row each."""
     from .tasks import EmbedSpec
@@ -606,6 +675,7 @@ def embed(
                 "nothing to embed: give image files or folders, --files-from, --text or --texts-file"
             )
         return _run_images(EmbedSpec(float16), locals())
+    _remote(locals())
     cfg = RunConfig(
         model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend, text_rules=text_rules),
         sources=SourceConfig(),
@@ -614,6 +684,9 @@ def embed(
         workers=workers,
         strict=strict,
         quiet=quiet,
+        server=server,
+        insecure=insecure,
+        server_retry=server_retry,
     )
     _execute(cfg, texts)
 
@@ -693,6 +766,10 @@ def tag(
     compile: Compile = False,
     ray: Ray = None,
     ray_actors: RayActors = None,
+    server: Server = None,
+    insecure: Insecure = False,
+    server_retry: ServerRetry = 120.0,
+    wire: Wire = "raw",
 ) -> None:
     """Score every image against a vocabulary: sigmoid probabilities, exactly as the model computes them."""
     from .tasks import TagSpec
@@ -757,6 +834,10 @@ def classify(
     compile: Compile = False,
     ray: Ray = None,
     ray_actors: RayActors = None,
+    server: Server = None,
+    insecure: Insecure = False,
+    server_retry: ServerRetry = 120.0,
+    wire: Wire = "raw",
 ) -> None:
     """Zero-shot classification: the best of the labels for every image, with its sigmoid score."""
     from .tasks import ClassifySpec

@@ -32,7 +32,9 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
     """The file metadata: enough to know, years later, what made the numbers."""
     info = encoder.info
     return {
-        "versions": made_with("openvino" in (encoder.backend, encoder.text_backend)),
+        "versions": encoder.versions  # (a remote tower: the server's)
+        if encoder.backend == "remote"
+        else made_with("openvino" in (encoder.backend, encoder.text_backend)),
         "tool": "siglip",
         "tool_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),

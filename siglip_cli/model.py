@@ -529,6 +529,9 @@ class Encoder:
         out = self.vision(pixel_values=x, pixel_attention_mask=attend, spatial_shapes=grids)
         return F.normalize(out.pooler_output.float(), dim=-1)
 
+    def close(self) -> None:
+        """The run is over: nothing to release for a local model."""
+
     def on_device(self):
         """A context in which CUDA work goes to this encoder's GPU: torch's current device is per thread and
         starts as GPU 0, so every CUDA call (allocations, streams, events) is made inside it."""

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, default_model
 from .decode import may_work_now
 from .encode import finite, launch, made_with, metadata
 from .errors import RunError
@@ -28,7 +28,7 @@ from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows
 from .sources import Skip, is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
-from .weights import patches_setting, resolve_weights
+from .weights import MODEL_KEYS, local_fingerprint, model_signature, patches_setting, resolve_weights
 
 
 def version_note(before: dict, now: dict) -> str | None:
@@ -50,31 +50,31 @@ def version_note(before: dict, now: dict) -> str | None:
 INDEX_VERSION = 2
 
 
-def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
+def resolve(cfg: RunConfig, served: dict | None = None) -> tuple[RunConfig, dict]:
     """The run's config with the model's revision pinned to the commit it resolves to, and its signature:
     the settings that decide what a row holds. An output only takes rows made with the same ones.
 
     Known without loading the model (a Hub commit from its cached ref, or a local folder's fingerprint), so
     that an incremental run with nothing to do never loads it; loading then uses exactly that commit.
+    `served`: the model's part as a --server reports it (or as the index recorded it), used as it is.
     """
     name = cfg.model.name
-    weights = resolve_weights(name, cfg.model.revision)
-    local = os.path.isdir(name)
-    # (a Ray run's device and dtype were made concrete for its actors by cluster.prepare)
-    devices = [] if cfg.ray else resolve_devices(cfg.model.device)  # an absent device fails here, before any work
-    dtype = str(resolve_dtype(cfg.model.dtype, devices)).removeprefix("torch.")
-    sig = {
-        "index": INDEX_VERSION,
-        "task": type(cfg.head).__name__ if cfg.head else "texts",
-        "model": "local folder" if local else name,
-        "weights": weights,
-        "dtype": dtype,
-        "max_patches": cfg.model.max_patches,
-        "quantize": cfg.model.quantize,
-        **({"int8_bound": list(cfg.model.int8_bound)} if cfg.model.quantize == "int8" else {}),
-    }
-    if uses_text(cfg):  # an image embedding does not depend on how texts are cleaned
-        sig["text_rules"] = cfg.model.text_rules
+    text = cfg.model.text_rules if uses_text(cfg) else None  # an image embedding does not depend on it
+    sig = {"index": INDEX_VERSION, "task": type(cfg.head).__name__ if cfg.head else "texts"}
+    if served is not None:
+        sig.update({k: v for k, v in served.items() if k in MODEL_KEYS and (k != "text_rules" or text)})
+    else:
+        weights = resolve_weights(name, cfg.model.revision)
+        # (a Ray run's device and dtype were made concrete for its actors by cluster.prepare)
+        devices = [] if cfg.ray else resolve_devices(cfg.model.device)  # an absent device fails here, before any work
+        dtype = str(resolve_dtype(cfg.model.dtype, devices)).removeprefix("torch.")
+        m = cfg.model
+        sig.update(model_signature(name, weights, dtype, m.max_patches, m.quantize, m.int8_bound, text))
+        # a local folder by its absolute path: the index's metadata then names it from anywhere (./ckpt from
+        # another folder is another checkpoint, or none)
+        local = os.path.isdir(name)
+        model = dataclasses.replace(m, name=os.path.abspath(name) if local else name, commit=None if local else weights)
+        cfg = dataclasses.replace(cfg, model=model)
     if cfg.head is not None:
         sig["exact"] = cfg.exact
         for f in dataclasses.fields(cfg.head):
@@ -84,12 +84,7 @@ def resolve(cfg: RunConfig) -> tuple[RunConfig, dict]:
             if isinstance(value, Vocab):
                 value = hashlib.sha256(json.dumps([value.tags, value.thresholds]).encode()).hexdigest()
             sig[f.name] = value
-    # a local folder by its absolute path: the index's metadata then names it from anywhere (./ckpt from
-    # another folder is another checkpoint, or none)
-    model = dataclasses.replace(
-        cfg.model, name=os.path.abspath(name) if local else name, commit=None if local else weights
-    )
-    return dataclasses.replace(cfg, model=model), json.loads(json.dumps(sig))  # tuples -> lists, as they read back
+    return cfg, json.loads(json.dumps(sig))  # tuples -> lists, as they read back
 
 
 def uses_text(cfg: RunConfig) -> bool:
@@ -141,29 +136,70 @@ def run(cfg: RunConfig) -> Summary:
 
 def _start(cfg: RunConfig) -> Summary:
     out = cfg.output
-    patches, note = patches_setting(cfg.model.name, cfg.model.revision, cfg.model.max_patches)
-    if note:
-        print(f"siglip: note: {note}", file=sys.stderr)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_patches=patches))
+    remote = served = None
+    if cfg.server:  # the model is the server's: nothing of it is read here
+        from .encoders.remote import RemoteEncoder
+
+        remote = RemoteEncoder(cfg.server, cfg.insecure, cfg.server_retry, cfg.wire)
+        if out.path != "-":
+            served = _recorded(out.path) if not out.overwrite else None
+            served = served or remote.describe()["signature"]  # (an index's own: checked when the model is needed)
+    else:
+        patches, note = patches_setting(cfg.model.name, cfg.model.revision, cfg.model.max_patches)
+        if note:
+            print(f"siglip: note: {note}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_patches=patches))
     if cfg.ray:
         from .cluster import prepare
 
         cfg = prepare(cfg)  # the device and dtype the actors will use, in the signature
     if out.path == "-":
-        return _run(cfg, None)
-    cfg, sig = resolve(cfg)
+        return _run(cfg, None, remote)
+    cfg, sig = resolve(cfg, served)
     store = Store.open(out.path, sig, out.overwrite, out.wait, same=lambda theirs: _normalized(theirs, cfg, sig))
-    if not out.overwrite and (note := version_note(store.made_with, made_with(openvino=False))):
+    if not out.overwrite and not remote and (note := version_note(store.made_with, made_with(openvino=False))):
         print(note, file=sys.stderr)
     try:
         if out.prune and not out.prune_anyway:  # a missing root: refuse before any work
             store.index.check_roots([r for r in roots(cfg.sources.paths) if not r.exists])
-        return _run(cfg, store)
+        return _run(cfg, store, remote)
     finally:
         store.close()
 
 
-def _run(cfg: RunConfig, store: Store | None) -> Summary:
+def _recorded(path: str) -> dict | None:
+    """The model's part of the signature an existing index was made with, or None (no index there yet)."""
+    from .sink import read_metadata
+
+    try:
+        sig = read_metadata(path).get("signature")
+    except (OSError, IndexError, KeyError, ValueError, TypeError, pa.ArrowException):
+        return None
+    return {k: v for k, v in sig.items() if k in MODEL_KEYS} if isinstance(sig, dict) else None
+
+
+def _encoders(cfg: RunConfig, store: Store | None, remote) -> list:
+    """The run's encoders, one per device (a remote server: one per batch in flight)."""
+    if remote is None:
+        return Encoder.load_all(cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size)
+    described = remote.describe()
+    name = cfg.model.name
+    if name != default_model() and name != described["model"]:  # --model given: it must be the server's
+        if not (os.path.isdir(name) and local_fingerprint(name) == described["weights"]):
+            raise RunError(
+                f"--model {name}: --server {remote.url} runs {described['model']} (leave --model out to use "
+                "the server's model)"
+            )
+    if cfg.model.text_rules != remote.text_rules and uses_text(cfg):
+        raise RunError(
+            f"--server {remote.url} cleans texts by --text-rules {remote.text_rules}; this run asks for "
+            f"{cfg.model.text_rules} (start the server with that, or pass --text-rules {remote.text_rules})"
+        )
+    remote.require(store.signature if store is not None else remote.signature)
+    return remote.lanes()
+
+
+def _run(cfg: RunConfig, store: Store | None, remote=None) -> Summary:
     src, out = cfg.sources, cfg.output
     skip = Skip(src.exclude, src.include_hidden, src.raw_pairs)
     records = iter_files(src.paths, src.files_from, src.extensions, skip)
@@ -189,7 +225,7 @@ def _run(cfg: RunConfig, store: Store | None) -> Summary:
 
                 cluster.process(cfg, store, itertools.chain([first], records), progress)
             else:
-                encoders = Encoder.load_all(cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size)
+                encoders = _encoders(cfg, store, remote)
                 process(cfg, store, itertools.chain([first], records), progress, encoders)
         except BaseException:
             progress.close()
@@ -239,7 +275,8 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         torch.cuda.set_device(encoder.device)
     task = make_task(cfg.head, encoder)
     tasks = [task] + [task.on(e) for e in encoders[1:]]
-    batch_size = cfg.batch_size or default_batch_size(encoder.device)
+    batch_size = encoder.batch_size(cfg.batch_size) if encoder.backend == "remote" else cfg.batch_size
+    batch_size = batch_size or default_batch_size(encoder.device)
     for e in encoders:
         e.pad_to = batch_size if cfg.model.compile else 0
     spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels, exact=cfg.exact)
@@ -247,7 +284,8 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         from .encoders import openvino
 
         records = openvino.prepare(encoders, records, spec)
-    meta = metadata(encoder, {**task.metadata(), "signature": store.signature if store else None})
+    extra = {"server": encoder.url} if encoder.backend == "remote" else {}
+    meta = metadata(encoder, {**task.metadata(), **extra, "signature": store.signature if store else None})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)
     progress.begin()
@@ -283,6 +321,8 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         while pending:
             finish(*pending.popleft())
     finally:
+        for e in dict.fromkeys(encoders):
+            e.close()  # (a remote one: lanes still waiting on the server stop)
         for lane in lanes:
             lane.shutdown(wait=False, cancel_futures=True)
         sink.close()  # even when interrupted: the rows finished so far are kept, and a rerun skips them
@@ -291,23 +331,27 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
 def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
     """Text embeddings in the image embeddings' space, one row per text, in one file (or stdout)."""
     path, out = cfg.output.path, cfg.output
-    store = None
+    store = remote = None
+    if cfg.server:
+        from .encoders.remote import RemoteEncoder
+
+        remote = RemoteEncoder(cfg.server, cfg.insecure, cfg.server_retry)
     if path != "-":  # the same rules as images: the lock, the settings, no other kind of output replaced
         check_parent(path)
-        cfg, sig = resolve(cfg)
+        cfg, sig = resolve(cfg, remote and remote.describe()["signature"])
         store = Store.open(
             path, sig, out.overwrite, out.wait, images=False, same=lambda theirs: _normalized(theirs, cfg, sig)
         )
     try:
-        return _run_texts(cfg, texts, store)
+        return _run_texts(cfg, texts, store, remote)
     finally:
         if store is not None:
             store.close()
 
 
-def _run_texts(cfg: RunConfig, texts: list[str], store: Store | None) -> Summary:
+def _run_texts(cfg: RunConfig, texts: list[str], store: Store | None, remote=None) -> Summary:
     path = cfg.output.path
-    encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet))
+    encoder = _encoders(cfg, store, remote)[0] if remote else Encoder.load(cfg.model, progress_enabled(cfg.quiet))
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
     schema = make_schema(
         TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text", "signature": store and store.signature})

@@ -44,15 +44,42 @@ def index_model(meta: dict, dim: int) -> tuple:
     return meta.get("model"), dim, meta.get("commit"), (meta.get("signature") or {}).get("weights")
 
 
+def check_transport(url: str, insecure: bool = False) -> None:
+    """Refuse plain http:// to a host that is not on this machine or a private network (the token and the
+    photos' pixels would cross the internet in the clear), unless `insecure`."""
+    import ipaddress
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or insecure:
+        return
+    host = (parts.hostname or "").strip("[]")
+    if host == "localhost" or host.endswith((".local", ".lan", ".internal", ".home.arpa")):
+        return
+    try:
+        addresses = {a[4][0] for a in socket.getaddrinfo(host, parts.port or 80, type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
+        return  # cannot be resolved: connecting says so
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not (ip.is_loopback or ip.is_private or ip.is_link_local):
+            raise RunError(
+                f"--server {url}: plain http to {host}, which is not on this machine or a private network; "
+                "use https:// (see docs/serve.md on TLS), or --insecure to send it in the clear anyway"
+            )
+
+
 class Remote:
     """Queries embedded by a running `siglip serve` (its /txt/embed and /img/embed routes): a search then needs
     no torch and no model load, only the scan. The server must run the index's model (name, dim, and commit
     where both know it): a vector from another model would rank the index by noise. Text queries are sent
     (`ask`) before the index's vectors are opened, so that the server embeds them meanwhile."""
 
-    def __init__(self, url: str, text_rules: str = "canonical"):
+    def __init__(self, url: str, text_rules: str = "canonical", insecure: bool = False):
         if not url.startswith(("http://", "https://")):
             raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
+        check_transport(url, insecure)
         self.url, self.asked, self.text_rules = url.rstrip("/"), {}, text_rules
         self.model = (None, None, None, None)  # what the index needs (expect): see same_model
         self.patches = None  # the index's --max-patches (None: the checkpoint's default), for image queries
@@ -79,7 +106,7 @@ class Remote:
             with urllib.request.urlopen(req, timeout=wait) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {_message(e.read(4096))}")
+            error = RunError(f"--server {self.url}{route}: HTTP {e.code}: {error_message(e.read(4096))}")
             error.status = e.code
             raise error from None
         except (OSError, ValueError) as e:
@@ -170,7 +197,7 @@ class Remote:
         return Results(body["columns"], body["rows"], body["score"])
 
 
-def _message(body: bytes) -> str:
+def error_message(body: bytes) -> str:
     """One line from an error's body: a siglip server's message, or the start of whatever else answered."""
     import json
     import re

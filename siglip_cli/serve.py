@@ -187,6 +187,7 @@ class Server:
         else:
             weights = info.commit
         self.model = (info.name, info.dim, info.commit, weights)
+        self.described = describe(encoder, weights, cfg)
         self.metrics = Metrics(depth=lambda: self.batcher.depth())
         self.batcher = Batcher(encoder, cfg.batch_size, cfg.max_wait, cfg.max_queue, self.metrics)
         self.spec = dataclasses.replace(encoder.spec, max_pixels=cfg.max_pixels)
@@ -344,10 +345,44 @@ class Server:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-async def read_json(request, max_body: int):
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":  # a page's form or text/plain post (no CORS preflight) is not read
-        raise ApiError(415, "send the body as JSON, with Content-Type: application/json")
+def describe(encoder: Encoder, weights: str | None, cfg: ServeConfig) -> dict:
+    """GET /v1/model: what a remote run (`embed --server`) needs to decode images as this server would, to
+    check its index's settings against this model's, and to write the same metadata as a local run."""
+    from . import __version__, wire
+    from .encode import made_with
+    from .weights import model_signature
+
+    info = encoder.info
+    dtype = str(encoder.dtype).removeprefix("torch.")
+    return {
+        "model": info.name,
+        "revision": info.revision,
+        "commit": info.commit,
+        "weights": weights,
+        "architecture": info.architecture,
+        "dim": info.dim,
+        "text_length": info.text_length,
+        "preprocessing": info.preprocessing,
+        "signature": model_signature(
+            info.name, weights, dtype, encoder.patches, encoder.quantize, None, encoder.text_rules
+        ),
+        "spec": wire.describe(encoder.spec),
+        "dtype": dtype,
+        "backend": encoder.backend,
+        "text_backend": encoder.text_backend,
+        "text_kind": encoder.text_kind,
+        "text_rules": encoder.text_rules,
+        "fingerprint": encoder.fingerprint,
+        "logit_scale": encoder.logit_scale,
+        "logit_bias": encoder.logit_bias,
+        "versions": made_with("openvino" in (encoder.backend, encoder.text_backend)),
+        "tool_version": __version__,
+        "limits": {"batch_size": cfg.batch_size, "max_items": cfg.max_items, "max_body": cfg.max_body},
+        "encodings": list(wire.ENCODINGS),
+    }
+
+
+async def read_body(request, max_body: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_body:
         raise ApiError(413, f"the body is {int(length):,} bytes; at most {max_body:,} (--max-body-mb)")
@@ -356,6 +391,22 @@ async def read_json(request, max_body: int):
         body += chunk
         if len(body) > max_body:
             raise ApiError(413, f"the body is over {max_body:,} bytes (--max-body-mb)")
+    return bytes(body)
+
+
+async def read_pixels(request, max_body: int) -> bytes:
+    from .wire import CONTENT_TYPE
+
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != CONTENT_TYPE:
+        raise ApiError(415, f"send the body as {CONTENT_TYPE} (see siglip_cli/wire.py)")
+    return await read_body(request, max_body)
+
+
+async def read_json(request, max_body: int):
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # a page's form or text/plain post (no CORS preflight) is not read
+        raise ApiError(415, "send the body as JSON, with Content-Type: application/json")
+    body = await read_body(request, max_body)
     try:
         payload = json.loads(body)
     except RecursionError:
@@ -428,12 +479,12 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         server.metrics.request(route, response.status_code, time.perf_counter() - t)
         return response
 
-    async def guarded(request: Request, work, deadline: float | None = cfg.timeout):
+    async def guarded(request: Request, work, deadline: float | None = cfg.timeout, read=read_json):
         """The work of a request, its body's arrival included, within its deadline (the body within --timeout
         always); dropped if the client goes away."""
         start = time.monotonic()
         try:
-            payload = await asyncio.wait_for(read_json(request, cfg.max_body), deadline or cfg.timeout)
+            payload = await asyncio.wait_for(read(request, cfg.max_body), deadline or cfg.timeout)
         except asyncio.TimeoutError:
             raise ApiError(
                 504, f"the request took over {cfg.timeout:g}s (--timeout): its body was still arriving"
@@ -485,6 +536,32 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
 
     embed_route("/txt/embed", server.texts)
     embed_route("/img/embed", server.images)
+
+    @app.get("/v1/model")
+    async def model():
+        return server.described
+
+    @app.post("/v1/pixels")
+    async def pixels(request: Request):
+        """A remote run's batch, decoded by the client (wire.py): its embeddings, float32 in base64."""
+
+        async def work(body: bytes):
+            from .decode import Decoded
+            from .wire import WireError, unpack
+
+            try:
+                header, images = await asyncio.to_thread(unpack, body, server.spec, cfg.max_items)
+            except WireError as e:
+                raise ApiError(422, str(e), e.index) from None
+            expect = header.get("expect") or {}
+            ours = server.described["signature"]
+            if any(ours.get(k) != v for k, v in expect.items()):
+                raise ApiError(409, f"this server runs {ours}; the client's index needs {expect}")
+            vectors = await server.vectors("image", [Decoded(None, pixels=p, grid=g) for p, g in images])
+            return {"embeddings": base64.b64encode(vectors.astype("<f4").tobytes()).decode(), "dim": dim}
+
+        # no deadline of its own: a client sends a server's batch size, and says itself when it waited too long
+        return await guarded(request, work, deadline=None, read=read_pixels)
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request):

@@ -145,3 +145,25 @@ def recorded_patches(meta: dict) -> int | None:
     recorded the checkpoint's default as a number, and a value a fixed-resolution checkpoint ignores."""
     given = (meta.get("signature") or {}).get("max_patches")
     return patches_setting(meta.get("model") or "", meta.get("commit") or meta.get("revision"), given)[0]
+
+
+# The settings of a run's signature that the model decides: a `siglip serve` reports these for its model.
+MODEL_KEYS = ("model", "weights", "dtype", "max_patches", "quantize", "int8_bound", "text_rules")
+
+
+def model_signature(
+    name: str, weights: str | None, dtype: str, max_patches: int | None, quantize: str, bound, text_rules: str | None
+) -> dict:
+    """The model's part of a run's signature (see pipeline.resolve); text_rules None where no text is encoded."""
+    sig = {
+        "model": "local folder" if os.path.isdir(name) else name,
+        "weights": weights,
+        "dtype": dtype,
+        "max_patches": max_patches,
+        "quantize": quantize,
+    }
+    if quantize == "int8":
+        sig["int8_bound"] = list(bound)
+    if text_rules is not None:
+        sig["text_rules"] = text_rules
+    return sig
