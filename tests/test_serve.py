@@ -50,8 +50,8 @@ class Served:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
 
 
-def start(ckpt, *args) -> Served:
-    port = free_port()
+def start(ckpt, *args, port: int | None = None) -> Served:
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
