@@ -1,6 +1,7 @@
 """Device handling that a CPU can reach: several devices fed from one decode pool, the out-of-memory fallback
-(by injection), dtype auto by capability, NaFlex masks decided on the host, `siglip doctor`. The CUDA paths
-themselves are checked by tests/test_gpu.py (pytest -m gpu)."""
+(by injection), NaFlex masks decided on the host, `siglip doctor`. The device lists and dtype auto by capability
+are resolved in tests/unit/test_device_choice.py; the CUDA paths themselves are checked by tests/test_gpu.py
+(pytest -m gpu)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,15 @@ import json
 import threading
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from siglip_cli.errors import RunError
-from siglip_cli.model import Encoder, resolve_devices, resolve_dtype
+from siglip_cli.model import Encoder
+
+from helpers import reference_image_embeddings, table, tight_memory
 
 TORCH = ["--backend", "torch", "--dtype", "float32"]
-
-
-def table(path) -> dict:
-    t = pq.read_table(path)
-    return {k: t.column(k).to_pylist() for k in t.column_names}
 
 
 # -- several devices --------------------------------------------------------------------------------------
@@ -83,62 +79,12 @@ def test_several_devices_tag_like_one(cli, fixed_ckpt, photos, tmp_path):
     np.testing.assert_allclose(np.array(a["scores"], np.float32), np.array(b["scores"], np.float32), atol=1e-3)
 
 
-def test_device_lists_resolve(monkeypatch):
-    assert resolve_devices("cpu,cpu") == [torch.device("cpu")] * 2
-    if not torch.cuda.is_available():
-        with pytest.raises(RunError, match="CUDA is not available"):
-            resolve_devices("cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    both = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    assert resolve_devices("cuda") == both and resolve_devices("auto") == both
-    assert resolve_devices("cuda:1") == [torch.device("cuda", 1)]
-    with pytest.raises(RunError, match="2 CUDA device"):
-        resolve_devices("cuda:2")
-    with pytest.raises(RunError, match="one kind"):
-        resolve_devices("cuda:0,cpu")
-
-
 def test_bad_device_is_a_usage_error(cli):
     result = cli("embed", "x.jpg", "--device", "gpu0")
     assert result.exit_code == 2 and "cuda:0,cuda:1" in result.stderr
 
 
-# -- dtype auto -------------------------------------------------------------------------------------------
-def test_auto_dtype_follows_the_gpus_capability(monkeypatch):
-    caps = {0: (8, 0), 1: (7, 5)}  # an A100 and a T4
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: caps[torch.device(d).index])
-    gpu = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    assert resolve_dtype("auto", gpu[:1]) == torch.bfloat16
-    assert resolve_dtype("auto", gpu[1:]) == torch.float16
-    assert resolve_dtype("auto", gpu) == torch.float16  # one dtype for all the rows of a run
-    assert resolve_dtype("float32", gpu[1:]) == torch.float32
-
-
-def test_auto_dtype_on_a_cpu(monkeypatch):
-    import siglip_cli.model as model
-
-    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(model, "cpu_bf16_native", lambda native=native: native)
-        assert resolve_dtype("auto", [torch.device("cpu")]) == want
-
-
 # -- out of memory ----------------------------------------------------------------------------------------
-def tight_memory(monkeypatch, fits: int) -> list[int]:
-    """The encoder raises CUDA's out-of-memory error for chunks of more than `fits` images."""
-    sizes, clean = [], Encoder._encode
-
-    def encode(self, args):
-        sizes.append(len(args[0]))
-        if len(args[0]) > fits:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return clean(self, args)
-
-    monkeypatch.setattr(Encoder, "_encode", encode)
-    return sizes
-
-
 def test_out_of_memory_halves_the_batch_and_goes_on(cli, ckpt, photos, tmp_path, monkeypatch):
     free, tight = tmp_path / "free.parquet", tmp_path / "tight.parquet"
     assert cli("embed", photos, "-o", free, "-m", ckpt, "--device", "cpu", "-b", "16", *TORCH, "-q").exit_code == 0
@@ -161,21 +107,11 @@ def test_one_image_that_does_not_fit_is_one_line(cli, fixed_ckpt, photos, tmp_pa
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_mps_out_of_memory_is_recognized():
-    from siglip_cli.encode import out_of_memory
-
-    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8 GB)"))
-    assert not out_of_memory(RuntimeError("shape mismatch"))
-
-
 # -- NaFlex masks -----------------------------------------------------------------------------------------
 def test_naflex_needs_no_mask_from_the_device(cli, naflex_ckpt, tmp_path, monkeypatch):
     """A batch whose images all fill their patches runs with no mask (the host knows; the device is not asked);
     any other with the documented 2-D (n, patches) mask. Either way the embeddings equal transformers' own."""
     from transformers import Siglip2VisionModel
-
-    from test_parity import reference_image_embeddings
 
     lib = tmp_path / "lib"
     lib.mkdir()

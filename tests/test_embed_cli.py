@@ -11,15 +11,8 @@ import sys
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from conftest import run_siglip
-
-
-def make_image(path, size=(40, 30), color=(200, 30, 30), mode="RGB", fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, color).save(path, format=fmt)
-    return path
+from helpers import make_image, run_siglip
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_siglip
-from test_devices import table
+from helpers import run_siglip, table
 
 pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
 

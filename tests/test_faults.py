@@ -19,10 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_odd_files import jpeg_bytes
 
 import lying_headers
-from conftest import run_siglip
+from helpers import CRASH_ALWAYS, IN_WORKERS, hook_dir, jpeg_bytes, run_siglip
 
 
 def library(folder, n: int, prefix: str = "img"):
@@ -34,38 +33,6 @@ def library(folder, n: int, prefix: str = "img"):
 
 def rows(out) -> dict:
     return {os.path.basename(r["path"]): r for r in pq.read_table(out).to_pylist()}
-
-
-def hook_dir(tmp_path, code: str):
-    """A sitecustomize.py that runs in every Python process of the run; `code` patches what it must."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(code)
-    return {"PYTHONPATH": str(hooks)}
-
-
-# Runs in the decode workers only (the main process and the resource tracker have no multiprocessing parent).
-IN_WORKERS = """
-import builtins, multiprocessing, os, signal, sys, time
-_open = builtins.open
-def open(file, *args, **kwargs):
-    if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith(".jpg"):
-        name = os.path.basename(file)
-        log = os.environ.get("SIGLIP_TEST_LOG")
-        if log:
-            with _open(log, "a") as f:
-                loaded = [m for m in ("torch", "transformers", "pyarrow") if m in sys.modules]
-                f.write(f"{os.getpid()} {name} {','.join(loaded)}\\n")
-        if "slow" in name:
-            time.sleep(0.8)
-        if "stall" in name:
-            time.sleep(600)
-        if "flaky" in name and not os.path.exists(file + ".seen"):
-            _open(file + ".seen", "w").close()
-            os.kill(os.getpid(), signal.SIGBUS)  # the machine's fault (a full /dev/shm), once
-    return _open(file, *args, **kwargs)
-builtins.open = open
-"""
 
 
 # -- 1. a file's values never crash the run ----------------------------------------------------------------
@@ -321,19 +288,6 @@ def test_tiny_dev_shm_in_a_container(fixed_ckpt, tmp_path):
     result = in_private_mount(f"mount -t tmpfs -o size=40k tmpfs /dev/shm && {cmd}")
     assert result.returncode == 0, result.stderr
     assert all(r["status"] == "ok" for r in rows(out).values()) and len(rows(out)) == 12
-
-
-CRASH_ALWAYS = (
-    IN_WORKERS
-    + """
-_open2 = builtins.open
-def open(file, *args, **kwargs):
-    if multiprocessing.parent_process() is not None and isinstance(file, str) and file.endswith("crash-always.jpg"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    return _open2(file, *args, **kwargs)
-builtins.open = open
-"""
-)
 
 
 def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
@@ -643,25 +597,7 @@ def test_nan_results_are_error_rows(cli, fixed_ckpt, tmp_path, poisoned, command
 
 
 # -- 8. defaults that fit the machine ---------------------------------------------------------------------
-def test_cgroup_quota_caps_the_cpus(tmp_path):
-    from siglip_cli.config import cgroup_cpu_limit
-
-    proc = tmp_path / "cgroup"
-    proc.write_text("0::/a/b\n")
-    (tmp_path / "fs" / "a" / "b").mkdir(parents=True)
-    (tmp_path / "fs" / "a" / "b" / "cpu.max").write_text("max 100000\n")
-    (tmp_path / "fs" / "a" / "cpu.max").write_text("150000 100000\n")
-    assert cgroup_cpu_limit(str(proc), str(tmp_path / "fs")) == 1.5
-    proc.write_text("4:cpu,cpuacct:/x\n")
-    v1 = tmp_path / "fs" / "cpu,cpuacct"
-    (v1 / "x").mkdir(parents=True)
-    (v1 / "x" / "cpu.cfs_quota_us").write_text("-1\n")
-    (v1 / "x" / "cpu.cfs_period_us").write_text("100000\n")
-    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
-    (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    assert cgroup_cpu_limit(str(proc), str(tmp_path / "fs")) == 2.0
-    proc.write_text("0::/\n")
-    assert cgroup_cpu_limit(str(proc), str(tmp_path / "nothing")) is None
+# (the cgroup CPU quota read from a fake /proc and /sys tree: tests/unit/test_machine_defaults.py)
 
 
 @pytest.mark.skipif(not shutil.which("taskset"), reason="needs taskset (util-linux)")

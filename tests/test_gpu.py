@@ -14,8 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from test_devices import table, tight_memory
-from test_parity import reference_image_embeddings
+from helpers import reference_image_embeddings, run_siglip, table, tight_memory
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -135,8 +134,6 @@ def test_bench_numbers(cli, photos):
 def test_ray_puts_one_gpu_under_each_actor_and_writes_the_local_rows(photos, fixed_ckpt, tmp_path):
     """--ray local on this machine's GPUs: each actor on a GPU, --dtype auto as a local run picks it, right rows."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
-    from conftest import run_siglip
-
     for out, more in ((tmp_path / "local.parquet", []), (tmp_path / "ray.parquet", ["--ray", "local"])):
         done = run_siglip("embed", photos, "-m", fixed_ckpt, "-o", out, *more)
         assert done.returncode == 0, done.stderr

@@ -14,26 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_siglip
-
-
-def make_library(root, n: int, size=(24, 18)):
-    """n distinct small images, in a few folders."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        path = root / f"d{i % 7}" / f"img{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return root
-
-
-def noise_photos(folder, n: int):
-    """n photos of noise, 200x300: big enough that --max-patches changes their pixels."""
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    return folder
+from helpers import make_library, noise_photos, run_siglip
 
 
 def table(out):

@@ -11,11 +11,10 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from test_incremental import make_library
 
 from siglip_cli.index import read_index
 
-from conftest import run_siglip
+from helpers import make_library, run_siglip
 
 
 def paths(out) -> list[str]:

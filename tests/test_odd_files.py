@@ -8,7 +8,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image
 from siglip_cli.decode import ImageSpec, decode
 from siglip_cli.sources import FileRecord
 
-from conftest import run_siglip
+from helpers import jpeg_bytes, run_siglip
 
 
 def png_with_size(width: int, height: int) -> bytes:
@@ -30,12 +29,6 @@ def png_with_size(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
-def jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def build_corpus(root) -> dict[str, str]:
@@ -175,88 +168,6 @@ def test_decode_values_of_odd_modes(tmp_path):
     assert pixels("animated.gif")[8, 8, 0] > 200 and pixels("animated.webp")[8, 8, 2] < 60  # the first frame: red
     c = pixels("cmyk.jpg")
     assert c[..., 0].mean() > 200 and c[..., 1].mean() < 60  # C0 M255 Y255 K0 is red
-
-
-def test_vanished_and_limits(tmp_path):
-    path = tmp_path / "a.jpg"
-    path.write_bytes(jpeg_bytes())
-    record = FileRecord(str(path), path.stat().st_size, path.stat().st_mtime_ns)
-    small = ImageSpec(height=16, width=16, max_pixels=1000)
-    assert "raise --max-pixels" in decode(record, small).error  # 40x30 = 1,200 pixels
-    path.unlink()  # listed, then gone before it was read
-    assert decode(record, SPEC).error == "file disappeared before it could be read"
-
-
-def test_each_failure_is_tried_again_only_when_its_cause_may_be_gone(tmp_path, monkeypatch):
-    """Judged without decoding: a cause that stays must not cost every nightly run the model's loading."""
-    from siglip_cli import decode as d
-
-    here, gone = tmp_path / "a.jpg", tmp_path / "gone.jpg"
-    here.write_bytes(b"bytes")
-
-    def may(error, pixels=None, max_pixels=10**8, timeout=60.0, path=here):
-        return d.may_work_now(error, str(path), pixels, max_pixels, timeout)
-
-    for lasting in (
-        "not an image, or a format Pillow cannot read",
-        "corrupt or truncated image: broken data stream",
-        "empty file (0 bytes)",
-        "the decoder crashed on this file",
-        d.OUT_OF_MEMORY,
-    ):
-        assert not may(lasting), lasting
-    assert may(d.UNREADABLE) and not may(d.UNREADABLE, path=gone)  # when it opens
-    for read in (d.READ_ERROR + "Input/output error", "corrupt or truncated image: [Errno 5] Input/output error"):
-        assert may(read) and not may(read, path=gone)  # when it reads (older versions called it corrupt)
-    over = f"image is 64x48 = 3,072 pixels, over the limit of 2,000; {d.RAISE_LIMIT}"
-    assert not may(over, 3072, 2000) and may(over, 3072, 4000)
-    assert not may(over, None, 10**12)  # a size past the column's range (a lying header): past any limit
-    stall = d.STALLED.format(3)
-    assert not may(stall, timeout=3) and may(stall, timeout=10)
-    assert not may(d.STALLED.format(12.34561), timeout=12.34561)  # the message rounds it: the same --timeout
-    assert may(d.VANISHED) and not may(d.VANISHED, path=gone)  # there again
-    monkeypatch.setattr(d, "HEIF", False)
-    assert not may(d.NEEDS_HEIF)
-    monkeypatch.setattr(d, "HEIF", True)
-    assert may(d.NEEDS_HEIF)
-    assert may("what an older version said")  # once: then it is written as this version says it
-
-    import threading
-
-    mount = threading.Event()
-
-    def hangs(*a, **k):
-        mount.wait(30)
-        raise OSError("the mount came back")  # (let the probe's thread end quietly, after the test)
-
-    monkeypatch.setattr("siglip_cli.decode.open", hangs, raising=False)  # a read that hangs (a network mount)
-    started = time.monotonic()
-    try:
-        assert not may(d.UNREADABLE, timeout=0.3) and time.monotonic() - started < 5  # is not one the run waits for
-    finally:
-        mount.set()
-
-
-def test_a_read_error_is_not_a_corrupt_image(tmp_path, monkeypatch):
-    """EIO from a failing disk or a stale NFS handle is the read's fault, not the bytes': tried again next run."""
-    import errno
-
-    from siglip_cli.decode import may_work_now
-
-    path = tmp_path / "a.jpg"
-    path.write_bytes(jpeg_bytes()[:200])
-    record = FileRecord(str(path), path.stat().st_size, path.stat().st_mtime_ns)
-    cut = decode(record, SPEC).error
-    assert cut.startswith("corrupt or truncated image") and not may_work_now(cut, str(path), None, 10**8, 60)
-
-    def failing(*a, **k):
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr("siglip_cli.decode.open", failing, raising=False)
-    eio = decode(record, SPEC).error
-    assert eio == "cannot read the file: Input/output error" and not may_work_now(eio, str(path), None, 10**8, 60)
-    monkeypatch.undo()  # the disk reads again: the next run tries it
-    assert may_work_now(eio, str(path), None, 10**8, 60)
 
 
 FAULTS = """

@@ -8,7 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
+
+from helpers import reference_image_embeddings
 
 pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
 
@@ -27,21 +29,6 @@ CANONICAL = [
     "",
     "a photo of my dog",
 ]
-
-
-def reference_image_embeddings(ckpt, paths) -> np.ndarray:
-    from transformers import AutoModel, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(ckpt)
-    model = AutoModel.from_pretrained(ckpt).eval()
-    out = []
-    for i in range(0, len(paths), 32):
-        # RGB first: the NaFlex processor does not convert grayscale photos itself and fails on them.
-        images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in paths[i : i + 32]]
-        with torch.no_grad():
-            feats = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
-        out.append(torch.nn.functional.normalize(feats, dim=-1).numpy())
-    return np.concatenate(out)
 
 
 def reference_text_embeddings(ckpt, texts) -> np.ndarray:

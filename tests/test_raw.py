@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_siglip
+from helpers import run_siglip
 
 pytestmark = pytest.mark.deps
 pytest.importorskip("rawpy", reason="the raw extra (pip install 'siglip-cli[raw]')")

@@ -19,7 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_siglip
+from helpers import CRASH_ALWAYS, hook_dir, run_siglip
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
@@ -169,7 +169,6 @@ def test_a_decode_task_makes_error_rows_of_files_that_crash_or_stall_the_decoder
     """The class of fault a local run isolates in its worker processes: on Ray too, one row each, never a task
     that Ray retries for ever."""
     import pyarrow as pa
-    from test_faults import CRASH_ALWAYS, hook_dir  # CRASH_ALWAYS holds the stall hook too
 
     from siglip_cli.cluster import _KEPT, _tables, decode_block
     from siglip_cli.decode import ImageSpec

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from test_serve import free_port, httpx, start, stop
+from helpers import free_port, httpx, start, stop
 
 pytest.importorskip("fastapi", reason="the serve extra")
 

@@ -14,10 +14,8 @@ import pytest
 from PIL import Image
 
 from siglip_cli.index import read_index
-from siglip_cli.quantized import column_scales, quantize
-from siglip_cli.vectors import top_k
 
-from test_devices import table
+from helpers import table
 
 TORCH = ["--device", "cpu", "--dtype", "float32", "--backend", "torch", "-q"]
 
@@ -73,67 +71,6 @@ def test_image_query_is_exact_and_ranks_itself_first(cli, indexes, library, kind
     assert [g["path"] for g in got] == [paths[i] for i in want]  # recall 1.0, same order
     np.testing.assert_allclose([g["score"] for g in got], brute[want], atol=1e-5)
     assert got[0]["path"] == str(query) and got[0]["score"] == pytest.approx(1, abs=1e-3)
-
-
-def vectors(kind: str, n: int, d: int, rng) -> np.ndarray:
-    """Unit rows: isotropic, near-ties (200 tight clusters; "alike": 5), or with one large dimension (as real
-    embeddings have)."""
-    if kind == "random":
-        m = rng.standard_normal((n, d))
-    elif kind in ("ties", "alike"):
-        k = 200 if kind == "ties" else 5
-        m = rng.standard_normal((k, d))[rng.integers(0, k, n)] + 1e-3 * rng.standard_normal((n, d))
-    else:
-        m = rng.standard_normal((n, d))
-        m[:, 3] += 40
-    return (m / np.linalg.norm(m, axis=1, keepdims=True)).astype(np.float32)
-
-
-@pytest.mark.parametrize("kind", ["random", "ties", "outlier"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_blocked_top_k_equals_brute_force(kind, dtype, two_pass, tmp_path):
-    rng = np.random.default_rng(1)
-    m = vectors(kind, 50_000, 64, rng).astype(dtype)
-    np.save(tmp_path / "m.npy", m)
-    m = np.load(tmp_path / "m.npy", mmap_mode="r")  # read as a sidecar is: pread into blocks
-    q = m[7].astype(np.float32) + (0.0 if kind == "ties" else rng.standard_normal(64).astype(np.float32))
-    q /= np.linalg.norm(q)
-    keep = rng.random(50_000) < 0.5
-    fast = quantize(m, column_scales(m)) if two_pass else None  # the sidecar's int8 copy
-    idx, cos = top_k(m, q, 25, keep, fast=fast)
-    brute = np.where(keep, m.astype(np.float32) @ q, -np.inf)
-    want = np.argsort(-brute, kind="stable")[:25]
-    np.testing.assert_allclose(cos, brute[want], rtol=1e-5, atol=1e-6)
-    if kind != "ties":  # near-ties may swap places within float32 rounding; scores above say they are the same
-        assert list(idx) == list(want)  # recall 1.0, in order
-
-
-def test_quantized_error_bounds_hold():
-    """Each row's stored bound is at least its true error (float64), whatever the rows: isotropic, tied, with a
-    large dimension, all zeros, tiny, huge; rows that are not finite get an infinite bound and are never results.
-    Column scales keep a large dimension from widening every bound (it would send most rows to the recheck)."""
-    rng = np.random.default_rng(2)
-    medians = {}
-    for kind in ("random", "ties", "outlier"):
-        m = vectors(kind, 2_000, 1152, rng)
-        m[:4] = [np.zeros(1152), m[4] * 1e-39, m[5] * 1e-20, m[6] * 1e30]
-        f = quantize(m, column_scales(m))
-        true = np.linalg.norm(
-            m.astype(np.float64) - (f.scale[:, None] * f.values * f.columns).astype(np.float64), axis=1
-        )
-        assert (true <= f.error).all() and f.values.dtype == np.int8 and np.abs(f.values).max() == 127
-        medians[kind] = np.median(f.error[4:])
-    assert medians["outlier"] < 2 * medians["random"]
-    m = vectors("random", 100, 64, rng)
-    m[[3, 7]] = np.nan
-    m[9, 5] = np.inf
-    f = quantize(m, column_scales(m))
-    assert np.isinf(f.error[[3, 7, 9]]).all() and np.isfinite(f.error[:3]).all()
-    q = m[0] / np.linalg.norm(m[0])
-    idx, cos = top_k(m, q, 10, fast=f)
-    brute = np.where(np.isfinite(m).all(axis=1), np.nan_to_num(m @ q, nan=-np.inf), -np.inf)
-    assert list(idx) == list(np.argsort(-brute, kind="stable")[:10])
 
 
 def test_text_query_scores_equal_tag(cli, indexes, library, fixed_ckpt, tmp_path):
@@ -309,99 +246,6 @@ def test_text_search_reads_a_cached_text_tower_without_torch(cli, indexes, libra
             assert g["score"] == pytest.approx(want[g["path"]], abs=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_sidecar_keeps_exactly_the_ok_rows(tmp_path, dtype):
-    """Error rows (no vector) between ok ones, across row groups: the sidecar holds the ok rows' vectors, paths
-    and sizes in order, whether a group's kept rows are one span (a view) or scattered (a copy)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from siglip_cli.index.files import METADATA_KEY
-    from siglip_cli.vectors import load
-
-    n, d = 40, 8
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((n, d)).astype(dtype)
-    ok = np.ones(n, bool)
-    ok[[3, 4, 11, 25, 39]] = False  # groups of 10: 0-9 and 10-19 scattered, 20-29 too, 30-39 a span
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.ravel()), d)
-    emb = pa.array([v if k else None for v, k in zip(emb.to_pylist(), ok)], emb.type)
-    meta = {"tool": "siglip", "model": "m", "dim": d, "task": "embed"}
-    table = pa.table(
-        {
-            "path": [f"/p/{i:02d}.jpg" for i in range(n)],
-            "status": ["ok" if k else "error" for k in ok],
-            "width": pa.array(range(n), pa.int32()),
-            "height": pa.array([5] * n, pa.int32()),
-            "size": pa.array(range(100, 100 + n), pa.int64()),
-            "embedding": emb,
-        }
-    )
-    index = tmp_path / "i.parquet"
-    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), index, row_group_size=10)
-    v = load(str(index))
-    np.testing.assert_array_equal(np.asarray(v.matrix), vecs[ok])
-    assert v.rows.paths() == [f"/p/{i:02d}.jpg" for i in np.flatnonzero(ok)] and v.meta == meta
-    assert [v.rows.record(j)["size"] for j in range(len(v.rows))] == (100 + np.flatnonzero(ok)).tolist()
-    kept = load(str(index), resident=True)  # as `serve --index` opens it: its int8 copy mapped and scanned in place
-    assert type(kept.fast.values) is np.ndarray and np.array_equal(kept.fast.values, v.fast.values)
-    q = (vecs[7] / np.linalg.norm(vecs[7])).astype(np.float32)
-    for a, b in zip(top_k(kept.matrix, q, 5, fast=kept.fast), top_k(v.matrix, q, 5, fast=v.fast)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_sidecar_rows_find_exact_paths(tmp_path):
-    """Paths are found whole: not as a prefix, a suffix or a piece spanning two neighbours; in any script."""
-    import pyarrow as pa
-
-    from siglip_cli.sidecar import _write_rows
-    from siglip_cli.vectors import _open
-
-    paths = [
-        "/a/b.jpg",
-        "/a/b.jpg.jpg",
-        "/x/a/b.jpg",
-        "/p/caf\u00e9 \u5199\u771f.jpg",
-        "/a/b",
-        ".jpg/a/b.jpg",
-        "/q",
-        os.fsdecode(b"/p/caf\xe9.jpg"),
-        os.fsdecode(b"/p/caf\xe8.jpg"),
-    ]  # two names that are not UTF-8
-    exact = [None] * 7 + [b"/p/caf\xe9.jpg", b"/p/caf\xe8.jpg"]
-    light = pa.table(
-        {
-            "path": [p.encode(errors="surrogateescape").decode(errors="replace") for p in paths],
-            "width": pa.array([1, None, 3, 4, 5, 6, 7, 8, 9], pa.int32()),
-            "height": pa.array([2] * 9, pa.int32()),
-            "size": pa.array([10] * 9, pa.int64()),
-            "path_bytes": pa.array(exact, pa.binary()),
-        }
-    )
-    for folder, rows in ((tmp_path / "all", light), (tmp_path / "none", light.slice(0, 0))):
-        folder.mkdir()
-        _write_rows(rows, str(folder))
-        np.save(folder / "vectors.npy", np.zeros((rows.num_rows, 2), np.float32))
-        np.save(folder / "fast.npy", np.zeros((rows.num_rows, 2), np.int8))
-        np.save(folder / "bounds.npy", np.zeros((rows.num_rows, 2), np.float32))
-        np.save(folder / "columns.npy", np.ones(2, np.float32))
-        (folder / "meta.json").write_text("{}")
-    rows = _open(str(tmp_path / "all")).rows
-    assert rows.paths() == light.column("path").to_pylist() and [rows.find(p) for p in paths] == list(range(len(paths)))
-    assert rows.record(8) == {
-        "path": "/p/caf\ufffd.jpg",
-        "width": 9,
-        "height": 2,
-        "size": 10,
-        "path_bytes": b"/p/caf\xe8.jpg",
-    }
-    for absent in ("/a", "b.jpg", "/a/b.jpg.", "/a/b.jpg/a", "jpg/a", "/p/caf\u00e9", "", "/\udce9.jpg"):
-        assert rows.find(absent) == -1, absent
-    assert rows.record(1) == {"path": "/a/b.jpg.jpg", "width": None, "height": 2, "size": 10, "path_bytes": None}
-    empty = _open(str(tmp_path / "none")).rows
-    assert len(empty) == 0 and empty.paths() == [] and empty.find("/a/b.jpg") == -1
-
-
 def narrow_checkpoint(fixed_ckpt, folder):
     """fixed_ckpt's layout with 16-dimensional embeddings: another model than the index's."""
     import torch
@@ -489,44 +333,6 @@ def test_a_sidecar_file_cut_short_is_rebuilt(cli, indexes, library, tmp_path):
         assert again.exit_code == 0 and again.stdout == first.stdout, f.name
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "alike", "outlier"])
-def test_pairs_equal_brute_force(kind):
-    """dedup's pairs, with its low-dimensional first pass (rows of 512) and its full-block fallback (the few
-    tight clusters of "alike"), equal a float32 brute force at both presets, planted near-copies included."""
-    from siglip_cli.search import NEAR_IDENTICAL, SIMILAR, pairs
-
-    rng = np.random.default_rng(3)
-    m = vectors(kind, 3000, 512, rng)
-    m[::50] = m[1::50] + 0.004 * rng.standard_normal((60, 512)).astype(np.float32)  # near-copies
-    m[2::50] = m[3::50] + 0.012 * rng.standard_normal((60, 512)).astype(np.float32)  # similar shots
-    m /= np.linalg.norm(m, axis=1, keepdims=True)
-    sims = m @ m.T
-    for threshold in (NEAR_IDENTICAL, SIMILAR):
-        i, j, s = pairs(m, threshold, block=1024)
-        got = set(zip(i.tolist(), j.tolist()))
-        a, b = np.nonzero(np.triu(sims >= threshold, k=1))
-        sure = {(x, y) for x, y in zip(a.tolist(), b.tolist()) if sims[x, y] >= threshold + 1e-5}
-        assert sure <= got and len(got) >= 60
-        assert all(sims[x, y] >= threshold - 1e-5 for x, y in got)  # nothing below, beyond rounding
-        np.testing.assert_allclose(s, sims[i, j], atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_identical_copies_reach_threshold_1(dtype):
-    """--threshold 1 finds identical vectors, stored as float16 (unit length only to |x|^2 0.99992-1.00008, so
-    a copy scored 0.99992 and was missed) or float32 (0.99999994), and nothing else; scores are cosines."""
-    from siglip_cli.search import pairs
-
-    rng = np.random.default_rng(5)
-    m = rng.standard_normal((3000, 1152)).astype(np.float32)
-    m /= np.linalg.norm(m, axis=1, keepdims=True)
-    m[1::100] = m[::100]
-    m = m.astype(dtype)
-    i, j, s = pairs(m, 1.0, block=1024)
-    assert set(zip(i.tolist(), j.tolist())) == {(k, k + 1) for k in range(0, 3000, 100)}
-    assert np.abs(s - 1).max() < 1e-6
-
-
 def test_dedup_finds_the_planted_copies_and_nothing_else(cli, indexes, tmp_path):
     for kind in ("float32", "float16"):
         r = cli("dedup", indexes[kind], "--json")
@@ -592,66 +398,6 @@ def test_html_renders_in_a_browser(cli, indexes, library, tmp_path):
     )
     title = out.stdout.split("<title>")[1].split("</title>")[0]
     assert title.split(",") == ["true"] * 6
-
-
-@pytest.mark.parametrize("odd_names", [False, True])
-def test_sidecar_keeps_each_paths_newest_ok_row(tmp_path, odd_names):
-    """Across the files of an index, oldest first, each path's newest row counts (an error row hides the older
-    ok one); names that are not UTF-8 are told apart by their exact bytes (path_bytes), not their display."""
-    import pyarrow as pa
-
-    from siglip_cli.sidecar import _current
-
-    rng = np.random.default_rng(0)
-    files, seen = [], []
-    for f in range(3):
-        n = 500
-        paths = [f"/p/{i}.jpg" for i in rng.integers(0, 300, n)]
-        raw = [None] * n
-        if odd_names:  # three names that show the same (U+FFFD for the bad byte) with different bytes
-            raw = [
-                bytes([0x2F, 0xFF - (i % 3)]) if p.endswith(("7.jpg", "3.jpg")) else None for i, p in enumerate(paths)
-            ]
-            paths = ["/\ufffd" if b else p for p, b in zip(paths, raw)]
-        status = ["ok" if s else "error" for s in rng.random(n) > 0.1]
-        columns = {"path": paths, "width": list(range(n)), "height": [1] * n, "size": [f] * n, "status": status}
-        if odd_names:
-            columns["path_bytes"] = pa.array(raw, pa.binary())
-        pq.write_table(pa.table(columns), tmp_path / f"part-{f}.parquet", row_group_size=128)
-        files.append(str(tmp_path / f"part-{f}.parquet"))
-        seen += list(zip(paths, raw, status))
-    newest = {}
-    for i, (path, raw, status) in enumerate(seen):
-        newest[(path, raw)] = (i, status)
-    want = sorted(i for i, status in newest.values() if status == "ok")
-    rows, light = _current(files)
-    assert rows.tolist() == want
-    assert light.column("path").to_pylist() == [seen[i][0] for i in want]
-    if odd_names:
-        assert light.column("path").to_pylist().count("/\ufffd") == 3
-
-
-def test_sidecar_tells_apart_many_names_that_show_the_same(tmp_path):
-    """More names that show the same than there are distinct paths: each keeps its row."""
-    import pyarrow as pa
-
-    from siglip_cli.sidecar import _current
-
-    raw = [b"/caf\xe8.jpg", b"/caf\xe9.jpg", b"/caf\xea.jpg", None]
-    pq.write_table(
-        pa.table(
-            {
-                "path": ["/caf\ufffd.jpg"] * 3 + ["/dog.jpg"],
-                "width": [1] * 4,
-                "height": [1] * 4,
-                "size": [1] * 4,
-                "status": ["ok"] * 4,
-                "path_bytes": pa.array(raw, pa.binary()),
-            }
-        ),
-        tmp_path / "part.parquet",
-    )
-    assert _current([str(tmp_path / "part.parquet")])[0].tolist() == [0, 1, 2, 3]
 
 
 def test_results_carry_exact_names_that_are_not_utf8(cli, library, fixed_ckpt, tmp_path):

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import random
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 
@@ -21,80 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_siglip
-from test_devices import table
+from helpers import b64, free_port, jpeg, noise_photos, run_siglip, start, stop, table
 
 httpx = pytest.importorskip("httpx", reason="the test extra's httpx")
 pytest.importorskip("fastapi", reason="the serve extra")
 pytest.importorskip("uvicorn", reason="the serve extra")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    def __init__(self, proc: subprocess.Popen, port: int):
-        self.proc, self.url = proc, f"http://127.0.0.1:{port}"
-
-    def post(self, path: str, body, **kw):
-        return httpx.post(self.url + path, json=body, timeout=60, **kw)
-
-    def get(self, path: str, **kw):
-        return httpx.get(self.url + path, timeout=10, **kw)
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024
-
-
-def start(ckpt, *args, port: int | None = None) -> Served:
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "siglip_cli",
-            "serve",
-            "-m",
-            str(ckpt),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "-j",
-            "1",
-            *map(str, args),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    served = Served(proc, port)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"serve exited {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if served.get("/ready").status_code == 200:
-                return served
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("serve was not ready in 120 s")
-
-
-def stop(served: Served) -> None:
-    served.proc.terminate()
-    try:
-        served.proc.wait(10)
-    except subprocess.TimeoutExpired:
-        served.proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +38,6 @@ def VOCAB_FILE(ckpt) -> str:
     return str(path)
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def photo_files(photos, n: int):
     return sorted(photos.glob("*.JPEG"))[:n]
 
@@ -126,12 +50,6 @@ def png_header_bomb(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def jpeg(size=(64, 48), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 # -- parity -----------------------------------------------------------------------------------------------
@@ -622,8 +540,6 @@ def test_image_queries_are_embedded_with_the_index_s_max_patches(cli, naflex_ckp
     `serve --index` takes the index's --max-patches (another one is refused at start), and `search --server`
     refuses a server that embeds images with another one (an exact copy of an indexed photo scored below 1)."""
     import json
-
-    from test_incremental import noise_photos
 
     lib = noise_photos(tmp_path / "lib", 3)
     idx = tmp_path / "idx.parquet"

@@ -10,11 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siglip_cli.errors import UsageError
-from siglip_cli.vocab import parse_vocab
-
-from conftest import open_clip_tokenizer
-from test_embed_cli import make_image
+from helpers import make_image, open_clip_tokenizer
 
 pytestmark = pytest.mark.deps  # also run on the lowest declared versions (.ci/lowest.txt)
 
@@ -254,17 +250,6 @@ def test_cache_hit_and_misses(cli, fixed_ckpt, tmp_path, cache, monkeypatch):
     assert cli(*args, "--template", "a {}").exit_code == 0 and len(calls) == 2  # changed template: miss
     assert len(list((cache / "text").iterdir())) == 3
     assert cli(*args, "--no-cache").exit_code == 0 and len(calls) == 3  # --no-cache: always computed
-
-
-def test_vocab_parsing(capsys):
-    v = parse_vocab(
-        ["# a comment", "", "  dog  ", "Cat\t0.25", "dog", "DOG", "   # indented comment", "bird\t 1 "], "v"
-    )
-    assert v.tags == ("dog", "Cat", "bird") and v.thresholds == (None, 0.25, 1.0)
-    assert "dropped 2 duplicate(s)" in capsys.readouterr().err
-    for bad in (["cat\tmany"], ["cat\t1.5"], ["cat\t-0.1"], ["\t0.5"], ["# only comments", ""]):
-        with pytest.raises(UsageError):
-            parse_vocab(bad, "v")
 
 
 def test_ram_vocabulary_parses_as_it_is(ram_tags):

@@ -12,7 +12,7 @@ import pytest
 from siglip_cli.config import ModelConfig
 from siglip_cli.text import clean
 
-from conftest import open_clip_tokenizer
+from helpers import open_clip_tokenizer
 
 pytestmark = pytest.mark.deps
 

@@ -13,8 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import run_siglip
-from test_serve import b64, httpx, jpeg, start, stop
+from helpers import b64, httpx, jpeg, run_siglip, start, stop
+
+# a server, as tests/test_serve.py starts it: the test extra's httpx and the serve extra
+pytest.importorskip("httpx", reason="the test extra's httpx")
+pytest.importorskip("fastapi", reason="the serve extra")
+pytest.importorskip("uvicorn", reason="the serve extra")
 
 LONG = "hello world " * 700_000  # 8.4 MB of text
 

@@ -1,4 +1,4 @@
-"""The pure math, on hand-made arrays."""
+"""The pure math of scores (siglip_cli/heads.py), on hand-made arrays."""
 
 import math
 
@@ -46,3 +46,27 @@ def test_select_thresholds_topk_and_order():
     assert [len(i) for i, _ in select(scores, np.ones(4, np.float32), top_k=10)] == [0, 0]
     (i0, _), _ = select(scores, np.zeros(4, np.float32), top_k=4)
     assert i0.tolist() == [1, 2, 3, 0]
+
+
+def test_normalize_gives_unit_float32_rows_whatever_the_input_dtype():
+    x = torch.tensor([[3.0, 4.0], [0.0, -2.0]], dtype=torch.bfloat16)
+    got = normalize(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+
+
+def test_a_cosine_at_the_bias_crossing_is_even_odds_and_scores_rise_with_the_cosine():
+    """sigmoid(scale * cos + bias): 0.5 where scale * cos = -bias, and higher for every higher cosine."""
+    scale, bias = 112.0, -16.5
+    assert probability(np.float64(-bias / scale), scale, bias) == pytest.approx(0.5)
+    cos = np.linspace(-1, 1, 201)
+    scores = probability(cos, scale, bias)
+    assert (np.diff(scores) >= 0).all() and scores[0] < 1e-6 and scores[-1] > 1 - 1e-6
+
+
+def test_select_with_no_threshold_reached_keeps_nothing_and_ties_keep_their_order():
+    scores = np.array([[0.4, 0.4, 0.4]], np.float32)
+    ((i, v),) = select(scores, np.full(3, 0.5, np.float32))
+    assert i.tolist() == [] and v.tolist() == []
+    ((i, _),) = select(scores, np.zeros(3, np.float32))
+    assert i.tolist() == [0, 1, 2]  # equal scores: in the vocabulary's order, run after run
