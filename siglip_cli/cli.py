@@ -344,6 +344,7 @@ Server = Annotated[
             "server's. \\[env: SIGLIP_SERVER]"
         ),
         show_default=False,
+        show_envvar=False,
     ),
 ]
 Insecure = Annotated[
@@ -1186,6 +1187,7 @@ def search(
             show_envvar=False,
         ),
     ] = None,
+    insecure: Insecure = False,
     output: ResultsOut = None,
     json_out: AsJson = False,
     html: Html = None,
@@ -1200,7 +1202,7 @@ def search(
         from .remote import Remote, early
 
         if server and query and not (image or minus_image or model):  # a server holding this index searches it
-            found = Remote(server, text_rules).search(
+            found = Remote(server, text_rules, insecure).search(
                 index,
                 {
                     "query": query,
@@ -1213,7 +1215,7 @@ def search(
             )
             if found is not None:
                 return found
-        remote = early(server, tuple(query or ()), tuple(minus or ()), text_rules=text_rules)  # embedded meanwhile
+        remote = early(server, tuple(query or ()), tuple(minus or ()), text_rules=text_rules, insecure=insecure)
         from . import search as s
         from .vectors import load
 

@@ -214,11 +214,13 @@ def error_message(body: bytes) -> str:
     return (text[:200] or "(no message)") + " (is this a siglip serve?)"
 
 
-def early(url: str | None, *texts: tuple[str, ...], text_rules: str = "canonical") -> Remote | None:
-    """A Remote for url with these texts already sent, or None without a url."""
+def early(
+    url: str | None, *texts: tuple[str, ...], text_rules: str = "canonical", insecure: bool = False
+) -> Remote | None:
+    """A Remote for url with these texts already sent (embedded meanwhile), or None without a url."""
     if not url:
         return None
-    remote = Remote(url, text_rules)
+    remote = Remote(url, text_rules, insecure)
     for t in texts:
         remote.ask(t)
     return remote
