@@ -31,6 +31,7 @@ from .config import (
     SourceConfig,
     default_model,
     default_workers,
+    usable_cpus,
 )
 from .errors import RunError, SiglipError, UsageError
 
@@ -386,12 +387,18 @@ SERVER_OWNS = {
 
 
 def _remote(opts: dict) -> None:
-    """With --server: the model's options are the server's (refused here), and --model must name its model."""
+    """With --server: the model's options are the server's (refused here); --model, given on the command line,
+    must name its model (else "", the server's); the decode workers take every CPU (the model is elsewhere)."""
     if not opts.get("server"):
         return
     if given := [k for k, v in SERVER_OWNS.items() if k in opts and opts[k] != v]:
         flag = "--" + given[0].replace("_", "-")
         raise typer.BadParameter(f"{flag} is the server's setting with --server: start `siglip serve` with it")
+    ctx = opts["ctx"]  # (typer may carry a click of its own: the source is compared by name)
+    if getattr(ctx.get_parameter_source("model"), "name", None) != "COMMANDLINE":
+        opts["model"] = ""
+    if getattr(ctx.get_parameter_source("workers"), "name", None) == "DEFAULT":
+        opts["workers"] = max(1, min(16, usable_cpus()))
 
 
 def _text_rules(value: str) -> str:
@@ -607,6 +614,7 @@ def _usage(fn):
 
 @app.command(epilog=EXIT_CODES)
 def embed(
+    ctx: typer.Context,
     paths: Paths = None,
     output: Output = None,
     files_from: FilesFrom = None,
@@ -676,9 +684,10 @@ def embed(
                 "nothing to embed: give image files or folders, --files-from, --text or --texts-file"
             )
         return _run_images(EmbedSpec(float16), locals())
-    _remote(locals())
+    opts = locals()
+    _remote(opts)
     cfg = RunConfig(
-        model=ModelConfig(model, revision, device, dtype, max_patches, backend=backend, text_rules=text_rules),
+        model=ModelConfig(opts["model"], revision, device, dtype, max_patches, backend=backend, text_rules=text_rules),
         sources=SourceConfig(),
         output=OutputConfig(_output(output), float16, overwrite, wait),
         batch_size=batch_size,
@@ -708,6 +717,7 @@ NoCache = Annotated[
 
 @app.command(epilog=EXIT_CODES)
 def tag(
+    ctx: typer.Context,
     paths: Paths = None,
     vocab: Annotated[
         str,
@@ -793,6 +803,7 @@ def tag(
 
 @app.command(epilog=EXIT_CODES)
 def classify(
+    ctx: typer.Context,
     paths: Paths = None,
     labels: Annotated[
         Optional[str],

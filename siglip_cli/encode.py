@@ -61,6 +61,8 @@ def metadata(encoder: Encoder, extra: dict) -> dict:
 def finite(batch: Batch, arrays: dict) -> tuple[dict, list[int]]:
     """The arrays and indices of the batch's images whose results are all finite numbers; every other image
     becomes an error row (float16 overflows to inf and NaN: a wrong row must never pass for a right one)."""
+    if not batch.ok:  # (every item refused by a --server)
+        return arrays, []
     good = np.ones(len(batch.ok), bool)
     for values in arrays.values():
         good &= np.isfinite(values.reshape(len(good), -1)).all(axis=1)

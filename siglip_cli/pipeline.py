@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .config import RunConfig, default_model
+from .config import RunConfig
 from .decode import may_work_now
 from .encode import finite, launch, made_with, metadata
 from .errors import RunError
@@ -98,6 +98,8 @@ def _normalized(theirs, cfg: RunConfig, sig: dict):
     one made before text rules were recorded cleaned texts by lowercasing them."""
     if isinstance(theirs, dict) and "text_rules" in sig and "text_rules" not in theirs:
         theirs = {**theirs, "text_rules": "lower"}
+    if cfg.server:  # the model is not here to read its default patches from
+        return theirs
     if not isinstance(theirs, dict) or theirs.get("max_patches") is None or theirs.get("weights") != sig["weights"]:
         return theirs
     patches = patches_setting(cfg.model.name, cfg.model.commit or cfg.model.revision, theirs["max_patches"])[0]
@@ -175,7 +177,11 @@ def _recorded(path: str) -> dict | None:
         sig = read_metadata(path).get("signature")
     except (OSError, IndexError, KeyError, ValueError, TypeError, pa.ArrowException):
         return None
-    return {k: v for k, v in sig.items() if k in MODEL_KEYS} if isinstance(sig, dict) else None
+    if not isinstance(sig, dict):
+        return None
+    if sig.get("task") != "EmbedSpec":  # an index made before text rules were recorded lowercased its texts
+        sig = {"text_rules": "lower", **sig}
+    return {k: v for k, v in sig.items() if k in MODEL_KEYS}
 
 
 def _encoders(cfg: RunConfig, store: Store | None, remote) -> list:
@@ -184,7 +190,7 @@ def _encoders(cfg: RunConfig, store: Store | None, remote) -> list:
         return Encoder.load_all(cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size)
     described = remote.describe()
     name = cfg.model.name
-    if name != default_model() and name != described["model"]:  # --model given: it must be the server's
+    if name and name != described["model"]:  # --model given: it must be the server's
         if not (os.path.isdir(name) and local_fingerprint(name) == described["weights"]):
             raise RunError(
                 f"--model {name}: --server {remote.url} runs {described['model']} (leave --model out to use "
@@ -284,7 +290,7 @@ def process(cfg: RunConfig, store: Store | None, records, progress: Progress, en
         from .encoders import openvino
 
         records = openvino.prepare(encoders, records, spec)
-    extra = {"server": encoder.url} if encoder.backend == "remote" else {}
+    extra = {"server": encoder.url} if encoder.backend == "remote" else {}  # (no query, no credentials)
     meta = metadata(encoder, {**task.metadata(), **extra, "signature": store.signature if store else None})
     schema = make_schema(IMAGE_FIELDS + task.fields(), meta)
     sink = JsonLinesSink() if store is None else PartSink(store, schema)

@@ -44,16 +44,51 @@ def index_model(meta: dict, dim: int) -> tuple:
     return meta.get("model"), dim, meta.get("commit"), (meta.get("signature") or {}).get("weights")
 
 
+def parse_url(url: str):
+    """A --server URL's parts (urllib's SplitResult); a RunError in one line for anything else."""
+    import urllib.parse
+
+    if not url.startswith(("http://", "https://")):
+        raise RunError(f"--server {url}: give the service's URL, like http://192.168.1.20:8002")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError as e:
+        raise RunError(f"--server {url}: not a URL ({e})") from None
+    if not parts.hostname:
+        raise RunError(f"--server {url}: no host in it")
+    if parts.username or parts.password:
+        raise RunError("--server: put the token in SIGLIP_API_KEY, not in the URL")
+    return parts
+
+
+def bearer() -> str | None:
+    """The Authorization header's value for $SIGLIP_API_KEY (its UTF-8 bytes, as the server compares them), or
+    None without one. A key that a header cannot carry is one line that does not show it."""
+    key = os.environ.get("SIGLIP_API_KEY", "").strip()
+    if not key:
+        return None
+    if any(c in key for c in "\r\n\0"):
+        raise RunError("SIGLIP_API_KEY holds a line break or a NUL: an HTTP header cannot carry it")
+    return "Bearer " + key.encode("utf-8").decode("latin-1")
+
+
+def shown(url: str) -> str:
+    """A URL as an output records it: scheme, host, port and path, never a query or credentials."""
+    parts = parse_url(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path.rstrip('/')}"
+
+
 def check_transport(url: str, insecure: bool = False) -> None:
     """Refuse plain http:// to a host that is not on this machine or a private network (the token and the
     photos' pixels would cross the internet in the clear), unless `insecure`."""
     import ipaddress
     import socket
-    import urllib.parse
 
-    parts = urllib.parse.urlsplit(url)
+    parts = parse_url(url)
     if parts.scheme != "http" or insecure:
         return
+    shared = ipaddress.ip_network("100.64.0.0/10")
     host = (parts.hostname or "").strip("[]")
     if host == "localhost" or host.endswith((".local", ".lan", ".internal", ".home.arpa")):
         return
@@ -63,7 +98,7 @@ def check_transport(url: str, insecure: bool = False) -> None:
         return  # cannot be resolved: connecting says so
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
-        if not (ip.is_loopback or ip.is_private or ip.is_link_local):
+        if not (ip.is_loopback or ip.is_private or ip.is_link_local or ip in shared):  # shared: Tailscale, CGNAT
             raise RunError(
                 f"--server {url}: plain http to {host}, which is not on this machine or a private network; "
                 "use https:// (see docs/serve.md on TLS), or --insecure to send it in the clear anyway"
@@ -77,8 +112,6 @@ class Remote:
     (`ask`) before the index's vectors are opened, so that the server embeds them meanwhile."""
 
     def __init__(self, url: str, text_rules: str = "canonical", insecure: bool = False):
-        if not url.startswith(("http://", "https://")):
-            raise RunError(f"--server {url}: give the service's URL, like http://127.0.0.1:8002")
         check_transport(url, insecure)
         self.url, self.asked, self.text_rules = url.rstrip("/"), {}, text_rules
         self.model = (None, None, None, None)  # what the index needs (expect): see same_model
@@ -99,8 +132,8 @@ class Remote:
             req = urllib.request.Request(
                 self.url + route, json.dumps(body).encode(), {"Content-Type": "application/json"}
             )
-            if key := os.environ.get("SIGLIP_API_KEY"):  # never sent on to where a redirect points
-                req.add_unredirected_header("Authorization", f"Bearer {key}")
+            if key := bearer():  # never sent on to where a redirect points
+                req.add_unredirected_header("Authorization", key)
             # /search may first rebuild the index's sidecar (a minute for 10M rows): it is given longer
             wait = SEARCH_S if route == "/search" else ANSWER_S
             with urllib.request.urlopen(req, timeout=wait) as r:

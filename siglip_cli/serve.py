@@ -554,6 +554,8 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
             except WireError as e:
                 raise ApiError(422, str(e), e.index) from None
             expect = header.get("expect") or {}
+            if not isinstance(expect, dict):
+                raise ApiError(422, '"expect" must be an object of signature settings')
             ours = server.described["signature"]
             if any(ours.get(k) != v for k, v in expect.items()):
                 raise ApiError(409, f"this server runs {ours}; the client's index needs {expect}")

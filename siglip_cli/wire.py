@@ -91,7 +91,7 @@ def unpack(body: bytes, spec: ImageSpec, max_items: int) -> tuple[dict, list[tup
     end = body.find(b"\n")
     try:
         header = json.loads(body[:end]) if end > 0 else None
-    except ValueError:
+    except (ValueError, RecursionError):
         header = None
     if not isinstance(header, dict) or not isinstance(header.get("sizes"), list):
         raise WireError("the body must start with a JSON header line (see siglip_cli/wire.py)")

@@ -212,9 +212,9 @@ def test_a_server_killed_mid_run_costs_only_the_batches_in_flight(cli, tmp_path,
 
 
 class RefusesOneItem:
-    """A proxy before a server that answers the first batch of pixels with a 422 naming its second item."""
+    """A proxy before a server that answers the first batch of pixels with a 422 naming its item `index`."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, index: int):
         import http.server
         import threading
 
@@ -225,7 +225,8 @@ class RefusesOneItem:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 if method == "POST" and self.path == "/v1/pixels" and not refused:
                     refused.append(self.path)
-                    answer = json.dumps({"error": {"message": "item 1: refused here", "index": 1, "code": 422}})
+                    error = {"message": f"item {index}: refused here", "index": index, "code": 422}
+                    answer = json.dumps({"error": error})
                     status, data, kind = 422, answer.encode(), "application/json"
                 else:
                     headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
@@ -251,12 +252,18 @@ class RefusesOneItem:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def test_an_item_the_server_refuses_is_that_items_error_row(cli, tmp_path, library, served):
-    proxy = RefusesOneItem(served["fixed"].url)
+@pytest.mark.parametrize("batch, index", [(4, 1), (1, 0)])  # (1, 0): a batch with nothing left to embed
+def test_an_item_the_server_refuses_is_that_items_error_row(cli, tmp_path, library, served, batch, index):
+    proxy = RefusesOneItem(served["fixed"].url, index)
     try:
-        r = ok(cli("embed", library, "--server", proxy.url, "--batch-size", "4", "-o", tmp_path / "i"))
+        r = ok(cli("embed", library, "--server", proxy.url, "--batch-size", batch, "-o", tmp_path / "i"))
     finally:
         proxy.server.shutdown()
     assert "29 ok, 1 failed" in r.stderr
     failed = [v for v in rows(tmp_path / "i").values() if v["status"] != "ok"]
-    assert [v["error"] for v in failed] == ["the server refused it: item 1: refused here"]
+    assert [v["error"] for v in failed] == [f"the server refused it: item {index}: refused here"]
+
+
+def test_a_model_named_on_the_command_line_must_be_the_servers(cli, tmp_path, library, served, naflex_ckpt):
+    r = cli("embed", library, "--server", served["fixed"].url, "-m", naflex_ckpt, "-o", tmp_path / "i")
+    assert r.exit_code == 1 and "leave --model out" in r.stderr and len(r.stderr.strip().splitlines()) == 1

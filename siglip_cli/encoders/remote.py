@@ -14,7 +14,6 @@ import json
 import sys
 import threading
 import time
-import urllib.parse
 
 import numpy as np
 import torch
@@ -23,10 +22,10 @@ from .. import wire
 from ..errors import RunError
 from ..loader import Batch
 from ..model import ModelInfo
-from ..remote import check_transport, error_message
+from ..remote import bearer, check_transport, error_message, parse_url, shown
 
 IN_FLIGHT = 3  # batches on their way at once: the server's device never waits on one round trip
-ANSWER_S = 120.0  # seconds one request may take before it counts as a stalled server
+ANSWER_S = 300.0  # seconds one request may take (its wait behind the other batches in flight too): a stall
 RETRYABLE = {408, 429, 500, 502, 503, 504}
 
 
@@ -34,20 +33,20 @@ class Connection:
     """HTTP to one server: a kept-alive connection per thread, the bearer token from $SIGLIP_API_KEY."""
 
     def __init__(self, url: str, insecure: bool = False):
-        if not url.startswith(("http://", "https://")):
-            raise RunError(f"--server {url}: give the service's URL, like http://192.168.1.20:8002")
-        parts = urllib.parse.urlsplit(url)
-        if parts.username or parts.password:
-            raise RunError("--server: put the token in SIGLIP_API_KEY, not in the URL")
+        self.parts = parse_url(url)
         check_transport(url, insecure)
-        self.url, self.parts = url.rstrip("/"), parts
+        self.url, self.key = shown(url), bearer()
         self.local = threading.local()
+        self.every: set = set()  # every thread's connection: close() ends them all, reads under way too
+        self.lock = threading.Lock()
 
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self.local, "conn", None)
         if conn is None:
             kind = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
             conn = self.local.conn = kind(self.parts.hostname, self.parts.port, timeout=timeout)
+            with self.lock:
+                self.every.add(conn)
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
@@ -62,11 +61,9 @@ class Connection:
         timeout: float = ANSWER_S,
     ) -> tuple[int, bytes]:
         """(status, body) of one request; OSError or http.client.HTTPException when no answer came."""
-        import os
-
         headers = {"Content-Type": kind} if body is not None else {}
-        if key := os.environ.get("SIGLIP_API_KEY"):
-            headers["Authorization"] = f"Bearer {key}"
+        if self.key:
+            headers["Authorization"] = self.key
         path = (self.parts.path.rstrip("/") or "") + route
         conn = self._connection(timeout)
         try:
@@ -78,10 +75,26 @@ class Connection:
             raise
 
     def close(self) -> None:
+        """This thread's connection."""
         conn = getattr(self.local, "conn", None)
         self.local.conn = None
         if conn is not None:
+            with self.lock:
+                self.every.discard(conn)
             conn.close()
+
+    def close_all(self) -> None:
+        """Every thread's connection, a read under way included (it ends at once with an OSError)."""
+        import socket
+
+        with self.lock:
+            every, self.every = self.every, set()
+        for conn in every:
+            try:
+                if conn.sock is not None:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class RemoteEncoder:
@@ -117,7 +130,7 @@ class RemoteEncoder:
             try:
                 self.described = json.loads(body)
                 self._take(self.described)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise RunError(f"--server {self.url}/v1/model: not a siglip answer") from None
         return self.described
 
@@ -140,7 +153,7 @@ class RemoteEncoder:
             int(d["text_length"]),
             d["preprocessing"],
         )
-        self.dtype = getattr(torch, d["dtype"])
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[d["dtype"]]
         self.logit_scale, self.logit_bias = float(d["logit_scale"]), float(d["logit_bias"])
         self.text_backend, self.text_kind = d["text_backend"], "remote " + str(d["text_kind"])
         self.text_rules, self.patches = d["text_rules"], d["signature"].get("max_patches")
@@ -186,8 +199,7 @@ class RemoteEncoder:
             body = wire.pack(self.spec, [images[j] for j in keep], [grids[j] for j in keep], self.encoding, self.expect)
             status, answer = self._post("/v1/pixels", body, wire.CONTENT_TYPE)
             if status == 200:
-                data = json.loads(answer)
-                vectors = np.frombuffer(base64.b64decode(data["embeddings"]), "<f4").reshape(len(keep), -1)
+                vectors = self._vectors(answer, len(keep))
                 break
             index, message = _item(answer)
             if status == 409:
@@ -201,6 +213,16 @@ class RemoteEncoder:
         batch.ok[:] = [batch.ok[j] for j in keep]
         return torch.from_numpy(vectors.copy())
 
+    def _vectors(self, answer: bytes, n: int) -> np.ndarray:
+        try:
+            data = json.loads(answer)
+            vectors = np.frombuffer(base64.b64decode(data["embeddings"]), "<f4")
+            if data.get("dim") != self.info.dim or vectors.size != n * self.info.dim:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise self._give_up(RunError(f"--server {self.url}/v1/pixels: not the answer of a siglip serve")) from None
+        return vectors.reshape(n, self.info.dim)
+
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Text embeddings (n, D) computed by the server, with its text rules (the signature's)."""
         step = max(1, min(self.limits["max_items"], 4 * self.limits["batch_size"]))
@@ -210,10 +232,19 @@ class RemoteEncoder:
             status, answer = self._post("/txt/embed", body, "application/json")
             if status != 200:
                 raise self._give_up(RunError(f"--server {self.url}/txt/embed: HTTP {status}: {error_message(answer)}"))
-            data = json.loads(answer)
-            if data.get("weights") != self.signature.get("weights") or data.get("text_rules") != self.text_rules:
+            try:
+                data = json.loads(answer)
+                same = (
+                    data.get("weights") == self.signature.get("weights") and data.get("text_rules") == self.text_rules
+                )
+                vectors = np.asarray(data["embeddings"], np.float32).reshape(-1, self.info.dim)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise self._give_up(
+                    RunError(f"--server {self.url}/txt/embed: not the answer of a siglip serve")
+                ) from None
+            if not same:
                 raise self._give_up(RunError(f"--server {self.url} now runs another model or other text rules"))
-            out.append(np.asarray(data["embeddings"], np.float32).reshape(-1, self.info.dim))
+            out.append(vectors)
         return torch.from_numpy(np.concatenate(out)) if out else torch.empty((0, self.info.dim))
 
     def to_host(self, tensors: dict[str, torch.Tensor]):
@@ -224,8 +255,9 @@ class RemoteEncoder:
         raise error
 
     def close(self) -> None:
-        """The run is over (or stopped): lanes still waiting on the server stop."""
+        """The run is over (or stopped): lanes still waiting on the server stop at once."""
         self.stop.set()
+        self.conn.close_all()
 
     def _give_up(self, error: BaseException) -> BaseException:
         self.failure = self.failure or error
@@ -240,8 +272,9 @@ class RemoteEncoder:
             if self.stop.is_set():
                 raise self.failure or RunError("stopped")
             wait = delay
+            left = ANSWER_S if give_up_at is None else max(10.0, give_up_at - time.monotonic())
             try:
-                status, answer = self.conn.request("POST", route, body, kind)
+                status, answer = self.conn.request("POST", route, body, kind, timeout=min(ANSWER_S, left))
                 if status not in RETRYABLE:
                     return status, answer
                 problem = f"HTTP {status}: {error_message(answer)}"
@@ -283,7 +316,7 @@ def _item(body: bytes) -> tuple[int | None, str]:
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
-        return f"no answer within {ANSWER_S:.0f} s"
+        return "no answer in time (a stalled server?)"
     if isinstance(e, http.client.HTTPException):
         return f"the connection broke ({type(e).__name__})"
     return getattr(e, "strerror", None) or str(e) or type(e).__name__

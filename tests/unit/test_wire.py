@@ -94,3 +94,34 @@ def test_plain_http_to_a_public_address_needs_insecure():
     with pytest.raises(RunError, match="--insecure"):
         check_transport("http://8.8.8.8:8002")
     check_transport("http://8.8.8.8:8002", insecure=True)
+
+
+def test_http_over_tailscale_addresses_is_allowed():
+    check_transport("http://100.101.102.103:8002")
+
+
+@pytest.mark.parametrize("url", ["http://gpubox:80o2", "http://gpubox:99999", "http://[::1", "ftp://gpubox", "http://"])
+def test_a_url_that_is_not_one_is_a_one_line_error(url):
+    with pytest.raises(RunError, match="--server"):
+        check_transport(url)
+
+
+def test_the_token_is_read_as_the_server_compares_it_and_never_shown(monkeypatch):
+    from siglip_cli.remote import bearer
+
+    monkeypatch.setenv("SIGLIP_API_KEY", "s3cret\n")  # a secret mounted from a file ends in a newline
+    assert bearer() == "Bearer s3cret"
+    monkeypatch.setenv("SIGLIP_API_KEY", "clé")
+    assert bearer().encode("latin-1") == "Bearer clé".encode()  # its UTF-8 bytes
+    monkeypatch.setenv("SIGLIP_API_KEY", "s3c\nret")
+    with pytest.raises(RunError) as e:
+        bearer()
+    assert "s3c" not in str(e.value)
+    monkeypatch.delenv("SIGLIP_API_KEY")
+    assert bearer() is None
+
+
+def test_an_output_records_the_servers_address_without_its_query():
+    from siglip_cli.remote import shown
+
+    assert shown("http://gpubox.lan:8002/siglip/?token=abc") == "http://gpubox.lan:8002/siglip"
