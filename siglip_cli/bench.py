@@ -16,9 +16,10 @@ import torch
 
 from .config import ARCHS, ModelConfig, RunConfig
 from .decode import decode_photos
+from .devices import cpu_bf16_native, resolve_backend, resolve_device, resolve_dtype
 from .errors import RunError
 from .loader import chunk_size, decoded_chunks, pixel_shape
-from .model import Encoder, cpu_bf16_native, resolve_backend, resolve_device, resolve_dtype
+from .model import Encoder
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ def random_encoder(arch: str, cfg: ModelConfig, batch_size: int) -> Encoder:
 
     from transformers import AutoModel, GemmaTokenizer, SiglipConfig
 
-    from .model import _hf_quiet
+    from .checkpoint import hf_quiet
 
-    _hf_quiet(False)
+    hf_quiet(False)
     hidden, mlp, layers, heads, patch, size = ARCHS[arch]
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -216,7 +217,7 @@ def end_to_end(cfg: RunConfig, encoder: Encoder, records, folder: str) -> float:
 
 def run(bench: BenchConfig, tag_spec=None) -> dict:
     """Measure everything on the same device and settings; returns the numbers (images/s) and the setting."""
-    from .model import default_batch_size
+    from .devices import default_batch_size
     from .sources import FileRecord
     from .tasks import EmbedSpec
 
@@ -300,7 +301,7 @@ def matrix(bench: BenchConfig, tag_spec=None) -> dict:
     """Every backend, dtype and quantization this machine can run, on the same photos and weights: images/s of
     the tower alone and end to end, and each one's cosine to torch float32 on the same pixels; with a
     vocabulary, the share of photos whose top 5 tags are torch float32's."""
-    from .model import default_batch_size
+    from .devices import default_batch_size
     from .sources import FileRecord
     from .tasks import EmbedSpec
 

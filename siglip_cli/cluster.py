@@ -73,7 +73,7 @@ def prepare(cfg: RunConfig) -> RunConfig:
     """
     import torch
 
-    from .model import resolve_devices, resolve_dtype
+    from .devices import resolve_devices, resolve_dtype
 
     if cfg.model.device not in ("auto", "cpu", "cuda"):
         raise RunError(
@@ -107,7 +107,7 @@ def _bf16_native() -> bool:
     a cluster is taken to have GPUs of one kind)."""
     import torch
 
-    from .model import cuda_bf16_native
+    from .devices import cuda_bf16_native
 
     return cuda_bf16_native(torch.device("cuda", 0))
 
@@ -215,7 +215,7 @@ class EncodeActor:
         import torch
 
         from .encode import finite, launch
-        from .loader import _batch
+        from .loader import collate
         from .sink import image_rows
 
         items = [
@@ -228,7 +228,7 @@ class EncodeActor:
         payload = {}
         if ok:
             pixels = np.concatenate([c.to_numpy() for c in table.column("pixels").chunks])[ok]
-            batch = _batch(self.spec, torch.from_numpy(pixels), items, ok, [items[i].grid for i in ok])
+            batch = collate(self.spec, torch.from_numpy(pixels), items, ok, [items[i].grid for i in ok])
             arrays, ok = finite(batch, launch(self.encoder, self.task, batch, self.batch_size)())
             payload = self.task.host(arrays) if ok else {}
         rows = pa.Table.from_batches([image_rows(self.schema, items, ok, payload)])
@@ -255,8 +255,9 @@ def process(cfg: RunConfig, store, records, progress) -> None:
     """Decode and encode the records on Ray; write their rows here (the store's parts, or JSON Lines)."""
     import torch
 
+    from .checkpoint import load_spec
+    from .devices import default_batch_size, resolve_backend
     from .index import METADATA_KEY
-    from .model import default_batch_size, load_spec, resolve_backend
     from .sink import JsonLinesSink, PartSink
 
     tables = list(_tables(records))

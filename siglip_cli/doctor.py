@@ -64,7 +64,7 @@ def _cpu_name() -> str:
 
 
 def _cuda(torch) -> list[dict]:
-    from .model import cuda_bf16_native
+    from .devices import cuda_bf16_native
 
     if not torch.cuda.is_available():
         return []
@@ -90,9 +90,9 @@ def report(model: str) -> dict:
     from huggingface_hub import constants, try_to_load_from_cache
 
     from .config import ModelConfig, cgroup_cpu_limit, default_workers, usable_cpus
+    from .devices import cpu_bf16_native, default_batch_size, resolve_backend, resolve_devices, resolve_dtype
     from .encoders import openvino
-    from .loader import SHM_DIR
-    from .model import cpu_bf16_native, default_batch_size, resolve_backend, resolve_devices, resolve_dtype
+    from .shm import SHM_DIR
     from .vocab import cache_dir
 
     devices = resolve_devices("auto")

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .loader import Batch
+from .decode import Decoded
+from .loader import Batch, collate
 from .model import Encoder
+from .worker import pixel_shape
 
 
 def made_with(openvino: bool) -> dict[str, str]:
@@ -104,3 +106,16 @@ def launch(encoder: Encoder, task, batch: Batch, batch_size: int):
             file=sys.stderr,
         )
     return wait
+
+
+def embed_decoded(encoder: Encoder, items: list[Decoded], batch_size: int) -> np.ndarray:
+    """Embeddings of decoded images (float32, L2-normalized), given to the encoder as the CLI's loader does."""
+    from .tasks import EmbedSpec, EmbedTask
+
+    spec = encoder.spec
+    pixels = torch.empty((len(items), *pixel_shape(spec)), dtype=torch.uint8)
+    dst = pixels.numpy()
+    for i, d in enumerate(items):
+        dst[i, : len(d.pixels)] = d.pixels
+    batch = collate(spec, pixels, list(items), list(range(len(items))), [d.grid for d in items])
+    return launch(encoder, EmbedTask(EmbedSpec(), encoder), batch, batch_size)()["embedding"]

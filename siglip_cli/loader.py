@@ -12,11 +12,8 @@ and only a file that kills its worker alone is recorded as corrupt. Everything e
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing
 import os
-import re
-import secrets
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -34,6 +31,7 @@ from . import worker
 from .compat import pool_processes
 from .decode import STALLED, Decoded, ImageSpec, decode
 from .errors import RunError
+from .shm import SHM_DIR, free, reap_stale_blocks, slots
 from .sources import FileRecord
 from .worker import pixel_shape
 
@@ -47,118 +45,6 @@ class Batch:
     pixels: torch.Tensor | None  # uint8: (n, H, W, 3), or (n, max_patches, p*p*3) for NaFlex
     patch_mask: torch.Tensor | None = None  # NaFlex: (n, max_patches) int32
     grids: torch.Tensor | None = None  # NaFlex: (n, 2) int64 patch rows, columns
-
-
-# -- shared memory ------------------------------------------------------------------------------------
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "siglip-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, someone else's
-        return True
-    return True
-
-
-def reap_stale_blocks(min_age: float = 60.0) -> int:
-    """Unlink the shared-memory blocks of siglip runs that died without cleaning up (kill -9 with the resource
-    tracker, the OOM killer); returns how many.
-
-    A live run holds a shared flock on each of its blocks, so a block nobody holds is a dead run's, even when
-    the runs share /dev/shm but not a PID namespace (docker --ipc=host). A block is only taken when, besides,
-    the pid in its name is not alive here or it is older than min_age: a run may not have locked a block it is
-    creating this very moment.
-    """
-    reaped = 0
-    try:
-        names = [
-            (n, int(m.group(1)))
-            for n in os.listdir(SHM_DIR)
-            if (m := re.fullmatch(re.escape(SHM_PREFIX) + r"(\d+)-[0-9a-f]+", n))
-        ]
-    except OSError:
-        return 0
-    for name, pid in names:
-        path = os.path.join(SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            if _alive(pid) and time.time() - os.fstat(fd).st_ctime < min_age:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(path)
-            reaped += 1
-        except OSError:  # held by a live run (BlockingIOError), or gone already
-            pass
-        finally:
-            os.close(fd)
-    return reaped
-
-
-def shm_budget() -> int:
-    """Bytes of shared memory the slots may take: half of what is free in /dev/shm, capped by $SIGLIP_SHM_BYTES."""
-    budget = int(os.environ.get("SIGLIP_SHM_BYTES", 1 << 62))
-    try:
-        st = os.statvfs(SHM_DIR)
-        budget = min(budget, st.f_bavail * st.f_frsize // 2)
-    except OSError:
-        pass
-    return budget
-
-
-def _free(blocks: list[shared_memory.SharedMemory]) -> None:
-    for b in blocks:
-        b.close()
-        try:
-            b.unlink()
-        except FileNotFoundError:  # removed by someone else: nothing left to free
-            pass
-
-
-def _allocate(count: int, nbytes: int) -> list[shared_memory.SharedMemory] | None:
-    """count blocks of nbytes, reserved up front (an overfull /dev/shm fails here, not with SIGBUS in a worker)."""
-    blocks: list[shared_memory.SharedMemory] = []
-    try:
-        for _ in range(count):
-            blocks.append(shared_memory.SharedMemory(f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}", True, nbytes))
-            fcntl.flock(blocks[-1]._fd, fcntl.LOCK_SH)  # "in use", for the reaper of other runs
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(blocks[-1]._fd, 0, nbytes)
-    except OSError:
-        _free(blocks)
-        return None
-    return blocks
-
-
-def _largest_file() -> int:
-    """The largest file this process may make (ulimit -f); a bigger block fails inside SharedMemory itself."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        return 1 << 62 if soft == resource.RLIM_INFINITY else soft
-    except (ImportError, OSError, ValueError):
-        return 1 << 62
-
-
-def _slots(workers: int, chunk: int, image_bytes: int) -> tuple[int, list[shared_memory.SharedMemory] | None]:
-    """Shared-memory slots for 2*workers chunks in flight, with chunks shrunk (then halved in number) until
-    they fit the space there is. Returns the chunk size and the slots, or None: pixels then travel by pipe."""
-    budget, largest = shm_budget(), _largest_file()
-    for window in (2 * workers, workers):
-        size = chunk
-        while size >= 1:
-            nbytes = size * image_bytes
-            if window * nbytes <= budget and nbytes <= largest and (blocks := _allocate(window, nbytes)):
-                return size, blocks
-            size //= 2
-    return chunk, None
 
 
 # -- the pool -----------------------------------------------------------------------------------------
@@ -352,7 +238,7 @@ def decoded_chunks(
         else:
             _close(keep)
             reap_stale_blocks()
-            chunk, blocks = _slots(workers, chunk, int(np.prod(shape)))
+            chunk, blocks = slots(workers, chunk, int(np.prod(shape)))
             if blocks is None:
                 print(
                     f"siglip: note: too little room in {SHM_DIR} for decoded images; they travel by pipe instead "
@@ -402,7 +288,7 @@ def decoded_chunks(
 def _stop(pool: _Pool | None, blocks: list[shared_memory.SharedMemory] | None) -> None:
     if pool is not None:
         pool.close()
-    _free(blocks or [])
+    free(blocks or [])
 
 
 def _close(keep: dict | None) -> None:
@@ -440,14 +326,14 @@ def batches(
                 grids.append(d.grid)
             items.append(d)
             if len(items) == batch_size:
-                yield _batch(spec, pixels, items, ok, grids)
+                yield collate(spec, pixels, items, ok, grids)
                 pixels, items, ok, grids = new()
                 dst = pixels.numpy()
     if items:
-        yield _batch(spec, pixels, items, ok, grids)
+        yield collate(spec, pixels, items, ok, grids)
 
 
-def _batch(spec: ImageSpec, pixels: torch.Tensor, items: list, ok: list, grids: list) -> Batch:
+def collate(spec: ImageSpec, pixels: torch.Tensor, items: list, ok: list, grids: list) -> Batch:
     if not ok:
         return Batch(items, ok, None)
     if not spec.naflex:

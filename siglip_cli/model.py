@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import sys
@@ -12,17 +11,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from . import compat
+from .checkpoint import cannot_load, download_note, hf_quiet, image_spec, stored_scalars, towers
 from .config import TEXT_LENGTH, ModelConfig, usable_cpus
-from .decode import ImageSpec
+from .devices import check_compiler, default_batch_size, resolve_backend, resolve_devices, resolve_dtype
 from .errors import RunError, first_line
 from .loader import Batch
 from .text import prepare
 from .weights import cached_commit, fingerprint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -36,265 +33,6 @@ class ModelInfo:
     dim: int
     text_length: int
     preprocessing: str
-
-
-def resolve_devices(name: str) -> list[torch.device]:
-    """The devices a run encodes on, one encoder each.
-
-    'auto': every visible CUDA GPU, else MPS, else the CPU. 'cuda': every visible GPU; 'cuda:N' one of them;
-    a comma-separated list names several of one kind ('cuda:0,cuda:2'; 'cpu,cpu' runs two CPU encoders, which
-    tests the dispatch but does not speed up a CPU). An explicit device that is absent is an error.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-        if torch.backends.mps.is_available():
-            return [torch.device("mps")]
-        return [torch.device("cpu")]
-    devices: list[torch.device] = []
-    for part in name.split(","):
-        device = torch.device(part)
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise RunError("--device cuda was asked for, but CUDA is not available here; use --device cpu or auto")
-            count = torch.cuda.device_count()
-            if device.index is None:
-                devices += [torch.device("cuda", i) for i in range(count)]
-                continue
-            if device.index >= count:
-                raise RunError(f"--device {part}: this machine has {count} CUDA device(s)")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise RunError("--device mps was asked for, but MPS is not available here; use --device cpu or auto")
-        devices.append(device)
-    if len({d.type for d in devices}) > 1:
-        raise RunError(f"--device {name}: give devices of one kind (several GPUs, or the CPU)")
-    return devices
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Large enough to keep a GPU busy and within 16 GB for so400m/384; small on a CPU for smooth progress."""
-    return {"cuda": 256, "mps": 64}.get(device.type, 16)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The first device of resolve_devices: where bench and text embedding run."""
-    return resolve_devices(name)[0]
-
-
-def cuda_bf16_native(device: torch.device) -> bool:
-    """Whether a CUDA device has bfloat16 tensor cores (Ampere, compute capability 8.0, and newer).
-
-    On older cards (T4, V100) bfloat16 is emulated: slow, and SDPA falls back to its math kernel, which
-    materializes the whole attention matrix.
-    """
-    if torch.version.hip:  # ROCm: ask the runtime about that device
-        with torch.cuda.device(device):
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (x86 AVX512-BF16 or AMX; Arm BF16), as oneDNN uses it.
-
-    There bfloat16 runs the towers about 3x faster than float32 (min cos 0.99997); elsewhere oneDNN emulates it,
-    slower than float32.
-    """
-    return compat.cpu_bf16_native()
-
-
-def resolve_dtype(name: str, devices: torch.device | list[torch.device]) -> torch.dtype:
-    """'auto': on CUDA, bfloat16 when every device does it natively, float16 otherwise; on a CPU, bfloat16 where
-    the CPU does it in hardware; float32 elsewhere (MPS included). One dtype for all devices: a run's rows
-    must not depend on which GPU made them."""
-    devices = [devices] if isinstance(devices, torch.device) else devices
-    if name != "auto":
-        return DTYPES[name]
-    kind = devices[0].type
-    if kind == "cuda":
-        return torch.bfloat16 if all(cuda_bf16_native(d) for d in devices) else torch.float16
-    if kind == "cpu" and cpu_bf16_native():
-        return torch.bfloat16
-    return torch.float32
-
-
-def resolve_backend(cfg: ModelConfig, device: torch.device, naflex: bool) -> str:
-    """'torch' or 'openvino' for the image tower. auto: OpenVINO on a CPU when the extra is installed (not with
-    --compile, a torch feature); NaFlex checkpoints always run on torch."""
-    from .encoders import openvino
-
-    want = cfg.backend
-    if want == "auto":
-        want = "openvino" if device.type == "cpu" and openvino.available() and not cfg.compile else "torch"
-    if want == "openvino":
-        if not openvino.available():
-            raise RunError("--backend openvino needs the openvino extra: pip install 'siglip-cli[openvino]'")
-        if device.type != "cpu":
-            raise RunError(f"--backend openvino runs on the CPU, not {device.type}; use --device cpu")
-        if naflex:
-            if cfg.backend == "openvino" or cfg.quantize != "none":
-                print(
-                    "siglip: note: NaFlex checkpoints (variable patch grids) run on torch, not OpenVINO",
-                    file=sys.stderr,
-                )
-            want = "torch"
-    if cfg.quantize != "none" and want != "openvino":
-        raise RunError(
-            f"--quantize {cfg.quantize} needs the OpenVINO backend on a CPU "
-            "(pip install 'siglip-cli[openvino]', --device cpu) and a fixed-resolution checkpoint"
-        )
-    return want
-
-
-def stored_scalars(name: str, revision: str | None, keys=("logit_scale", "logit_bias")) -> dict[str, float]:
-    """The checkpoint's own float32 values of a few scalars, read from its safetensors files.
-
-    A model loaded in bfloat16 rounds them (logit_scale 4.7244 -> 4.7188, logit_bias -16.7711 -> -16.75), which
-    moves a score near a 0.05 threshold by about 5%: scores use these instead. Empty when they cannot be read
-    (then the loaded values are used).
-    """
-    from safetensors import safe_open
-
-    def local(filename: str) -> str | None:
-        if os.path.isdir(name):
-            path = os.path.join(name, filename)
-            return path if os.path.isfile(path) else None
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, filename, revision=revision)
-        return found if isinstance(found, str) else None
-
-    files = {k: "model.safetensors" for k in keys}
-    index = local("model.safetensors.index.json")
-    if index:
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        files = {k: weight_map[k] for k in keys if k in weight_map}
-    out: dict[str, float] = {}
-    try:
-        for key, filename in files.items():
-            if (path := local(filename)) is not None:
-                with safe_open(path, "pt") as st:
-                    if key in st.keys():
-                        out[key] = float(st.get_tensor(key).float().reshape(-1)[0])
-    except (OSError, ValueError, RuntimeError):
-        return {}
-    return out
-
-
-def _image_spec(processor, naflex: bool, max_patches: int | None) -> ImageSpec:
-    resample = Image.Resampling(int(getattr(processor, "resample", Image.Resampling.BILINEAR)))
-    if naflex:
-        return ImageSpec(
-            naflex=True,
-            resample=resample,
-            patch_size=int(processor.patch_size),
-            max_patches=int(max_patches or processor.max_num_patches),
-        )
-    size = processor.size
-    return ImageSpec(height=int(size["height"]), width=int(size["width"]), resample=resample)
-
-
-def load_spec(cfg: ModelConfig) -> ImageSpec:
-    """The checkpoint's pixel recipe from its config files alone (no weights): for decoding where the model is not
-    loaded (the driver of a Ray run)."""
-    from transformers import AutoConfig, AutoImageProcessor
-
-    _hf_quiet(False)
-    revision = cfg.commit or cfg.revision
-    try:
-        config = AutoConfig.from_pretrained(cfg.name, revision=revision)
-        processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise RunError(_cannot_load(cfg.name, e)) from None
-    return _image_spec(processor, config.model_type == "siglip2", cfg.max_patches)
-
-
-def _hf_quiet(show_downloads: bool) -> None:
-    """Keep stderr for our own messages; the Hub's download bars only for a person watching a terminal."""
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if show_downloads:
-        hf_logging.enable_progress_bar()
-        enable_progress_bars()
-    else:
-        hf_logging.disable_progress_bar()
-        disable_progress_bars()
-
-
-def download_note(name: str, revision: str | None, cache_dir: str | None = None) -> str | None:
-    """What a first run is about to download (the weights are GBs: without a word it looks like a hang), or
-    None when the checkpoint is a local folder, already in the Hub cache, or the Hub is switched off."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if os.path.isdir(name) or constants.HF_HUB_OFFLINE:
-        return None
-    for weights in ("model.safetensors", "model.safetensors.index.json"):
-        try:
-            if isinstance(try_to_load_from_cache(name, weights, cache_dir=cache_dir, revision=revision), str):
-                return None
-        except ValueError:  # not a valid repo id: loading will say so
-            return None
-    where = cache_dir or constants.HF_HUB_CACHE
-    return f"siglip: downloading {name} from the Hugging Face Hub into {where} (first run only; so400m is about 4.5 GB)"
-
-
-def check_compiler(device: torch.device) -> None:
-    """--compile builds C++ (CPU) or a C launcher (CUDA, through Triton): without a compiler, say so in one line."""
-    import shutil
-    import sys
-
-    if device.type == "cuda":
-        found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
-        need = "a C compiler (gcc or clang, or set CC)"
-    else:
-        found = shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
-        need = "a C++ compiler (g++, or set CXX)"
-    if not found:
-        raise RunError(f"--compile needs {need} and none was found; install one, or run without --compile")
-
-
-def _towers(config):
-    """The (vision, text) tower classes of a SigLIP checkpoint's config, or () for another kind of model."""
-    import transformers
-
-    names = {"siglip": ("SiglipVisionModel", "SiglipTextModel"), "siglip2": ("Siglip2VisionModel", "Siglip2TextModel")}
-    return tuple(getattr(transformers, n) for n in names.get(config.model_type, ()))
-
-
-def _unimportable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return True
-    return False
-
-
-def _cannot_load(name: str, error: BaseException, what: str = "") -> str:
-    """One line: the model, the cause, and the fix."""
-    from .weights import missing_folder
-
-    if (folder := missing_folder(name)) is not None:
-        return folder
-    first = first_line(error)
-    text = str(error)
-    missing = [
-        p
-        for p in ("sentencepiece", "protobuf")
-        if p in text.lower() and ("install" in text.lower() or isinstance(error, ImportError))
-    ]
-    if what == "the tokenizer of " and not missing and _unimportable("sentencepiece"):
-        missing = ["sentencepiece"]
-    if missing:
-        return (
-            f"cannot load {what}{name!r}: it needs the {' and '.join(missing)} package(s), which are missing "
-            f"here; pip install {' '.join(missing)} (or reinstall siglip-cli, which depends on them)"
-        )
-    return (
-        f"cannot load {what}{name!r}: {first} (give a Hub id such as google/siglip2-so400m-patch14-384, or a "
-        "folder saved with save_pretrained)"
-    )
 
 
 class _Features(torch.nn.Module):
@@ -335,7 +73,7 @@ class Encoder:
         self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
         self.text_rules = cfg.text_rules
         self.naflex = self.config.model_type == "siglip2"
-        self.spec = _image_spec(processor, self.naflex, cfg.max_patches)
+        self.spec = image_spec(processor, self.naflex, cfg.max_patches)
         # --max-patches as an output records it (see weights.patches_setting): None for the checkpoint's own
         self.patches = (
             self.spec.max_patches if self.naflex and self.spec.max_patches != processor.max_num_patches else None
@@ -405,7 +143,7 @@ class Encoder:
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-        _hf_quiet(show_downloads)
+        hf_quiet(show_downloads)
         devices = resolve_devices(cfg.device)
         dtype = resolve_dtype(cfg.dtype, devices)
         devices = devices[:1] if first_only else devices
@@ -422,15 +160,15 @@ class Encoder:
             backend = resolve_backend(cfg, devices[0], naflex)
             load = torch.float32 if backend == "openvino" else dtype  # OpenVINO converts float32 weights
             scalars = stored_scalars(cfg.name, revision)
-            towers = _towers(config)
-            if towers and len(scalars) == 2:  # the image tower alone: the text tower loads when texts are encoded
-                model = towers[0].from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
+            classes = towers(config)
+            if classes and len(scalars) == 2:  # the image tower alone: the text tower loads when texts are encoded
+                model = classes[0].from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
             else:  # weights whose scale and bias cannot be read on their own (.bin files): the whole model
                 model = AutoModel.from_pretrained(cfg.name, revision=revision, dtype=load, attn_implementation="sdpa")
             processor = AutoImageProcessor.from_pretrained(cfg.name, revision=revision)
         except (OSError, ValueError, KeyError, ImportError) as e:
-            raise RunError(_cannot_load(cfg.name, e)) from None
-        if not towers and (not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias")):
+            raise RunError(cannot_load(cfg.name, e)) from None
+        if not classes and (not hasattr(model, "get_image_features") or not hasattr(model, "logit_bias")):
             raise RunError(f"{cfg.name!r} is a {type(model).__name__}, not a SigLIP model")
         on_cpu = devices[0].type == "cpu" and cfg.backend != "torch" and not cfg.compile
         threads = max(1, usable_cpus() // len(devices))  # several CPU encoders share the cores
@@ -470,7 +208,7 @@ class Encoder:
                 self._tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
             except (OSError, ValueError, KeyError, ImportError, TypeError, AttributeError) as e:
                 # without sentencepiece, transformers 5.0 fails on SigLIP 1 tokenizers with an AttributeError
-                raise RunError(_cannot_load(name, e, "the tokenizer of ")) from None
+                raise RunError(cannot_load(name, e, "the tokenizer of ")) from None
         return self._tokenizer
 
     @property
@@ -484,11 +222,11 @@ class Encoder:
         """The checkpoint's text tower, read from its weights in dtype (on the CPU)."""
         name, revision = self._source
         try:
-            return _towers(self.config)[1].from_pretrained(
+            return towers(self.config)[1].from_pretrained(
                 name, revision=revision, dtype=dtype, attn_implementation="sdpa"
             )
         except (OSError, ValueError, KeyError, ImportError) as e:
-            raise RunError(_cannot_load(name, e, "the text tower of ")) from None
+            raise RunError(cannot_load(name, e, "the text tower of ")) from None
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """SigLIP's text rules: cleaned (text.clean), right-padded to the trained length, truncated, EOS kept;

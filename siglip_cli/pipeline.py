@@ -17,12 +17,13 @@ import torch
 
 from .config import RunConfig
 from .decode import may_work_now
+from .devices import default_batch_size, resolve_devices, resolve_dtype
 from .encode import finite, launch, made_with, metadata
 from .errors import RunError
 from .index import Root, Store
 from .index.store import check_parent
 from .loader import Batch, batches
-from .model import Encoder, default_batch_size, resolve_devices, resolve_dtype
+from .model import Encoder
 from .progress import Progress, Summary, progress_enabled
 from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows, make_schema, scatter, vector_type
 from .sources import Skip, is_dir, iter_files, missing

@@ -159,8 +159,8 @@ def query_vector(v: Vectors, q: Query, encoder_factory=None, remote: Remote | No
             if stored is None and remote:
                 stored = remote.image(p)
             elif stored is None:  # not in the index: embedded now, as embed would
-                from .batcher import embed_decoded
                 from .decode import decode
+                from .encode import embed_decoded
                 from .sources import FileRecord
 
                 if not os.path.isfile(p):
@@ -244,7 +244,7 @@ def pairs(matrix: np.ndarray, threshold: float, block: int = 1024) -> tuple[np.n
     float32 all-pairs. Memory: the rows' projections (n x LOW) and a block of each."""
     import torch
 
-    from .model import cpu_bf16_native
+    from .devices import cpu_bf16_native
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     fast = torch.bfloat16 if device.type == "cuda" or cpu_bf16_native() else torch.float32

@@ -74,7 +74,7 @@ def test_the_worker_processes_of_a_pool_can_be_reached():
 
 def test_the_logit_scale_and_bias_are_read_in_float32_from_the_weights(fixed_ckpt):
     """save_pretrained's names for them (our reading of the checkpoint format, not an API)."""
-    from siglip_cli.model import stored_scalars
+    from siglip_cli.checkpoint import stored_scalars
 
     scalars = stored_scalars(str(fixed_ckpt), None)
     assert scalars == pytest.approx({"logit_scale": 2.3, "logit_bias": -2.0}), (

@@ -135,7 +135,7 @@ def test_naflex_needs_no_mask_from_the_device(cli, naflex_ckpt, tmp_path, monkey
 
 # -- doctor -----------------------------------------------------------------------------------------------
 def test_doctor_reports_what_auto_would_pick(cli, fixed_ckpt):
-    from siglip_cli.model import cpu_bf16_native
+    from siglip_cli.devices import cpu_bf16_native
 
     result = cli("doctor", "-m", fixed_ckpt, "--json")
     assert result.exit_code == 0, result.stderr

@@ -216,7 +216,7 @@ def test_blocks_held_by_a_live_run_elsewhere_are_kept(tmp_path):
     import fcntl
     from multiprocessing import resource_tracker, shared_memory
 
-    from siglip_cli.loader import reap_stale_blocks
+    from siglip_cli.shm import reap_stale_blocks
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -317,7 +317,8 @@ def test_a_worker_killed_by_the_machine_blames_no_file(fixed_ckpt, tmp_path):
 
 
 def test_slots_shrink_to_the_room_there_is(monkeypatch):
-    from siglip_cli.loader import _free, _slots
+    from siglip_cli.shm import free as _free
+    from siglip_cli.shm import slots as _slots
 
     image = 64 * 64 * 3
     monkeypatch.setenv("SIGLIP_SHM_BYTES", str(3 * image))
@@ -683,7 +684,7 @@ def test_download_note_and_progress(tmp_path, monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.utils import are_progress_bars_disabled
 
-    from siglip_cli import model
+    from siglip_cli import checkpoint as model
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     cache = tmp_path / "hub"
@@ -696,7 +697,7 @@ def test_download_note_and_progress(tmp_path, monkeypatch):
     (cache / "models--google--siglip2-base-patch16-224" / "refs" / "main").write_text("a" * 40)
     assert model.download_note("google/siglip2-base-patch16-224", None, str(cache)) is None  # cached: no word
     assert model.download_note(str(tmp_path), None) is None  # a local folder
-    model._hf_quiet(True)
+    model.hf_quiet(True)
     assert not are_progress_bars_disabled()
-    model._hf_quiet(False)
+    model.hf_quiet(False)
     assert are_progress_bars_disabled()

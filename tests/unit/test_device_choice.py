@@ -1,13 +1,13 @@
 """--device and --dtype auto resolved from what torch reports (patched here: no GPU needed), and the
-out-of-memory errors the fallback recognizes (siglip_cli/model.py, encode.py)."""
+out-of-memory errors the fallback recognizes (siglip_cli/devices.py, encode.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from siglip_cli.devices import resolve_devices, resolve_dtype
 from siglip_cli.errors import RunError
-from siglip_cli.model import resolve_devices, resolve_dtype
 
 
 def test_device_lists_resolve(monkeypatch):
@@ -38,7 +38,7 @@ def test_auto_dtype_follows_the_gpus_capability(monkeypatch):
 
 
 def test_auto_dtype_on_a_cpu(monkeypatch):
-    import siglip_cli.model as model
+    import siglip_cli.devices as model
 
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(model, "cpu_bf16_native", lambda native=native: native)

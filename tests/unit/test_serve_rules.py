@@ -1,10 +1,10 @@
 """What `siglip serve` and `search --server` decide before any work, as functions: the Host names answered, the
-depth of a JSON body, whether an index and a server hold one model (siglip_cli/serve.py, remote.py)."""
+depth of a JSON body, whether an index and a server hold one model (siglip_cli/serve/protocol.py, remote.py)."""
 
 from __future__ import annotations
 
 from siglip_cli.remote import index_model, same_model
-from siglip_cli.serve import LOOPBACK, MAX_JSON_DEPTH, ServeConfig, allowed_hosts, depth, host_of
+from siglip_cli.serve.protocol import LOOPBACK, MAX_JSON_DEPTH, ServeConfig, allowed_hosts, depth, host_of
 
 
 # -- Host names (DNS rebinding) ---------------------------------------------------------------------------

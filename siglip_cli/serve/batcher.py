@@ -14,12 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from .decode import Decoded
-from .loader import _batch
-from .model import Encoder
-from .worker import pixel_shape
+from ..decode import Decoded
+from ..encode import embed_decoded
+from ..model import Encoder
 
 
 class QueueFull(Exception):
@@ -138,17 +136,3 @@ class Batcher:
 
     def images(self, items: list[Decoded]) -> np.ndarray:
         return embed_decoded(self.encoder, items, self.batch_size)
-
-
-def embed_decoded(encoder: Encoder, items: list[Decoded], batch_size: int) -> np.ndarray:
-    """Embeddings of decoded images (float32, L2-normalized), given to the encoder as the CLI's loader does."""
-    from .encode import launch
-    from .tasks import EmbedSpec, EmbedTask
-
-    spec = encoder.spec
-    pixels = torch.empty((len(items), *pixel_shape(spec)), dtype=torch.uint8)
-    dst = pixels.numpy()
-    for i, d in enumerate(items):
-        dst[i, : len(d.pixels)] = d.pixels
-    batch = _batch(spec, pixels, list(items), list(range(len(items))), [d.grid for d in items])
-    return launch(encoder, EmbedTask(EmbedSpec(), encoder), batch, batch_size)()["embedding"]
