@@ -114,7 +114,7 @@ def _bf16_native() -> bool:
 
 def _tables(records: Iterable[FileRecord], size: int = 4096) -> Iterator[pa.Table]:
     """The records as Arrow tables (compact however many there are; paths as bytes: a name need not be UTF-8)."""
-    from .sink import _utf8
+    from .sink import utf8
 
     chunk: list[FileRecord] = []
 
@@ -124,7 +124,7 @@ def _tables(records: Iterable[FileRecord], size: int = 4096) -> Iterator[pa.Tabl
                 "path": pa.array([os.fsencode(r.path) for r in chunk], pa.binary()),
                 "size": pa.array([r.size for r in chunk], pa.int64()),
                 "mtime_ns": pa.array([r.mtime_ns for r in chunk], pa.int64()),
-                "error": pa.array([_utf8(r.error) for r in chunk], pa.string()),
+                "error": pa.array([utf8(r.error) for r in chunk], pa.string()),
             }
         )
 

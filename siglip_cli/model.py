@@ -190,10 +190,10 @@ class Encoder:
                 openvino=ov if on_cpu and backend == "openvino" else None,
             )
             if on_cpu:
-                from .encoders import openvino, ovtext
+                from .encoders import openvino_text, ovtext
 
                 if ovtext.available():  # NaFlex checkpoints' text tower too: it has one fixed shape
-                    openvino.attach_text(encoder, dtype, threads)
+                    openvino_text.attach_text(encoder, dtype, threads)
             encoders.append(encoder)
         return encoders
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from .errors import RunError, first_line
 from .index import pages
 from .index.files import METADATA_KEY
-from .index.layouts import _parts, index_files, is_file_output
+from .index.layouts import index_files, is_file_output, part_files
 from .quantized import column_scales, quantize
 from .scratch import scratch
 
@@ -41,14 +41,14 @@ def _settings(index: str) -> tuple[dict, bool]:
 def _sources(index: str) -> list[str]:
     """The files holding the index's current rows, oldest first (reader.read_index's rules: parts of other
     settings than the newest are left out)."""
-    from .index.reader import _signature
+    from .index.reader import schema_signature
 
     if is_file_output(index) or not os.path.isdir(index):
         return [index]
     parts, newest = [], None
-    for part in reversed(_parts(index)):
+    for part in reversed(part_files(index)):
         try:
-            sig = _signature(pq.read_schema(part))
+            sig = schema_signature(pq.read_schema(part))
         except FileNotFoundError:
             continue
         if parts and sig != newest:

@@ -74,7 +74,7 @@ def _fits(value: int | None, bits: int, signed: bool = False) -> int | None:
     return value if value is not None and low <= value < 1 << (bits - 1) else None
 
 
-def _utf8(text: str | None) -> str | None:
+def utf8(text: str | None) -> str | None:
     """Text that Arrow can store: lone surrogates (from odd file names in messages) become U+FFFD."""
     if text is None:
         return None
@@ -93,7 +93,7 @@ def _common(items: list) -> list[pa.Array]:
     return [
         pa.array(shown, pa.string()),
         pa.array(["error" if d.error else "ok" for d in items], pa.string()),
-        pa.array([_utf8(d.error) for d in items], pa.string()),
+        pa.array([utf8(d.error) for d in items], pa.string()),
         pa.array([_fits(d.width, 32) for d in items], pa.int32()),
         pa.array([_fits(d.height, 32) for d in items], pa.int32()),
         pa.array([_fits(r.size, 64) for r in recs], pa.int64()),

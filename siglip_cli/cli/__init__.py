@@ -2,7 +2,7 @@
 
 Imports nothing heavy at module level: `siglip --help` must not pay for torch, transformers or pyarrow. The
 commands register themselves on `app` as their modules are imported, in the order `--help` lists them:
-run (embed, tag, classify, bench), serving (serve), query (search, dedup), then doctor here.
+run (embed, tag, classify), bench, serving (serve), query (search, dedup), then doctor here.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .app import app
 from .options import Model
 
 # isort: off
-from . import run, serving, query  # noqa: E402,F401 - their commands, registered on app in this order
+from . import run, bench, serving, query  # noqa: E402,F401 - their commands, registered on app in this order
 # isort: on
 
 

@@ -377,31 +377,3 @@ NoCache = Annotated[
     bool,
     typer.Option("--no-cache", help="Recompute the vocabulary's text embeddings instead of using the on-disk cache."),
 ]
-
-
-Index = Annotated[
-    str,
-    typer.Argument(
-        help="An index made by `siglip embed` or `siglip tag --with-embeddings` (folder or file).", show_default=False
-    ),
-]
-ResultsOut = Annotated[
-    Optional[str],
-    typer.Option(
-        "--output",
-        "-o",
-        callback=written_name,
-        help="FILE.parquet, or - for JSON Lines on stdout (default: a table on a terminal, JSON Lines in a pipe).",
-        show_default=False,
-    ),
-]
-AsJson = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout.")]
-Html = Annotated[
-    Optional[str],
-    typer.Option(
-        "--html",
-        callback=written_name,
-        help="Also write a self-contained page of thumbnails to this file.",
-        show_default=False,
-    ),
-]

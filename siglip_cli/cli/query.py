@@ -9,7 +9,34 @@ import typer
 
 from .app import EXIT_CODES, app
 from .boundary import checked_texts, one_line, show_results, usage
-from .options import AsJson, Device, Html, Index, Insecure, ResultsOut, TextRules, finite, written_name
+from .options import Device, Insecure, TextRules, finite, written_name
+
+Index = Annotated[
+    str,
+    typer.Argument(
+        help="An index made by `siglip embed` or `siglip tag --with-embeddings` (folder or file).", show_default=False
+    ),
+]
+ResultsOut = Annotated[
+    Optional[str],
+    typer.Option(
+        "--output",
+        "-o",
+        callback=written_name,
+        help="FILE.parquet, or - for JSON Lines on stdout (default: a table on a terminal, JSON Lines in a pipe).",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="JSON Lines on stdout.")]
+Html = Annotated[
+    Optional[str],
+    typer.Option(
+        "--html",
+        callback=written_name,
+        help="Also write a self-contained page of thumbnails to this file.",
+        show_default=False,
+    ),
+]
 
 
 @app.command(epilog=EXIT_CODES)

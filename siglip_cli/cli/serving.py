@@ -18,6 +18,88 @@ from .app import EXIT_CODES, app
 from .boundary import usage
 from .options import Device, Dtype, MaxPatches, MaxPixels, Model, Revision, TextRules, Workers, finite
 
+Host = Annotated[
+    str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")
+]
+
+AllowHost = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--allow-host",
+        help=(
+            "Also answer requests that name this host in their Host header (repeatable): the names clients use to "
+            "reach a server on --host 0.0.0.0. Loopback names and --host are always answered."
+        ),
+        show_default=False,
+    ),
+]
+
+Port = Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")]
+
+ApiKey = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-key",
+        envvar="SIGLIP_API_KEY",
+        help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]",
+        show_default=False,
+        show_envvar=False,
+    ),
+]
+
+ServeVocab = Annotated[
+    Optional[str],
+    typer.Option(
+        "--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False
+    ),
+]
+
+ServeThreshold = Annotated[
+    float,
+    typer.Option(
+        "--threshold",
+        callback=finite,
+        min=0.0,
+        max=1.0,
+        help="/tag's default threshold (a request may give its own).",
+    ),
+]
+
+ServeIndex = Annotated[
+    Optional[str],
+    typer.Option(
+        "--index",
+        help=(
+            "An index of this model for POST /search (and `siglip search --server`): searched here, its sidecar "
+            "kept warm."
+        ),
+        show_default=False,
+    ),
+]
+
+ServeBatchSize = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")
+]
+
+MaxWaitMs = Annotated[
+    float,
+    typer.Option("--max-wait-ms", callback=finite, min=0.0, help="How long a batch's first item waits for others."),
+]
+
+MaxQueue = Annotated[
+    int, typer.Option("--max-queue", min=1, help="Items waiting, all requests together; beyond it, 429.")
+]
+
+MaxItems = Annotated[int, typer.Option("--max-items", min=1, help="Items in one request; beyond it, 422.")]
+
+MaxBodyMb = Annotated[
+    float, typer.Option("--max-body-mb", callback=finite, min=0.001, help="Largest request body; beyond it, 413.")
+]
+
+ServeTimeout = Annotated[
+    float, typer.Option("--timeout", callback=finite, min=0.1, help="Seconds a request may take; beyond it, 504.")
+]
+
 
 @app.command(epilog=EXIT_CODES)
 def serve(
@@ -27,75 +109,19 @@ def serve(
     dtype: Dtype = "auto",
     max_patches: MaxPatches = None,
     text_rules: TextRules = "canonical",
-    host: Annotated[
-        str, typer.Option("--host", help="Address to listen on (another than loopback only when you mean it).")
-    ] = "127.0.0.1",
-    allow_host: Annotated[
-        Optional[List[str]],
-        typer.Option(
-            "--allow-host",
-            help=(
-                "Also answer requests that name this host in their Host header (repeatable): the names clients use to "
-                "reach a server on --host 0.0.0.0. Loopback names and --host are always answered."
-            ),
-            show_default=False,
-        ),
-    ] = None,
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on.")] = 8002,
-    api_key: Annotated[
-        Optional[str],
-        typer.Option(
-            "--api-key",
-            envvar="SIGLIP_API_KEY",
-            help="Require 'Authorization: Bearer KEY' (all routes but /health and /ready). \\[env: SIGLIP_API_KEY]",
-            show_default=False,
-            show_envvar=False,
-        ),
-    ] = None,
-    vocab: Annotated[
-        Optional[str],
-        typer.Option(
-            "--vocab", help="A vocabulary for POST /tag (one tag a line, as for `siglip tag`).", show_default=False
-        ),
-    ] = None,
-    threshold: Annotated[
-        float,
-        typer.Option(
-            "--threshold",
-            callback=finite,
-            min=0.0,
-            max=1.0,
-            help="/tag's default threshold (a request may give its own).",
-        ),
-    ] = DEFAULT_THRESHOLD,
-    index: Annotated[
-        Optional[str],
-        typer.Option(
-            "--index",
-            help=(
-                "An index of this model for POST /search (and `siglip search --server`): searched here, its sidecar "
-                "kept warm."
-            ),
-            show_default=False,
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Most items per forward pass, gathered from all requests.")
-    ] = 16,
-    max_wait_ms: Annotated[
-        float,
-        typer.Option("--max-wait-ms", callback=finite, min=0.0, help="How long a batch's first item waits for others."),
-    ] = 5.0,
-    max_queue: Annotated[
-        int, typer.Option("--max-queue", min=1, help="Items waiting, all requests together; beyond it, 429.")
-    ] = 1024,
-    max_items: Annotated[int, typer.Option("--max-items", min=1, help="Items in one request; beyond it, 422.")] = 256,
-    max_body_mb: Annotated[
-        float, typer.Option("--max-body-mb", callback=finite, min=0.001, help="Largest request body; beyond it, 413.")
-    ] = 32.0,
-    timeout: Annotated[
-        float, typer.Option("--timeout", callback=finite, min=0.1, help="Seconds a request may take; beyond it, 504.")
-    ] = 30.0,
+    host: Host = "127.0.0.1",
+    allow_host: AllowHost = None,
+    port: Port = 8002,
+    api_key: ApiKey = None,
+    vocab: ServeVocab = None,
+    threshold: ServeThreshold = DEFAULT_THRESHOLD,
+    index: ServeIndex = None,
+    batch_size: ServeBatchSize = 16,
+    max_wait_ms: MaxWaitMs = 5.0,
+    max_queue: MaxQueue = 1024,
+    max_items: MaxItems = 256,
+    max_body_mb: MaxBodyMb = 32.0,
+    timeout: ServeTimeout = 30.0,
     workers: Workers = ...,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:

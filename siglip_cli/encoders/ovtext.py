@@ -1,5 +1,5 @@
 """The text tower on OpenVINO, as the cache keeps it: converted once per model and text length (see
-openvino.convert_text), with the checkpoint's tokenizer as transformers configures it for SigLIP's text rules
+openvino_text.convert_text), with the checkpoint's tokenizer as transformers configures it for SigLIP's text rules
 (lowercased by the caller, right-padded to the trained length, truncated, EOS kept). Reading it needs neither
 torch nor transformers: a text search whose tower is cached starts in seconds, not in the ten that importing
 those two takes on a slow CPU.

@@ -31,7 +31,7 @@ def is_file_output(path: str) -> bool:
     return path.lower().endswith(".parquet") and not os.path.isdir(path)
 
 
-def _parts(folder: str) -> list[str]:
+def part_files(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(os.path.join(folder, n) for n in os.listdir(folder) if PART.fullmatch(n))
@@ -39,7 +39,7 @@ def _parts(folder: str) -> list[str]:
 
 def index_files(index: str) -> list[str]:
     """An index's files: itself, or its folder's parts."""
-    return [index] if is_file_output(index) or not os.path.isdir(index) else _parts(index)
+    return [index] if is_file_output(index) or not os.path.isdir(index) else part_files(index)
 
 
 def state(index: str) -> list:
@@ -67,7 +67,7 @@ class FolderLayout:
         remove_leftovers(self.parts_dir, PART.pattern)
 
     def segments(self) -> list[str]:
-        return _parts(self.parts_dir)
+        return part_files(self.parts_dir)
 
     def next_part(self) -> str:
         """The path of a new part, numbered after every part already there."""
@@ -129,7 +129,7 @@ class FileLayout:
         remove_leftovers(self.folder, re.escape(self.name))  # a merge cut short
 
     def segments(self) -> list[str]:
-        return ([self.path] if os.path.exists(self.path) else []) + _parts(self.parts_dir)
+        return ([self.path] if os.path.exists(self.path) else []) + part_files(self.parts_dir)
 
     next_part = FolderLayout.next_part
 

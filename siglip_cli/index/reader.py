@@ -10,10 +10,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .files import METADATA_KEY
-from .layouts import _parts, is_file_output
+from .layouts import is_file_output, part_files
 
 
-def _signature(schema: pa.Schema):
+def schema_signature(schema: pa.Schema):
     """The settings a part was made with: parts of other settings do not belong with the newest."""
     try:
         return json.loads(schema.metadata[METADATA_KEY]).get("signature")
@@ -30,15 +30,15 @@ def read_index(path: str, columns: list[str] | None = None) -> pa.Table:
     if is_file_output(path) or not os.path.isdir(path):
         return pq.read_table(path, columns=columns)
     tables = []
-    for part in reversed(_parts(path)):  # newest first: it decides the settings that count
+    for part in reversed(part_files(path)):  # newest first: it decides the settings that count
         try:
             schema = pq.read_schema(part)
-            if tables and _signature(schema) != tables[0][1]:
+            if tables and schema_signature(schema) != tables[0][1]:
                 continue  # a part of other settings, left by a rebuild (--overwrite) still going or killed
             if "path" not in schema.names:  # a text output: rewritten whole, its newest part is all of it
                 return pq.read_table(part, columns=columns)
             need = None if columns is None else list(dict.fromkeys(columns + ["path", "path_bytes"]))
-            tables.append((pq.read_table(part, columns=need), _signature(schema)))
+            tables.append((pq.read_table(part, columns=need), schema_signature(schema)))
         except FileNotFoundError:  # removed by a run finishing meanwhile: it held only superseded rows
             continue
     if not tables:

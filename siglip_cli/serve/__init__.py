@@ -38,12 +38,12 @@ def text_on_openvino(encoder: Encoder) -> None:
     there do, so a served text vector is theirs; converted at startup where not cached): one query in 0.45 s
     against torch's 0.61 s on so400m's text tower, two cores. Images stay on torch: OpenVINO's image graph
     has a fixed batch, and a server's batches are of every size."""
-    from ..encoders import openvino, ovtext
+    from ..encoders import openvino_text, ovtext
 
     if encoder.device.type == "cpu" and ovtext.available():
         from ..config import usable_cpus
 
-        openvino.attach_text(encoder, encoder.dtype, usable_cpus())
+        openvino_text.attach_text(encoder, encoder.dtype, usable_cpus())
 
 
 def bind(host: str, port: int):
