@@ -94,6 +94,17 @@ def resolve_dtype(name: str, devices: torch.device | list[torch.device]) -> torc
     return torch.float32
 
 
+def resolve_quantize(cfg: ModelConfig, device: torch.device, naflex: bool) -> str:
+    """--quantize as a run does it. auto: int8 where OpenVINO runs the image tower on a CPU with int8 dot products
+    (VNNI, AMX), held to --int8-bound as int8 is; none elsewhere (NaFlex, --backend torch, --compile, a GPU)."""
+    if cfg.quantize != "auto":
+        return cfg.quantize
+    from .encoders import openvino
+
+    cpu = device.type == "cpu" and cfg.backend != "torch" and not cfg.compile and not naflex
+    return "int8" if cpu and openvino.available() and compat.cpu_int8_native() else "none"
+
+
 def resolve_backend(cfg: ModelConfig, device: torch.device, naflex: bool) -> str:
     """'torch' or 'openvino' for the image tower. auto: OpenVINO on a CPU when the extra is installed (not with
     --compile, a torch feature); NaFlex checkpoints always run on torch."""

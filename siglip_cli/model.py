@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -15,7 +16,14 @@ import torch.nn.functional as F
 from . import compat
 from .checkpoint import cannot_load, download_note, hf_quiet, image_spec, stored_scalars, towers
 from .config import TEXT_LENGTH, ModelConfig, usable_cpus
-from .devices import check_compiler, default_batch_size, resolve_backend, resolve_devices, resolve_dtype
+from .devices import (
+    check_compiler,
+    default_batch_size,
+    resolve_backend,
+    resolve_devices,
+    resolve_dtype,
+    resolve_quantize,
+)
 from .errors import RunError, first_line
 from .loader import Batch
 from .text import prepare
@@ -157,6 +165,7 @@ class Encoder:
         try:
             config = AutoConfig.from_pretrained(cfg.name, revision=revision)
             naflex = config.model_type == "siglip2"
+            cfg = dataclasses.replace(cfg, quantize=resolve_quantize(cfg, devices[0], naflex))
             backend = resolve_backend(cfg, devices[0], naflex)
             load = torch.float32 if backend == "openvino" else dtype  # OpenVINO converts float32 weights
             scalars = stored_scalars(cfg.name, revision)

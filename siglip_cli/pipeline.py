@@ -17,7 +17,7 @@ import torch
 
 from .config import RunConfig
 from .decode import may_work_now
-from .devices import default_batch_size, resolve_devices, resolve_dtype
+from .devices import default_batch_size, resolve_devices, resolve_dtype, resolve_quantize
 from .encode import finite, launch, made_with, metadata
 from .errors import RunError
 from .index import Root, Store
@@ -29,7 +29,7 @@ from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows
 from .sources import Skip, is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
-from .weights import MODEL_KEYS, local_fingerprint, model_signature, patches_setting, resolve_weights
+from .weights import MODEL_KEYS, checkpoint_json, local_fingerprint, model_signature, patches_setting, resolve_weights
 
 
 def version_note(before: dict, now: dict) -> str | None:
@@ -152,6 +152,11 @@ def _start(cfg: RunConfig) -> Summary:
         if note:
             print(f"siglip: note: {note}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_patches=patches))
+        if cfg.model.quantize == "auto":  # int8 or none, in the signature as if given
+            naflex = checkpoint_json(cfg.model.name, cfg.model.revision, "config.json").get("model_type") == "siglip2"
+            device = torch.device("cpu") if cfg.ray else resolve_devices(cfg.model.device)[0]
+            quantize = "none" if cfg.ray else resolve_quantize(cfg.model, device, naflex)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize=quantize))
     if cfg.ray:
         from .cluster import prepare
 

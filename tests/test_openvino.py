@@ -67,6 +67,26 @@ def test_quantized_runs_are_recorded_and_never_mixed(cli, fixed_ckpt, photos, tm
     assert back.exit_code == 1 and f"quantize: '{mode}' there, 'none' now" in back.stderr
 
 
+@pytest.mark.parametrize("int8_dot_products", [True, False])
+def test_quantize_auto_is_int8_only_where_the_cpu_has_int8_dot_products(
+    cli, ckpt, photos, tmp_path, cache, monkeypatch, int8_dot_products
+):
+    """auto is recorded as what it became (int8, held to its bound as int8 is; or none): NaFlex checkpoints, which
+    run on torch, are none wherever they run, without a note about it."""
+    from siglip_cli import compat
+
+    monkeypatch.setattr(compat, "cpu_int8_native", lambda: int8_dot_products)
+    paths = sorted(photos.glob("*.JPEG"))[:16]
+    out = tmp_path / "auto"
+    result = cli("embed", *paths, "-o", out, "-m", ckpt, "--dtype", "float32", "--quantize", "auto")
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(pq.read_schema(next(out.glob("*.parquet"))).metadata[b"siglip"])
+    became = "int8" if int8_dot_products and "naflex" not in ckpt.name else "none"
+    assert meta["signature"]["quantize"] == became and "NaFlex" not in result.stderr
+    again = cli("embed", *paths, "-o", out, "-m", ckpt, "--dtype", "float32", "--quantize", became)
+    assert again.exit_code == 0 and "16 unchanged" in again.stderr  # the same setting as naming it
+
+
 def test_int8_is_held_to_its_bound_on_other_photos_of_the_run(cli, fixed_ckpt, photos, tmp_path, cache):
     """Calibrated on the first 64 photos, checked against float32 on the next: kept, or int8 weights only, or
     float, said on stderr and in the metadata; never vectors under the bound silently. A later run reuses the

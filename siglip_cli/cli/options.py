@@ -43,7 +43,7 @@ def finite(value: float | None) -> float | None:
 
 dtype_name = one_of("auto", "float32", "bfloat16", "float16")
 backend_name = one_of("auto", "torch", "openvino")
-quantize_name = one_of("none", "int8", "int8-weights", "int4")
+quantize_name = one_of("none", "auto", "int8", "int8-weights", "int4")
 
 
 Paths = Annotated[
@@ -167,9 +167,10 @@ Quantize = Annotated[
     typer.Option(
         "--quantize",
         help=(
-            "none|int8|int8-weights|int4 (OpenVINO on a CPU): int8 quantizes weights and activations, calibrated on "
-            "the run's first photos and checked against float32 on the next (see --int8-bound); int8-weights and "
-            "int4 compress the weights only."
+            "none|auto|int8|int8-weights|int4 (OpenVINO on a CPU): int8 quantizes weights and activations, "
+            "calibrated on the run's first photos and checked against float32 on the next (see --int8-bound); "
+            "auto is int8 on a CPU with int8 dot products (VNNI, AMX), none elsewhere; int8-weights and int4 "
+            "compress the weights only."
         ),
         callback=quantize_name,
     ),
