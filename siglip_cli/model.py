@@ -54,6 +54,28 @@ class _Features(torch.nn.Module):
         return getattr(self.model, self.method)(**inputs)
 
 
+class TorchText:
+    """The checkpoint's text tower on torch, loaded the first time texts are encoded (or given: a whole model's)."""
+
+    backend = "torch"
+
+    def __init__(self, encoder: "Encoder", model=None):
+        self.encoder, self.model = encoder, model
+
+    @property
+    def kind(self) -> str:
+        """What decides the text embeddings' numbers (the vocabulary cache's key)."""
+        return str(self.encoder.text_dtype)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        e = self.encoder
+        if self.model is None:
+            self.model = e.load_text(e.text_dtype).to(e.device).eval()
+        # No attention mask: the text tower was trained without one, and passing it changes the embedding.
+        feats = self.model(input_ids=e.tokenize(texts).to(e.device))
+        return F.normalize(feats.pooler_output.float(), dim=-1)
+
+
 class Encoder:
     """A checkpoint on its device: L2-normalized image and text embeddings, and the logit scale and bias."""
 
@@ -68,16 +90,17 @@ class Encoder:
         scalars: dict[str, float] | None = None,
         config=None,
         openvino: dict | None = None,
+        text_openvino: dict | None = None,
     ):
         """model: a whole SiglipModel / Siglip2Model, or only its vision tower (then `config` is the checkpoint's
         whole config, `scalars` hold the logit scale and bias, and the text tower and the tokenizer are loaded
-        from cfg's checkpoint the first time texts are encoded)."""
+        from cfg's checkpoint the first time texts are encoded). openvino: the image tower on OpenVINO (see
+        _image_tower); text_openvino: the text tower too, dict(precision, threads) (encoders/openvino_text.py)."""
         whole = hasattr(model, "get_image_features")  # the public API of a whole model; a tower is called
         self.config = model.config if whole else config
         self.device, self.dtype, self.text_dtype = device, dtype, model.dtype
         model = model.to(device).eval()
         self.vision = _Features(model, "get_image_features") if whole else model
-        self._text = _Features(model, "get_text_features") if whole else None
         self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
         self.text_rules = cfg.text_rules
         self.naflex = self.config.model_type == "siglip2"
@@ -116,8 +139,12 @@ class Encoder:
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
         self.chunk = 0  # after running out of memory: images per forward pass (0: the whole batch)
         self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
-        self.text_backend, self.text_runner = "torch", None  # what runs the text tower (encoders/ may change it)
-        self.text_kind = str(self.text_dtype)  # what decides the text embeddings' numbers (the vocab cache's key)
+        torch_text = TorchText(self, _Features(model, "get_text_features") if whole else None)
+        self.text_tower = torch_text  # what runs the text tower, chosen once (an OpenVINO one falls back within)
+        if text_openvino is not None:
+            from .encoders.openvino_text import OpenVINOText
+
+            self.text_tower = OpenVINOText(self, torch_text, **text_openvino)
         self.tower, self.backend, self.quantize = self._image_tower(cfg.compile, openvino)
 
     def _image_tower(self, compile: bool, openvino: dict | None):
@@ -135,19 +162,27 @@ class Encoder:
         return (self._compiled(tower) if compile else tower), "torch", "none"
 
     @classmethod
-    def load(cls, cfg: ModelConfig, show_downloads: bool = False, batch_size: int | None = None) -> "Encoder":
+    def load(
+        cls, cfg: ModelConfig, show_downloads: bool = False, batch_size: int | None = None, text_openvino=None
+    ) -> "Encoder":
         """The model on the first of cfg's devices (see load_all)."""
-        return cls.load_all(cfg, show_downloads, first_only=True, batch_size=batch_size)[0]
+        return cls.load_all(cfg, show_downloads, True, batch_size, text_openvino)[0]
 
     @classmethod
     def load_all(
-        cls, cfg: ModelConfig, show_downloads: bool = False, first_only: bool = False, batch_size: int | None = None
+        cls,
+        cfg: ModelConfig,
+        show_downloads: bool = False,
+        first_only: bool = False,
+        batch_size: int | None = None,
+        text_openvino: bool | None = None,
     ) -> list["Encoder"]:
         """Load a Hub id or a local folder, once, onto each of cfg's devices; a model that cannot be had is a
         RunError with one readable line. What runs each tower is chosen here, once.
 
         show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
         batch_size: the run's (default: the device's); an OpenVINO image graph is built for it.
+        text_openvino: the text tower on OpenVINO where it can be had (None: where the image tower may be).
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -183,6 +218,13 @@ class Encoder:
         threads = max(1, usable_cpus() // len(devices))  # several CPU encoders share the cores
         batch = batch_size or default_batch_size(devices[0])
         ov = dict(dtype=dtype, quantize=cfg.quantize, threads=threads, batch=batch, bound=cfg.int8_bound)
+        # the text tower on OpenVINO where the image tower may be (NaFlex checkpoints' too: it has one fixed
+        # shape), or where asked for (the server's texts, its images on torch)
+        text_ov = on_cpu if text_openvino is None else text_openvino and devices[0].type == "cpu"
+        if text_ov:
+            from .encoders import ovtext
+
+            text_ov = ovtext.available() and dict(precision=ovtext.precision(dtype), threads=threads)
         encoders = []
         for i, device in enumerate(devices):
             # Each GPU gets its own copy, made on the host before the first one moves; CPU encoders share one.
@@ -197,12 +239,8 @@ class Encoder:
                 scalars,
                 config,
                 openvino=ov if on_cpu and backend == "openvino" else None,
+                text_openvino=text_ov or None,
             )
-            if on_cpu:
-                from .encoders import openvino_text, ovtext
-
-                if ovtext.available():  # NaFlex checkpoints' text tower too: it has one fixed shape
-                    openvino_text.attach_text(encoder, dtype, threads)
             encoders.append(encoder)
         return encoders
 
@@ -221,11 +259,12 @@ class Encoder:
         return self._tokenizer
 
     @property
-    def text(self):
-        """The text tower on this device, loaded the first time texts are encoded."""
-        if self._text is None:
-            self._text = self.load_text(self.text_dtype).to(self.device).eval()
-        return self._text
+    def text_backend(self) -> str:
+        return self.text_tower.backend
+
+    @property
+    def text_kind(self) -> str:
+        return self.text_tower.kind
 
     def load_text(self, dtype: torch.dtype):
         """The checkpoint's text tower, read from its weights in dtype (on the CPU)."""
@@ -366,12 +405,5 @@ class Encoder:
     def encode_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Embeddings (n, D) float32 on the device: cleaned, right-padded to the trained length, no mask."""
         with self.on_device():
-            out = [self._texts(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+            out = [self.text_tower(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
             return torch.cat(out) if out else torch.empty((0, self.info.dim), device=self.device)
-
-    def _texts(self, texts: list[str]) -> torch.Tensor:
-        if self.text_runner is not None:
-            return torch.from_numpy(self.text_runner(prepare(texts, self.text_rules))).to(self.device)
-        # No attention mask: the text tower was trained without one, and passing it changes the embedding.
-        feats = self.text(input_ids=self.tokenize(texts).to(self.device))
-        return F.normalize(feats.pooler_output.float(), dim=-1)

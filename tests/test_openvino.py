@@ -248,7 +248,7 @@ def test_text_tower_matches_torch_and_is_cached(cli, any_ckpt, photos, tmp_path,
     if not v1:
         from siglip_cli.text import prepare
 
-        np.testing.assert_array_equal(ov.text_runner.tower.ids(prepare(WORDS)), pt.tokenize(WORDS).numpy())
+        np.testing.assert_array_equal(ov.text_tower.tower.ids(prepare(WORDS)), pt.tokenize(WORDS).numpy())
 
 
 def test_text_tower_stays_on_torch_without_the_memory_to_convert(fixed_ckpt, cache, monkeypatch, capsys):
@@ -295,7 +295,8 @@ def test_nothing_is_sent_and_ctrl_c_waits_for_the_conversion(fixed_ckpt, tmp_pat
 
     script = f"""
 import signal
-import siglip_cli.encoders.openvino as ovb, openvino.tools.ovc.telemetry_utils as t
+import siglip_cli.encoders.openvino as ovb, siglip_cli.encoders.openvino_text as ovt
+import openvino.tools.ovc.telemetry_utils as t
 ovb.import_nncf()  # as siglip imports it: its log (a version warning, say) off stdout
 import nncf.telemetry.wrapper as w
 from siglip_cli.config import ModelConfig
@@ -309,7 +310,7 @@ try:
     with signals_held():
         signal.raise_signal(signal.SIGINT)
         try:
-            print("converted", ovb.convert_text(encoder, {str(tmp_path / "text")!r}))
+            print("converted", ovt.convert_text(encoder, {str(tmp_path / "text")!r}))
         except KeyboardInterrupt:
             inside = True
 except KeyboardInterrupt:

@@ -161,8 +161,10 @@ def serve(
                 model, revision, device.split(",")[0], dtype, max_patches, backend="torch", text_rules=text_rules
             ),
             show_downloads=sys.stderr.isatty(),
+            # texts on the OpenVINO text tower on a CPU, as `tag` and `classify` there (a served text vector is
+            # theirs); images on torch: an OpenVINO image graph has one batch size, a server's batches have all
+            text_openvino=True,
         )
-        server.text_on_openvino(encoder)
         cfg = server.ServeConfig(
             host,
             port,

@@ -11,7 +11,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +31,7 @@ class _TextTower(torch.nn.Module):
         return F.normalize(self.text(input_ids=ids).pooler_output.float(), dim=-1)
 
 
-def convert_text(encoder, folder: str) -> bool:
+def convert_text(encoder, folder: str, torch_text=None) -> bool:
     """Convert the encoder's text tower (read again in float32) to OpenVINO and save it in `folder` (see ovtext),
     with the tokenizer as transformers configures it for SigLIP's text rules. False where the checkpoint's
     tokenizer is a slow (Python) one, which cannot be saved for the tokenizers library, or where converting would
@@ -50,8 +49,8 @@ def convert_text(encoder, folder: str) -> bool:
     # about two more copies of the weights at the peak (so400m's text tower, 2.8 GB: 7.6 GB in all)
     if short := memory_short(text, 2, "it"):
         say(f"note: the text tower stays on torch: {short}")
-        if encoder._text is None and encoder.text_dtype == torch.float32:  # loaded already: used as it is
-            encoder._text = text.to(encoder.device).eval()
+        if torch_text is not None and torch_text.model is None and encoder.text_dtype == torch.float32:
+            torch_text.model = text.to(encoder.device).eval()  # loaded already: the fallback uses it as it is
         return False
     tower = _TextTower(text).eval()
     parent = os.path.dirname(folder)
@@ -74,47 +73,51 @@ def convert_text(encoder, folder: str) -> bool:
     return True
 
 
-class TextRunner:
-    """texts (lowercased) -> embeddings (n, D) float32 by the cached OpenVINO text tower, converted at first use;
-    the torch text tower where the tokenizer cannot be saved (then the encoder falls back for good)."""
+class OpenVINOText:
+    """A text tower: texts -> embeddings (n, D) float32 on the encoder's device by the cached OpenVINO text tower,
+    converted at first use; where it cannot be had (no tokenizer to save, no memory to convert, a converter or
+    compiler that fails), the torch tower it was given, for the rest of the run (then `backend` says torch)."""
 
-    def __init__(self, encoder, precision: str, threads: int):
-        self.encoder, self.precision, self.threads, self.tower = encoder, precision, threads, None
+    def __init__(self, encoder, torch_text, precision: str, threads: int):
+        self.encoder, self.torch, self.precision, self.threads = encoder, torch_text, precision, threads
+        self.tower, self.fell_back = None, False
 
-    def __call__(self, texts: list[str]) -> np.ndarray:
+    @property
+    def backend(self) -> str:
+        return "torch" if self.fell_back else "openvino"
+
+    @property
+    def kind(self) -> str:
+        """What decides the text embeddings' numbers (the vocabulary cache's key)."""
+        return self.torch.kind if self.fell_back else f"openvino {self.precision}"
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        from ..text import prepare
+
+        if not self.fell_back and self.tower is None:
+            self.fell_back = not self._open()
+        if self.fell_back:
+            return self.torch(texts)
+        e = self.encoder
+        return torch.from_numpy(self.tower(prepare(texts, e.text_rules))).to(e.device)
+
+    def _open(self) -> bool:
         from . import ovtext
 
-        if self.tower is None:
-            e = self.encoder
-            folder = ovtext.place(e.fingerprint, e.info.text_length)
-            if not ovtext.cached(folder):
-                try:
-                    converted = convert_text(e, folder)
-                except RunError:
-                    raise
-                except Exception as error:  # a converter that fails: the text tower stays on torch
-                    say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {first_line(error)})")
-                    converted = False
-                if not converted:
-                    return self._torch(texts)
-            try:
-                self.tower = ovtext.TextTower(folder, self.precision, self.threads)
-            except Exception as error:  # a cached tower OpenVINO cannot compile here: torch, for this run
-                say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {first_line(error)})")
-                return self._torch(texts)
-        return self.tower(texts)
-
-    def _torch(self, texts: list[str]) -> np.ndarray:
-        """The encoder's torch text tower from now on (and the vocabulary cache's key says so)."""
         e = self.encoder
-        e.text_runner, e.text_backend, e.text_kind = None, "torch", str(e.text_dtype)
-        return e._texts(texts).cpu().numpy()
-
-
-def attach_text(encoder, dtype: torch.dtype, threads: int) -> None:
-    """Run the encoder's text tower on OpenVINO at the precision of dtype (converted and cached at first use)."""
-    from .ovtext import precision as _precision
-
-    precision = _precision(dtype)
-    encoder.text_runner = TextRunner(encoder, precision, threads)
-    encoder.text_backend, encoder.text_kind = "openvino", f"openvino {precision}"
+        folder = ovtext.place(e.fingerprint, e.info.text_length)
+        if not ovtext.cached(folder):
+            try:
+                if not convert_text(e, folder, self.torch):
+                    return False
+            except RunError:
+                raise
+            except Exception as error:  # a converter that fails: the text tower stays on torch
+                say(f"note: the text tower stays on torch (OpenVINO cannot convert it: {first_line(error)})")
+                return False
+        try:
+            self.tower = ovtext.TextTower(folder, self.precision, self.threads)
+        except Exception as error:  # a cached tower OpenVINO cannot compile here: torch, for this run
+            say(f"note: the text tower stays on torch (OpenVINO cannot compile it: {first_line(error)})")
+            return False
+        return True

@@ -33,19 +33,6 @@ def index_patches(index: str, model: str, revision: str | None, given: int | Non
     return given if given is not None else theirs
 
 
-def text_on_openvino(encoder: Encoder) -> None:
-    """On a CPU with the openvino extra, texts are embedded by the OpenVINO text tower (as `tag` and `classify`
-    there do, so a served text vector is theirs; converted at startup where not cached): one query in 0.45 s
-    against torch's 0.61 s on so400m's text tower, two cores. Images stay on torch: OpenVINO's image graph
-    has a fixed batch, and a server's batches are of every size."""
-    from ..encoders import openvino_text, ovtext
-
-    if encoder.device.type == "cpu" and ovtext.available():
-        from ..config import usable_cpus
-
-        openvino_text.attach_text(encoder, encoder.dtype, usable_cpus())
-
-
 def bind(host: str, port: int):
     """The server's socket, bound before the model loads: a port in use or a bad --host is one line at once
     (it was uvicorn's, after a minute of loading, with exit 3). Not listening yet: until the model is ready a
