@@ -330,9 +330,14 @@ def dedup(v: Vectors, threshold: float) -> Results:
     members: dict[int, list[int]] = {}
     for x in sorted(set(i.tolist()) | set(j.tolist())):
         members.setdefault(root(x), []).append(x)
-    rows = {x: v.rows.record(x) for group in members.values() for x in group}
+    return group_results(v, list(members.values()))
+
+
+def group_results(v: Vectors, groups: list[list[int]], score: str = "cosine") -> Results:
+    """Groups of rows (row numbers, in order) as dedup's table: one row per member, the representative first."""
+    rows = {x: v.rows.record(x) for group in groups for x in group}
     out = []
-    for g, group in enumerate(sorted(members.values(), key=lambda m: rows[m[0]]["path"]), start=1):
+    for g, group in enumerate(sorted(groups, key=lambda m: rows[m[0]]["path"]), start=1):
         rep = max(group, key=lambda x: ((rows[x]["width"] or 0) * (rows[x]["height"] or 0), rows[x]["size"] or 0, -x))
         r = np.asarray(v.matrix[rep], np.float32)
         r = r / np.linalg.norm(r)
@@ -340,4 +345,4 @@ def dedup(v: Vectors, threshold: float) -> Results:
             u = np.asarray(v.matrix[x], np.float32)
             score = float(np.float32(np.dot(u / np.linalg.norm(u), r)))  # a cosine, as pairs finds them
             out.append({"group": g, "representative": x == rep, "score": score, **rows[x]})
-    return Results(["group", "representative", "score", "path", "width", "height", "size", "path_bytes"], out, "cosine")
+    return Results(["group", "representative", "score", "path", "width", "height", "size", "path_bytes"], out, score)

@@ -76,3 +76,40 @@ def test_a_plan_whose_files_changed_is_refused_whole(cli, fixed_ckpt, library, t
     r = cli("dedup", "--apply", plan)
     assert r.exit_code == 1 and "changed since the plan" in r.stderr and files(library) == before
     assert not (tmp_path / "q").exists()
+
+
+def shot(source, path, when: str, **save):
+    """A copy of a photo with an EXIF capture time (DateTimeOriginal and its sub-seconds)."""
+    from PIL import Image
+
+    im = Image.open(source).convert("RGB")
+    exif = Image.Exif()
+    stamp, _, subsec = when.partition(".")
+    exif.get_ifd(0x8769)[36867] = stamp
+    if subsec:
+        exif.get_ifd(0x8769)[37521] = subsec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path, exif=exif, **save)
+
+
+def test_bursts_are_shots_of_one_folder_close_in_time_that_look_alike(cli, fixed_ckpt, photos, tmp_path):
+    b, c = sorted(photos.glob("*.JPEG"))[1:3]
+    lib = tmp_path / "library"
+    shot(b, lib / "day" / "1.jpg", "2024:05:01 10:00:00", quality=95)
+    shot(b, lib / "day" / "2.jpg", "2024:05:01 10:00:01", quality=80)
+    shot(c, lib / "day" / "3.jpg", "2024:05:01 10:00:01.5", quality=95)  # in the window, another scene
+    shot(b, lib / "day" / "4.jpg", "2024:05:01 10:00:02.25", quality=70)  # 1.25 s after 2: in through it
+    shot(b, lib / "day" / "5.jpg", "2024:05:01 10:05:00", quality=95)  # the same scene, minutes later
+    shot(b, lib / "other" / "6.jpg", "2024:05:01 10:00:01", quality=95)  # the same moment, another folder
+    Image.open(b).save(lib / "day" / "7.jpg", quality=90)  # no capture time
+    index = tmp_path / "index.parquet"
+    assert cli("embed", lib, "-o", index, "-m", fixed_ckpt, *TORCH).exit_code == 0
+    plan = tmp_path / "plan.jsonl"
+    r = cli("dedup", index, "--bursts", "1.5", "--threshold", "0.99", "--json", "--plan", plan)
+    assert r.exit_code == 0, r.stderr
+    found = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {os.path.relpath(g["path"], lib) for g in found} == {"day/1.jpg", "day/2.jpg", "day/4.jpg"}
+    assert {g["group"] for g in found} == {1} and sum(g["representative"] for g in found) == 1
+    assert {json.loads(x)["tier"] for x in plan.read_text().splitlines()} == {"bursts"}
+    both = cli("dedup", index, "--bursts", "2", "--similar")
+    assert both.exit_code == 2 and "one tier at a time" in both.stderr

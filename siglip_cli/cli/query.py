@@ -197,6 +197,17 @@ def dedup(
             "--similar", help="Group similar shots (bursts, cosine >= 0.92) instead of near-identical copies (>= 0.99)."
         ),
     ] = False,
+    bursts: Annotated[
+        Optional[float],
+        typer.Option(
+            "--bursts",
+            callback=finite,
+            min=0.0,
+            help="Group bursts instead: shots of one folder taken within SECONDS of one another (EXIF capture time) "
+            "that look alike (cosine >= 0.92, or --threshold).",
+            show_default=False,
+        ),
+    ] = None,
     threshold: Annotated[
         Optional[float],
         typer.Option(
@@ -214,12 +225,15 @@ def dedup(
 ) -> None:
     """Find groups of near-duplicate photos in an index (never deletes anything).
 
-    By default near-identical copies (resized, recompressed: cosine >= 0.99); --similar groups shots of one scene."""
+    By default near-identical copies (resized, recompressed: cosine >= 0.99); --similar groups shots of one scene;
+    --bursts SECONDS shots of one folder taken within SECONDS of one another that look alike."""
 
     from .. import plan as plans
 
     if (index is None) == (apply is None):
         raise typer.BadParameter("give an index to look in, or --apply PLAN (one of them)")
+    if sum((exact, similar, bursts is not None)) > 1:
+        raise typer.BadParameter("one tier at a time: --exact, --similar or --bursts SECONDS")
     usage(lambda: plans.check_rule(keep))
     if apply is not None:
         with one_line():
@@ -235,10 +249,23 @@ def dedup(
         else:
             from ..vectors import load
 
-            limit = threshold if threshold is not None else (s.SIMILAR if similar else s.NEAR_IDENTICAL)
-            found = s.dedup(load(index), limit)
+            v = load(index)
+            limit = (
+                threshold
+                if threshold is not None
+                else (s.SIMILAR if similar or bursts is not None else s.NEAR_IDENTICAL)
+            )
+            if bursts is None:
+                found = s.dedup(v, limit)
+            else:
+                from ..bursts import burst_groups
+                from ..sources import stored_path
+
+                records = [v.rows.record(i) for i in range(len(v.matrix))]
+                paths = [stored_path(r["path"], r.get("path_bytes")) for r in records]
+                found = s.group_results(v, burst_groups(paths, v.matrix, bursts, limit))
         if plan is not None:
-            tier = "exact" if exact else "similar" if similar else "near-identical"
+            tier = "exact" if exact else "similar" if similar else "bursts" if bursts is not None else "near-identical"
             n = plans.write_plan(plans.groups_of(found), tier, keep, plan, quarantine)
             print(
                 f"siglip: {n:,} moves planned in {plan}; review it, then: siglip dedup --apply {plan}", file=sys.stderr
