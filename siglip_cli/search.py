@@ -333,7 +333,7 @@ def dedup(v: Vectors, threshold: float) -> Results:
     return group_results(v, list(members.values()))
 
 
-def group_results(v: Vectors, groups: list[list[int]], score: str = "cosine") -> Results:
+def group_results(v: Vectors, groups: list[list[int]]) -> Results:
     """Groups of rows (row numbers, in order) as dedup's table: one row per member, the representative first."""
     rows = {x: v.rows.record(x) for group in groups for x in group}
     out = []
@@ -345,4 +345,4 @@ def group_results(v: Vectors, groups: list[list[int]], score: str = "cosine") ->
             u = np.asarray(v.matrix[x], np.float32)
             score = float(np.float32(np.dot(u / np.linalg.norm(u), r)))  # a cosine, as pairs finds them
             out.append({"group": g, "representative": x == rep, "score": score, **rows[x]})
-    return Results(["group", "representative", "score", "path", "width", "height", "size", "path_bytes"], out, score)
+    return Results(["group", "representative", "score", "path", "width", "height", "size", "path_bytes"], out, "cosine")
