@@ -24,6 +24,7 @@ from .devices import (
     resolve_dtype,
     resolve_quantize,
 )
+from .encoders.torch_text import TorchText, WholeTower
 from .errors import RunError, first_line
 from .loader import Batch
 from .text import prepare
@@ -41,39 +42,6 @@ class ModelInfo:
     dim: int
     text_length: int
     preprocessing: str
-
-
-class _Features(torch.nn.Module):
-    """One tower of a whole SiglipModel / Siglip2Model, called as a tower is (its output has `pooler_output`)."""
-
-    def __init__(self, model, method: str):
-        super().__init__()
-        self.model, self.method = model, method
-
-    def forward(self, **inputs):
-        return getattr(self.model, self.method)(**inputs)
-
-
-class TorchText:
-    """The checkpoint's text tower on torch, loaded the first time texts are encoded (or given: a whole model's)."""
-
-    backend = "torch"
-
-    def __init__(self, encoder: "Encoder", model=None):
-        self.encoder, self.model = encoder, model
-
-    @property
-    def kind(self) -> str:
-        """What decides the text embeddings' numbers (the vocabulary cache's key)."""
-        return str(self.encoder.text_dtype)
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        e = self.encoder
-        if self.model is None:
-            self.model = e.load_text(e.text_dtype).to(e.device).eval()
-        # No attention mask: the text tower was trained without one, and passing it changes the embedding.
-        feats = self.model(input_ids=e.tokenize(texts).to(e.device))
-        return F.normalize(feats.pooler_output.float(), dim=-1)
 
 
 class Encoder:
@@ -100,7 +68,7 @@ class Encoder:
         self.config = model.config if whole else config
         self.device, self.dtype, self.text_dtype = device, dtype, model.dtype
         model = model.to(device).eval()
-        self.vision = _Features(model, "get_image_features") if whole else model
+        self.vision = WholeTower(model, "get_image_features") if whole else model
         self._tokenizer, self._source = tokenizer, (cfg.name, cfg.commit or cfg.revision)
         self.text_rules = cfg.text_rules
         self.naflex = self.config.model_type == "siglip2"
@@ -139,7 +107,7 @@ class Encoder:
         self.fingerprint = fingerprint(cfg.name, self.info.commit)
         self.chunk = 0  # after running out of memory: images per forward pass (0: the whole batch)
         self.pad_to = 0  # with --compile: pad every batch to this size, so one compiled graph serves them all
-        torch_text = TorchText(self, _Features(model, "get_text_features") if whole else None)
+        torch_text = TorchText(self, WholeTower(model, "get_text_features") if whole else None)
         self.text_tower = torch_text  # what runs the text tower, chosen once (an OpenVINO one falls back within)
         if text_openvino is not None:
             from .encoders.openvino_text import OpenVINOText

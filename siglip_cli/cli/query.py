@@ -144,81 +144,98 @@ def search(
     show_results(work, output, json_out, html, f"siglip search: {' '.join(query or image or [])}")
 
 
+DedupIndex = Annotated[
+    Optional[str],
+    typer.Argument(help="An index made by `siglip embed`, `tag` or `classify` (folder or file).", show_default=False),
+]
+
+DedupExact = Annotated[
+    bool,
+    typer.Option("--exact", help="Group files with identical bytes (by the index's content hashes; no model)."),
+]
+
+DedupKeep = Annotated[
+    str,
+    typer.Option(
+        "--keep",
+        help="Which file of a group is kept: largest (most pixels, then bytes), oldest (modification time), "
+        "or path-prefix:FOLDER (the one under FOLDER).",
+    ),
+]
+
+DedupPlan = Annotated[
+    Optional[str],
+    typer.Option(
+        "--plan",
+        callback=written_name,
+        help="Also write a plan to this file: one JSON line per file to move into a quarantine folder (every "
+        "member but its group's keeper). Review it, then run `siglip dedup --apply FILE`.",
+        show_default=False,
+    ),
+]
+
+DedupQuarantine = Annotated[
+    Optional[str],
+    typer.Option(
+        "--quarantine",
+        help="Where --plan moves files (default: beside the library, LIBRARY.siglip-quarantine).",
+        show_default=False,
+    ),
+]
+
+DedupApply = Annotated[
+    Optional[str],
+    typer.Option(
+        "--apply",
+        help="Carry out a plan --plan wrote: refused whole if a file changed since, or its keeper is gone. "
+        "Files are moved, never deleted.",
+        show_default=False,
+    ),
+]
+
+DedupSimilar = Annotated[
+    bool,
+    typer.Option(
+        "--similar", help="Group similar shots (bursts, cosine >= 0.92) instead of near-identical copies (>= 0.99)."
+    ),
+]
+
+DedupBursts = Annotated[
+    Optional[float],
+    typer.Option(
+        "--bursts",
+        callback=finite,
+        min=0.0,
+        help="Group bursts instead: shots of one folder taken within SECONDS of one another (EXIF capture time) "
+        "that look alike (cosine >= 0.92, or --threshold).",
+        show_default=False,
+    ),
+]
+
+DedupThreshold = Annotated[
+    Optional[float],
+    typer.Option(
+        "--threshold",
+        callback=finite,
+        min=-1.0,
+        max=1.0,
+        help="Cosine at which two photos join a group (overrides the presets).",
+        show_default=False,
+    ),
+]
+
+
 @app.command(epilog=EXIT_CODES)
 def dedup(
-    index: Annotated[
-        Optional[str],
-        typer.Argument(
-            help="An index made by `siglip embed`, `tag` or `classify` (folder or file).", show_default=False
-        ),
-    ] = None,
-    exact: Annotated[
-        bool,
-        typer.Option("--exact", help="Group files with identical bytes (by the index's content hashes; no model)."),
-    ] = False,
-    keep: Annotated[
-        str,
-        typer.Option(
-            "--keep",
-            help="Which file of a group is kept: largest (most pixels, then bytes), oldest (modification time), "
-            "or path-prefix:FOLDER (the one under FOLDER).",
-        ),
-    ] = "largest",
-    plan: Annotated[
-        Optional[str],
-        typer.Option(
-            "--plan",
-            callback=written_name,
-            help="Also write a plan to this file: one JSON line per file to move into a quarantine folder (every "
-            "member but its group's keeper). Review it, then run `siglip dedup --apply FILE`.",
-            show_default=False,
-        ),
-    ] = None,
-    quarantine: Annotated[
-        Optional[str],
-        typer.Option(
-            "--quarantine",
-            help="Where --plan moves files (default: beside the library, LIBRARY.siglip-quarantine).",
-            show_default=False,
-        ),
-    ] = None,
-    apply: Annotated[
-        Optional[str],
-        typer.Option(
-            "--apply",
-            help="Carry out a plan --plan wrote: refused whole if a file changed since, or its keeper is gone. "
-            "Files are moved, never deleted.",
-            show_default=False,
-        ),
-    ] = None,
-    similar: Annotated[
-        bool,
-        typer.Option(
-            "--similar", help="Group similar shots (bursts, cosine >= 0.92) instead of near-identical copies (>= 0.99)."
-        ),
-    ] = False,
-    bursts: Annotated[
-        Optional[float],
-        typer.Option(
-            "--bursts",
-            callback=finite,
-            min=0.0,
-            help="Group bursts instead: shots of one folder taken within SECONDS of one another (EXIF capture time) "
-            "that look alike (cosine >= 0.92, or --threshold).",
-            show_default=False,
-        ),
-    ] = None,
-    threshold: Annotated[
-        Optional[float],
-        typer.Option(
-            "--threshold",
-            callback=finite,
-            min=-1.0,
-            max=1.0,
-            help="Cosine at which two photos join a group (overrides the presets).",
-            show_default=False,
-        ),
-    ] = None,
+    index: DedupIndex = None,
+    exact: DedupExact = False,
+    keep: DedupKeep = "largest",
+    plan: DedupPlan = None,
+    quarantine: DedupQuarantine = None,
+    apply: DedupApply = None,
+    similar: DedupSimilar = False,
+    bursts: DedupBursts = None,
+    threshold: DedupThreshold = None,
     output: ResultsOut = None,
     json_out: AsJson = False,
     html: Html = None,
