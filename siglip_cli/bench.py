@@ -191,7 +191,7 @@ def timed(encoder: Encoder, args: list, batch_size: int, seconds: float) -> tupl
     return n * batch_size / (time.perf_counter() - t), first
 
 
-def decoderate(records, spec, workers: int, batch_size: int, timeout: float) -> float:
+def decode_rate(records, spec, workers: int, batch_size: int, timeout: float) -> float:
     """Images/s of reading and decoding alone, with the run's worker processes (their start included)."""
     t = time.perf_counter()
     n = sum(len(c) for c in decoded_chunks(records, spec, workers, chunk_size(batch_size, workers), timeout))
@@ -241,7 +241,7 @@ def run(bench: BenchConfig, tag_spec=None) -> dict:
         top, first_call_s = ceiling(
             encoder, batch_size, bench.seconds, decode_photos([FileRecord(p) for p in paths[:batch_size]], spec)
         )
-        decode = decoderate(records, spec, cfg.workers, batch_size, cfg.timeout)
+        decode = decode_rate(records, spec, cfg.workers, batch_size, cfg.timeout)
         run_cfg = dataclasses.replace(cfg, batch_size=batch_size, head=EmbedSpec())
         e2e = end_to_end(run_cfg, encoder, records, folder)
         result = {
@@ -278,7 +278,7 @@ def rate(x: float) -> float:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 

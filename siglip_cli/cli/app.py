@@ -28,9 +28,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-# Options shared by the commands that read images.
-
-
 @app.callback()
 def _main(
     version: Annotated[

@@ -23,6 +23,7 @@ from ..config import (
 from ..errors import SiglipError, UsageError
 from .options import bound
 
+# The options that choose or run the model: with --server they are the server's (the defaults they must keep).
 SERVER_OWNS = {
     "revision": None,
     "device": "auto",

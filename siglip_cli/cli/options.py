@@ -333,7 +333,6 @@ Wire = Annotated[
         help="raw|webp: how --server receives pixels: raw uint8, or lossless WebP (45% of the bytes, more CPU here).",
     ),
 ]
-# The options that choose or run the model: with --server they are the server's (the defaults they must keep).
 
 
 def text_rules_name(value: str) -> str:

@@ -1,5 +1,5 @@
 """The OpenVINO text tower: converted with its tokenizer once per checkpoint and precision, cached on disk, and
-attached to an Encoder on a CPU (tag, classify and the server's texts run on it; ovtext.py reads the cache
+chosen by Encoder.load on a CPU (tag, classify and the server's texts run on it; ovtext.py reads the cache
 without torch)."""
 
 from __future__ import annotations

@@ -341,7 +341,7 @@ def create_app(encoder: Encoder, cfg: ServeConfig):
         return route
 
     for path, (work, deadline, read) in POSTS.items():
-        app.post(path, name=path.strip("/").replace("/", "_"))(endpoint(work, deadline, read))
+        app.post(path, name=work.__name__)(endpoint(work, deadline, read))
 
     @app.get("/v1/model")
     async def model():
