@@ -131,8 +131,14 @@ class OpenVINOTower:
         self.check: dict | None = None  # int8: what the check against float32 found, and what runs (see _int8)
 
     def _convert(self, sample: np.ndarray):
-        # stdout may be the run's data (-o -): the converters' chatter and progress go to stderr, or nowhere
-        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), signals_held():
+        # stdout may be the run's data (-o -): the converters' chatter and NNCF's progress bars go to stderr where
+        # a person watches it, and nowhere in a cron job's log (they were its last lines, drawn once each)
+        with (
+            open(os.devnull, "w") as nowhere,
+            contextlib.redirect_stdout(sys.stderr if sys.stderr.isatty() else nowhere),
+            warnings.catch_warnings(),
+            signals_held(),
+        ):
             warnings.simplefilter("ignore")
             return self._convert_quietly(sample)
 
