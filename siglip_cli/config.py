@@ -202,6 +202,7 @@ class RunConfig:
     exact: bool = False  # decode JPEGs at full size (bit-exact reference preprocessing), never reduced
     ray: str | None = None  # run on Ray Data: local, auto, or a cluster's address (cluster.py)
     ray_actors: int | None = None  # encoder actors (default: one per GPU of the cluster, else one)
+    placement: object = None  # devices.Placement: where the model runs, resolved once by pipeline.resolve
     server: str | None = None  # a `siglip serve` that runs the model (encoders/remote.py)
     insecure: bool = False  # --server may be plain http to a host beyond this machine and its network
     server_retry: float = 120.0  # seconds a --server run retries a server that does not answer

@@ -3,8 +3,10 @@ backend and the default batch size. Chosen once per run, before the model loads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -146,3 +148,26 @@ def check_compiler(device: torch.device) -> None:
         need = "a C++ compiler (g++, or set CXX)"
     if not found:
         raise RunError(f"--compile needs {need} and none was found; install one, or run without --compile")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a run's model runs, resolved once from its options (place); what comes after reads it."""
+
+    devices: tuple[torch.device, ...]
+    dtype: torch.dtype
+    backend: str  # the image tower's: torch | openvino
+    quantize: str  # none | int8 | int8-weights | int4 (auto resolved)
+    naflex: bool
+
+
+def place(cfg: ModelConfig, naflex: bool) -> Placement:
+    """Devices, dtype, backend and quantization for a checkpoint of this layout; an absent device, a backend
+    that cannot be had or a missing compiler is a RunError here, before any weights load."""
+    devices = resolve_devices(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, devices)
+    cfg = dataclasses.replace(cfg, quantize=resolve_quantize(cfg, devices[0], naflex))
+    backend = resolve_backend(cfg, devices[0], naflex)
+    if cfg.compile:
+        check_compiler(devices[0])
+    return Placement(tuple(devices), dtype, backend, cfg.quantize, naflex)

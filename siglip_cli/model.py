@@ -16,14 +16,7 @@ import torch.nn.functional as F
 from . import compat
 from .checkpoint import cannot_load, download_note, hf_quiet, image_spec, stored_scalars, towers
 from .config import TEXT_LENGTH, ModelConfig, usable_cpus
-from .devices import (
-    check_compiler,
-    default_batch_size,
-    resolve_backend,
-    resolve_devices,
-    resolve_dtype,
-    resolve_quantize,
-)
+from .devices import Placement, default_batch_size, place
 from .encoders.torch_text import TorchText, WholeTower
 from .errors import RunError, first_line
 from .loader import Batch
@@ -131,10 +124,15 @@ class Encoder:
 
     @classmethod
     def load(
-        cls, cfg: ModelConfig, show_downloads: bool = False, batch_size: int | None = None, text_openvino=None
+        cls,
+        cfg: ModelConfig,
+        show_downloads: bool = False,
+        batch_size: int | None = None,
+        text_openvino=None,
+        placement=None,
     ) -> "Encoder":
         """The model on the first of cfg's devices (see load_all)."""
-        return cls.load_all(cfg, show_downloads, True, batch_size, text_openvino)[0]
+        return cls.load_all(cfg, show_downloads, True, batch_size, text_openvino, placement)[0]
 
     @classmethod
     def load_all(
@@ -144,6 +142,7 @@ class Encoder:
         first_only: bool = False,
         batch_size: int | None = None,
         text_openvino: bool | None = None,
+        placement: Placement | None = None,
     ) -> list["Encoder"]:
         """Load a Hub id or a local folder, once, onto each of cfg's devices; a model that cannot be had is a
         RunError with one readable line. What runs each tower is chosen here, once.
@@ -151,25 +150,22 @@ class Encoder:
         show_downloads: a person is watching stderr: say what a first run downloads, and show its progress.
         batch_size: the run's (default: the device's); an OpenVINO image graph is built for it.
         text_openvino: the text tower on OpenVINO where it can be had (None: where the image tower may be).
+        placement: the run's, resolved once (devices.place); else resolved here from cfg.
         """
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         hf_quiet(show_downloads)
-        devices = resolve_devices(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, devices)
-        devices = devices[:1] if first_only else devices
-        if cfg.compile:
-            check_compiler(devices[0])
-        if devices[0].type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            torch.set_num_threads(usable_cpus())  # torch counts the machine's cores, not the container's
         if show_downloads and (note := download_note(cfg.name, cfg.commit or cfg.revision)):
             print(note, file=sys.stderr)
         revision = cfg.commit or cfg.revision  # the commit the run's signature was made with
         try:
             config = AutoConfig.from_pretrained(cfg.name, revision=revision)
-            naflex = config.model_type == "siglip2"
-            cfg = dataclasses.replace(cfg, quantize=resolve_quantize(cfg, devices[0], naflex))
-            backend = resolve_backend(cfg, devices[0], naflex)
+            placement = placement or place(cfg, config.model_type == "siglip2")
+            devices, dtype, backend = list(placement.devices), placement.dtype, placement.backend
+            devices = devices[:1] if first_only else devices
+            cfg = dataclasses.replace(cfg, quantize=placement.quantize)
+            if devices[0].type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+                torch.set_num_threads(usable_cpus())  # torch counts the machine's cores, not the container's
             load = torch.float32 if backend == "openvino" else dtype  # OpenVINO converts float32 weights
             scalars = stored_scalars(cfg.name, revision)
             classes = towers(config)

@@ -17,7 +17,7 @@ import torch
 
 from .config import RunConfig
 from .decode import may_work_now
-from .devices import default_batch_size, resolve_devices, resolve_dtype, resolve_quantize
+from .devices import default_batch_size, place, resolve_dtype
 from .encode import finite, launch, made_with, metadata
 from .errors import RunError
 from .index import Root, Store
@@ -65,10 +65,17 @@ def resolve(cfg: RunConfig, served: dict | None = None) -> tuple[RunConfig, dict
     if served is not None:
         sig.update({k: v for k, v in served.items() if k in MODEL_KEYS and (k != "text_rules" or text)})
     else:
-        weights = resolve_weights(name, cfg.model.revision)
+        weights = resolve_weights(name, cfg.model.revision)  # (its config.json is in the Hub's cache from here)
         # (a Ray run's device and dtype were made concrete for its actors by cluster.prepare)
-        devices = [] if cfg.ray else resolve_devices(cfg.model.device)  # an absent device fails here, before any work
-        dtype = str(resolve_dtype(cfg.model.dtype, devices)).removeprefix("torch.")
+        if cfg.ray:
+            dtype = str(resolve_dtype(cfg.model.dtype, [])).removeprefix("torch.")
+        else:  # where the model runs, once: an absent device fails here, before any work
+            naflex = checkpoint_json(name, cfg.model.revision, "config.json").get("model_type") == "siglip2"
+            placement = place(cfg.model, naflex)
+            cfg = dataclasses.replace(
+                cfg, placement=placement, model=dataclasses.replace(cfg.model, quantize=placement.quantize)
+            )
+            dtype = str(placement.dtype).removeprefix("torch.")
         m = cfg.model
         sig.update(model_signature(name, weights, dtype, m.max_patches, m.quantize, m.int8_bound, text))
         # a local folder by its absolute path: the index's metadata then names it from anywhere (./ckpt from
@@ -152,11 +159,8 @@ def _start(cfg: RunConfig) -> Summary:
         if note:
             print(f"siglip: note: {note}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_patches=patches))
-        if cfg.model.quantize == "auto":  # int8 or none, in the signature as if given
-            naflex = checkpoint_json(cfg.model.name, cfg.model.revision, "config.json").get("model_type") == "siglip2"
-            device = torch.device("cpu") if cfg.ray else resolve_devices(cfg.model.device)[0]
-            quantize = "none" if cfg.ray else resolve_quantize(cfg.model, device, naflex)
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize=quantize))
+        if cfg.ray and cfg.model.quantize == "auto":  # the actors' CPUs are not known here
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none"))
     if cfg.ray:
         from .cluster import prepare
 
@@ -193,7 +197,9 @@ def _recorded(path: str) -> dict | None:
 def _encoders(cfg: RunConfig, store: Store | None, remote) -> list:
     """The run's encoders, one per device (a remote server: one per batch in flight)."""
     if remote is None:
-        return Encoder.load_all(cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size)
+        return Encoder.load_all(
+            cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size, placement=cfg.placement
+        )
     described = remote.describe()
     name = cfg.model.name
     if name and name != described["model"]:  # --model given: it must be the server's
@@ -363,7 +369,10 @@ def run_texts(cfg: RunConfig, texts: list[str]) -> Summary:
 
 def _run_texts(cfg: RunConfig, texts: list[str], store: Store | None, remote=None) -> Summary:
     path = cfg.output.path
-    encoder = _encoders(cfg, store, remote)[0] if remote else Encoder.load(cfg.model, progress_enabled(cfg.quiet))
+    if remote:
+        encoder = _encoders(cfg, store, remote)[0]
+    else:
+        encoder = Encoder.load(cfg.model, progress_enabled(cfg.quiet), placement=cfg.placement)
     field = pa.field("embedding", vector_type(encoder.info.dim, cfg.output.float16))
     schema = make_schema(
         TEXT_FIELDS + [field], metadata(encoder, {"task": "embed-text", "signature": store and store.signature})
