@@ -251,6 +251,21 @@ def _message(error: BaseException) -> str:
     return ours[-1] if ours else f"on Ray: {lines[-1] if lines else type(error).__name__}"
 
 
+class RayRun:
+    """The run's batches on Ray Data: decode tasks and an encoder actor pool; the driver keeps the lock, the
+    pending set and the writes (pipeline.LocalRun's counterpart)."""
+
+    here = False  # the model runs on the actors
+
+    def prepare(self, cfg: RunConfig) -> RunConfig:
+        if cfg.model.quantize == "auto":  # the actors' CPUs are not known here
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none"))
+        return prepare(cfg)
+
+    def process(self, cfg: RunConfig, store, records, progress) -> None:
+        process(cfg, store, records, progress)
+
+
 def process(cfg: RunConfig, store, records, progress) -> None:
     """Decode and encode the records on Ray; write their rows here (the store's parts, or JSON Lines)."""
     import torch

@@ -51,13 +51,14 @@ def version_note(before: dict, now: dict) -> str | None:
 INDEX_VERSION = 2
 
 
-def resolve(cfg: RunConfig, served: dict | None = None) -> tuple[RunConfig, dict]:
+def resolve(cfg: RunConfig, served: dict | None = None, here: bool = True) -> tuple[RunConfig, dict]:
     """The run's config with the model's revision pinned to the commit it resolves to, and its signature:
     the settings that decide what a row holds. An output only takes rows made with the same ones.
 
     Known without loading the model (a Hub commit from its cached ref, or a local folder's fingerprint), so
     that an incremental run with nothing to do never loads it; loading then uses exactly that commit.
-    `served`: the model's part as a --server reports it (or as the index recorded it), used as it is.
+    `served`: the model's part as a --server reports it (or as the index recorded it), used as it is; `here`:
+    the model runs in this process (its placement is made once, here), not on Ray's actors.
     """
     name = cfg.model.name
     text = cfg.model.text_rules if uses_text(cfg) else None  # an image embedding does not depend on it
@@ -66,8 +67,7 @@ def resolve(cfg: RunConfig, served: dict | None = None) -> tuple[RunConfig, dict
         sig.update({k: v for k, v in served.items() if k in MODEL_KEYS and (k != "text_rules" or text)})
     else:
         weights = resolve_weights(name, cfg.model.revision)  # (its config.json is in the Hub's cache from here)
-        # (a Ray run's device and dtype were made concrete for its actors by cluster.prepare)
-        if cfg.ray:
+        if not here:  # (Ray: its actors' device and dtype were made concrete by the executor's prepare)
             dtype = str(resolve_dtype(cfg.model.dtype, [])).removeprefix("torch.")
         else:  # where the model runs, once: an absent device fails here, before any work
             naflex = checkpoint_json(name, cfg.model.revision, "config.json").get("model_type") == "siglip2"
@@ -159,22 +159,18 @@ def _start(cfg: RunConfig) -> Summary:
         if note:
             print(f"siglip: note: {note}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_patches=patches))
-        if cfg.ray and cfg.model.quantize == "auto":  # the actors' CPUs are not known here
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none"))
-    if cfg.ray:
-        from .cluster import prepare
-
-        cfg = prepare(cfg)  # the device and dtype the actors will use, in the signature
+    executor = executor_for(cfg, remote)
+    cfg = executor.prepare(cfg)  # (Ray: the device and dtype its actors will use, in the signature)
     if out.path == "-":
-        return _run(cfg, None, remote)
-    cfg, sig = resolve(cfg, served)
+        return _run(cfg, None, executor)
+    cfg, sig = resolve(cfg, served, here=executor.here)
     store = Store.open(out.path, sig, out.overwrite, out.wait, same=lambda theirs: _normalized(theirs, cfg, sig))
     if not out.overwrite and not remote and (note := version_note(store.made_with, made_with(openvino=False))):
         print(note, file=sys.stderr)
     try:
         if out.prune and not out.prune_anyway:  # a missing root: refuse before any work
             store.index.check_roots([r for r in roots(cfg.sources.paths) if not r.exists])
-        return _run(cfg, store, remote)
+        return _run(cfg, store, executor)
     finally:
         store.close()
 
@@ -217,7 +213,31 @@ def _encoders(cfg: RunConfig, store: Store | None, remote) -> list:
     return remote.lanes()
 
 
-def _run(cfg: RunConfig, store: Store | None, remote=None) -> Summary:
+class LocalRun:
+    """The run's batches through encoders in this process: one per device, or a --server's lanes."""
+
+    here = True
+
+    def __init__(self, remote=None):
+        self.remote = remote
+
+    def prepare(self, cfg: RunConfig) -> RunConfig:
+        return cfg
+
+    def process(self, cfg: RunConfig, store: Store | None, records, progress: Progress) -> None:
+        process(cfg, store, records, progress, _encoders(cfg, store, self.remote))
+
+
+def executor_for(cfg: RunConfig, remote=None):
+    """What runs the batches, picked once: this process (LocalRun), or Ray (cluster.RayRun)."""
+    if cfg.ray:
+        from .cluster import RayRun
+
+        return RayRun()
+    return LocalRun(remote)
+
+
+def _run(cfg: RunConfig, store: Store | None, executor) -> Summary:
     src, out = cfg.sources, cfg.output
     skip = Skip(src.exclude, src.include_hidden, src.raw_pairs)
     records = iter_files(src.paths, src.files_from, src.extensions, skip)
@@ -238,13 +258,7 @@ def _run(cfg: RunConfig, store: Store | None, remote=None) -> Summary:
     first = next(records, None)
     if first is not None:  # only now is the model worth loading
         try:
-            if cfg.ray:
-                from . import cluster
-
-                cluster.process(cfg, store, itertools.chain([first], records), progress)
-            else:
-                encoders = _encoders(cfg, store, remote)
-                process(cfg, store, itertools.chain([first], records), progress, encoders)
+            executor.process(cfg, store, itertools.chain([first], records), progress)
         except BaseException:
             progress.close()
             raise
