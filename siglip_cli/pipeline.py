@@ -29,7 +29,7 @@ from .sink import IMAGE_FIELDS, TEXT_FIELDS, JsonLinesSink, PartSink, image_rows
 from .sources import Skip, is_dir, iter_files, missing
 from .tasks import make_task
 from .vocab import Vocab
-from .weights import MODEL_KEYS, checkpoint_json, local_fingerprint, model_signature, patches_setting, resolve_weights
+from .weights import MODEL_KEYS, checkpoint_json, model_signature, patches_setting, resolve_weights
 
 
 def version_note(before: dict, now: dict) -> str | None:
@@ -196,21 +196,7 @@ def _encoders(cfg: RunConfig, store: Store | None, remote) -> list:
         return Encoder.load_all(
             cfg.model, progress_enabled(cfg.quiet), batch_size=cfg.batch_size, placement=cfg.placement
         )
-    described = remote.describe()
-    name = cfg.model.name
-    if name and name != described["model"]:  # --model given: it must be the server's
-        if not (os.path.isdir(name) and local_fingerprint(name) == described["weights"]):
-            raise RunError(
-                f"--model {name}: --server {remote.url} runs {described['model']} (leave --model out to use "
-                "the server's model)"
-            )
-    if cfg.model.text_rules != remote.text_rules and uses_text(cfg):
-        raise RunError(
-            f"--server {remote.url} cleans texts by --text-rules {remote.text_rules}; this run asks for "
-            f"{cfg.model.text_rules} (start the server with that, or pass --text-rules {remote.text_rules})"
-        )
-    remote.require(store.signature if store is not None else remote.signature)
-    return remote.lanes()
+    return remote.start(cfg.model, uses_text(cfg), store.signature if store is not None else None)
 
 
 class LocalRun:

@@ -175,6 +175,29 @@ class RemoteEncoder:
             )
         self.expect = ours
 
+    def start(self, model, texts: bool, expect: dict | None) -> list["RemoteEncoder"]:
+        """The lanes of a run whose model options are `model` (--model given: it must be the server's; its text
+        rules must be the server's where texts are encoded) and whose index needs `expect` (None: a new one)."""
+        import os
+
+        from ..weights import local_fingerprint
+
+        described = self.describe()
+        name = model.name
+        if name and name != described["model"]:
+            if not (os.path.isdir(name) and local_fingerprint(name) == described["weights"]):
+                raise RunError(
+                    f"--model {name}: --server {self.url} runs {described['model']} (leave --model out to use "
+                    "the server's model)"
+                )
+        if texts and model.text_rules != self.text_rules:
+            raise RunError(
+                f"--server {self.url} cleans texts by --text-rules {self.text_rules}; this run asks for "
+                f"{model.text_rules} (start the server with that, or pass --text-rules {self.text_rules})"
+            )
+        self.require(expect if expect is not None else self.signature)
+        return self.lanes()
+
     def batch_size(self, asked: int | None) -> int:
         """Images per request: as asked, else the server's batch size; within its item and body limits."""
         per_image = int(np.prod(_shape(self.spec)))
