@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .heads import linked
+
 EXIF_IFD = 0x8769
 ORIGINAL, DIGITIZED, SUBSEC_ORIGINAL, CHANGED = 36867, 36868, 37521, 306
 
@@ -37,26 +39,17 @@ def burst_groups(paths: list[str], matrix, window: float, threshold: float) -> l
     with ThreadPoolExecutor(8) as pool:  # header reads: a network share's latency, not the CPU, bounds them
         times = list(pool.map(capture_time, paths))
     shots = sorted((os.path.dirname(p), t, i) for i, (p, t) in enumerate(zip(paths, times)) if t is not None)
-    parent = list(range(len(paths)))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
 
     def unit(i: int) -> np.ndarray:
         u = np.asarray(matrix[i], np.float32)
         return u / np.linalg.norm(u)
 
-    for a, (folder, t, i) in enumerate(shots):
-        for other_folder, u, j in shots[a + 1 :]:
-            if other_folder != folder or u - t > window:
-                break
-            if float(np.dot(unit(i), unit(j))) >= threshold:
-                ri, rj = root(i), root(j)
-                parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[int]] = {}
-    for _, _, i in shots:
-        groups.setdefault(root(i), []).append(i)
-    return [sorted(g) for g in groups.values() if len(g) > 1]
+    def alike():
+        for a, (folder, t, i) in enumerate(shots):
+            for other_folder, u, j in shots[a + 1 :]:
+                if other_folder != folder or u - t > window:  # sorted: every later shot is past it too
+                    break
+                if float(np.dot(unit(i), unit(j))) >= threshold:
+                    yield i, j
+
+    return linked(alike())

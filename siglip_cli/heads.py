@@ -58,3 +58,25 @@ def select(scores: np.ndarray, thresholds: np.ndarray, top_k: int | None = None)
         order = np.argsort(-v, kind="stable")
         out.append((c[order], v[order]))
     return out
+
+
+def linked(pairs) -> list[list[int]]:
+    """The groups (two or more members, each in ascending order) of rows joined by (a, b) pairs, directly or
+    through other members: dedup's near-copies and bursts."""
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for x in sorted(parent):
+        groups.setdefault(root(x), []).append(x)
+    return [g for g in groups.values() if len(g) > 1]

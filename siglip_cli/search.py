@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import RunError, UsageError
-from .heads import probability
+from .heads import linked, probability
 from .remote import Remote
 from .report import Results
 from .vectors import Vectors, as_tensor, top_k
@@ -315,22 +315,7 @@ def dedup(v: Vectors, threshold: float) -> Results:
     """Groups of near-duplicates: one row per member (group, path, score to the group's representative, size,
     resolution, whether it is the representative: the member with the most pixels, then the largest file)."""
     i, j, _ = pairs(v.matrix, threshold)
-    parent = np.arange(len(v.matrix))
-
-    def root(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in zip(i.tolist(), j.tolist()):
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members: dict[int, list[int]] = {}
-    for x in sorted(set(i.tolist()) | set(j.tolist())):
-        members.setdefault(root(x), []).append(x)
-    return group_results(v, list(members.values()))
+    return group_results(v, linked(zip(i.tolist(), j.tolist())))
 
 
 def group_results(v: Vectors, groups: list[list[int]]) -> Results:

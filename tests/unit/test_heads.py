@@ -70,3 +70,10 @@ def test_select_with_no_threshold_reached_keeps_nothing_and_ties_keep_their_orde
     assert i.tolist() == [] and v.tolist() == []
     ((i, _),) = select(scores, np.zeros(3, np.float32))
     assert i.tolist() == [0, 1, 2]  # equal scores: in the vocabulary's order, run after run
+
+
+def test_linked_rows_form_groups_through_their_members_and_singletons_are_dropped():
+    from siglip_cli.heads import linked
+
+    assert linked([(5, 2), (2, 9), (7, 8), (3, 3)]) == [[2, 5, 9], [7, 8]]
+    assert linked([]) == []
